@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine with Python 3.11+:
+#   make demo   — create .venv if missing, install, train on the embedded digits, write a PNG grid
+#   make test   — create .venv if missing, install with the dev extra, run the whole test suite
+#
+# TORCH_SPEC is the torch release we test against. On Linux, PyPI's wheel of it is the CUDA
+# build, so GPU machines get CUDA; where a local CPU wheel of the same release is offered
+# (pip find-links), pip takes that. Override freely: make test TORCH_SPEC='torch>=2.6'.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0] + "; run: make PYTHON=python3.11 ...")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diffusion-pipeline demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_digits.py
+
+clean:
+	rm -rf $(VENV) pipeline-data .pytest_cache

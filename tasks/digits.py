@@ -1,0 +1,41 @@
+"""The embedded default dataset: scikit-learn's ``load_digits`` (1,797 real 8×8 handwritten
+digits, 10 classes, shipped inside the scikit-learn wheel, so nothing is downloaded).
+
+Pixels come as integers 0..16; they are rescaled to uint8 0..255. The train/val split is a
+deterministic hash of the sample key (``digits/<index>``), the same rule the preprocessing stage
+applies to any source, so a sample never changes side between runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+NAME = "digits"
+CLASS_NAMES = [str(i) for i in range(10)]
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """'val' for a stable ``val_fraction`` share of keys (SHA-256 of the key), else 'train'."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+def load_digits_uint8() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images [N, 1, 8, 8] uint8, labels [N] int64, keys [N])."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    keys = [f"digits/{i:04d}" for i in range(images.shape[0])]
+    return images[:, None], bunch.target.astype(np.int64), keys
+
+
+def digits_splits(val_fraction: float = 0.1):
+    """{'train': (images, labels), 'val': (images, labels)} with the deterministic split."""
+    images, labels, keys = load_digits_uint8()
+    is_val = np.array([split_of(k, val_fraction) == "val" for k in keys])
+    return {"train": (images[~is_val], labels[~is_val]), "val": (images[is_val], labels[is_val])}
