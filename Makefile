@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/diffusion-pipeline demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -38,7 +38,8 @@ def q_posterior(
     At t = 0 the "previous" latent is x₀ itself: mean x₀, variance 0.
     The variance is returned broadcastable to ``xt`` ([B, 1, 1, ...]).
     """
-    mean = extract(schedule.posterior_mean_coef1, t, xt) * x0 + extract(
-        schedule.posterior_mean_coef2, t, xt
-    ) * xt
+    mean = (
+        extract(schedule.posterior_mean_coef1, t, xt) * x0
+        + extract(schedule.posterior_mean_coef2, t, xt) * xt
+    )
     return mean, extract(schedule.posterior_variance, t, xt)

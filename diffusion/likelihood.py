@@ -32,8 +32,13 @@ Variance = Literal["beta_tilde", "beta"]
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(μ₁, e^{v₁}) ‖ N(μ₂, e^{v₂})) elementwise, in nats."""
-    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+    return 0.5 * (
+        logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+        - 1.0
+    )
 
 
 def _log_diff_ndtr(a: Tensor, b: Tensor) -> Tensor:
@@ -101,8 +106,9 @@ def nll_bits_per_dim(
     # L_prior: q(x_{T−1} | x) = N(√ᾱ x, (1 − ᾱ) I) against N(0, I)
     last = torch.full((b,), schedule.T - 1, dtype=torch.int64, device=x.device)
     abar = extract(schedule.alphas_cumprod, last, x)
-    prior = normal_kl(abar.sqrt() * x, torch.log1p(-abar).expand_as(x),
-                      torch.zeros_like(x), torch.zeros_like(x))
+    prior = normal_kl(
+        abar.sqrt() * x, torch.log1p(-abar).expand_as(x), torch.zeros_like(x), torch.zeros_like(x)
+    )
     prior_bits = prior.flatten(1).sum(1) * to_bits
 
     terms = torch.zeros(b, schedule.T, dtype=torch.float32, device=x.device)

@@ -70,12 +70,22 @@ class FeatureNet(nn.Module):
         self.config = config
         w = config.width
         self.body = nn.Sequential(
-            nn.Conv2d(config.in_channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(8 * w, config.feature_dim), nn.SiLU(),
+            nn.Conv2d(config.in_channels, w, 3, padding=1),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * w, config.feature_dim),
+            nn.SiLU(),
         )
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 
@@ -122,11 +132,14 @@ def train_feature_net(
 def accuracy(net: FeatureNet, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
     correct = 0
     for i in range(0, images.shape[0], batch_size):
-        correct += int((net(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+        correct += int(
+            (net(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum()
+        )
     return correct / images.shape[0]
 
 
 @torch.no_grad()
 def extract_features(net: FeatureNet, images: Tensor, batch_size: int = 512) -> Tensor:
-    return torch.cat([net.features(images[i:i + batch_size])
-                      for i in range(0, images.shape[0], batch_size)])
+    return torch.cat(
+        [net.features(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    )

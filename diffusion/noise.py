@@ -1,4 +1,4 @@
-"""Per-sample randomness: every random draw of generation is a function of (seed, sample index, step).
+"""Per-sample randomness: each random draw of generation is a function of (seed, index, step).
 
 A batch generator seeded once would make sample i depend on the batch size and on which worker
 or shard produced it. Here each sample owns a counter-based stream: the Gaussian it receives at a

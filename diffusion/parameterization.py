@@ -25,7 +25,9 @@ PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
 
 def check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction {prediction!r} is unknown; use one of {', '.join(PREDICTIONS)}")
+        raise ValueError(
+            f"prediction {prediction!r} is unknown; use one of {', '.join(PREDICTIONS)}"
+        )
 
 
 def _alpha_sigma(t: Tensor, xt: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:

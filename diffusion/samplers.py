@@ -119,7 +119,7 @@ def dpm_solver_pp_2m(
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), data prediction.
 
     With α = √ᾱ, σ = √(1 − ᾱ), λ = log(α/σ) and h_i = λ_{t_i} − λ_{t_{i−1}}:
-        D_i = (1 + 1/(2r_i)) x̂₀_{i−1} − 1/(2r_i) x̂₀_{i−2},   r_i = h_{i−1}/h_i   (first step: D = x̂₀)
+        D_i = (1 + 1/(2r_i)) x̂₀_{i−1} − 1/(2r_i) x̂₀_{i−2},  r_i = h_{i−1}/h_i  (first step: D = x̂₀)
         x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) x_{t_{i−1}} − α_{t_i} (e^{−h_i} − 1) D_i
     The final step, to σ = 0, is first order: x = x̂₀ at the last grid point. The default grid
     is uniform in λ, the one the solver's error analysis assumes.
@@ -151,7 +151,8 @@ def dpm_solver_pp_2m(
 
 def _ode_sigmas(grid: NoiseSchedule) -> Tensor:
     """σ̃ = σ/α = √((1 − ᾱ)/ᾱ) at each grid point: the probability-flow ODE in the variance-
-    exploding form x̃ = x/α, where dx̃/dσ̃ = ε̂(α x̃, t) (Song et al. 2021; Karras et al. 2022, Eq. 4)."""
+    exploding form x̃ = x/α, where dx̃/dσ̃ = ε̂(α x̃, t)
+    (Song et al. 2021; Karras et al. 2022, Eq. 4)."""
     return ((1 - grid.alphas_cumprod) / grid.alphas_cumprod).sqrt()
 
 
@@ -172,14 +173,17 @@ def _ode(
         s_next = float(sig[i - 1]) if i > 0 else 0.0
         x0, eps = denoiser(x_tilde / math.sqrt(1 + s_cur**2), _at(t, x))
         x_next = x_tilde + (s_next - s_cur) * eps  # Euler step
-        if heun and i > 0:
+        # 2nd order correction, except on the last step (to σ̃ = 0) and on the first one: from
+        # pure noise σ̃ is huge (160 for linear, 2·10⁴ for cosine) and averaging the slopes at
+        # both ends of that jump is meaningless, while the Euler step is exact there (x̂₀ ≈ E[x₀]).
+        if heun and 0 < i < grid.T - 1:
             # 2nd order correction (Karras et al. 2022, Algorithm 1, lines 7–8)
             t_next = int(grid.timesteps[i - 1])
             _, eps_next = denoiser(x_next / math.sqrt(1 + s_next**2), _at(t_next, x))
             x_next = x_tilde + (s_next - s_cur) * 0.5 * (eps + eps_next)
         x_tilde = x_next
         if callback is not None:
-            callback(i, t, x_tilde, x0)
+            callback(i, t, x_tilde / math.sqrt(1 + s_next**2), x0)  # report x, not x̃
     return x_tilde  # σ̃ = 0: α = 1, x̃ = x
 
 
@@ -207,7 +211,7 @@ def heun(
     spacing: Spacing = "quadratic",
 ) -> Tensor:
     """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1);
-    2·steps − 1 network evaluations."""
+    the first and last steps are Euler steps, so 2·steps − 2 network evaluations (steps ≥ 2)."""
     return _ode(denoiser, x, steps, callback, spacing, heun=True)
 
 
@@ -279,7 +283,7 @@ def network_evaluations(name: str, steps: int, **options) -> int:
     """How many network calls (NFE) a sampler makes for ``steps`` grid points (one batch)."""
     get_sampler(name)
     if name == "heun":
-        return 2 * steps - 1
+        return max(1, 2 * steps - 2)
     if name == "langevin":
         return steps * options.get("n_steps_each", 10) + int(options.get("final_denoise", True))
     return steps
@@ -318,8 +322,10 @@ class SamplerConfig:
         return opts
 
     def resolved_steps(self, T: int) -> int:
-        steps = self.steps if self.steps is not None else DEFAULT_STEPS[self.name]
-        steps = T if steps is None else steps
+        if self.steps is None:  # the sampler's default, at most T
+            default = DEFAULT_STEPS[self.name]
+            return T if default is None else min(default, T)
+        steps = self.steps
         if not 1 <= steps <= T:
             raise ValueError(f"sampler steps must be between 1 and T={T}, got {steps}")
         return steps

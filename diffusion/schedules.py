@@ -73,7 +73,7 @@ class NoiseSchedule:
     ``posterior_mean_coef1``        β_t √ᾱ_{t−1} / (1 − ᾱ_t)     multiplies x₀  (Eq. 7)
     ``posterior_mean_coef2``        (1 − ᾱ_{t−1}) √α_t / (1 − ᾱ_t)  multiplies x_t
     ``snr``                         ᾱ_t / (1 − ᾱ_t)
-    ``timesteps``                   original step index of each entry (int64; arange(T) unless respaced)
+    ``timesteps``                   original step of each entry (int64; arange(T) unless respaced)
     """
 
     def __init__(self, betas: Tensor | Sequence[float], timesteps: Tensor | None = None):
@@ -96,7 +96,9 @@ class NoiseSchedule:
             torch.cat([first.reshape(1), self.posterior_variance[1:]])
         )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / one_minus
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / one_minus
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / one_minus
+        )
         self.snr = self.alphas_cumprod / one_minus
         if timesteps is None:
             timesteps = torch.arange(T, dtype=torch.int64)
@@ -110,8 +112,9 @@ class NoiseSchedule:
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         """β linear in t from ``beta_start`` to ``beta_end`` (Ho et al. 2020, §4).
 
-        The endpoints are scaled by 1000/T so that any T gives the same curve of ᾱ as T = 1000
-        (Nichol & Dhariwal 2021 do the same), and T = 1000 gives exactly 1e-4..0.02.
+        The endpoints are scaled by 1000/T (as improved-diffusion does), so T = 1000 gives exactly
+        1e-4..0.02 and other T ≳ 100 give roughly the same curve of ᾱ; for small T, β_end·1000/T
+        is clipped at 0.999 and ᾱ_{T−1} differs.
         """
         _check_T(T)
         scale = 1000.0 / T
@@ -158,7 +161,9 @@ class NoiseSchedule:
         if idx.ndim != 1 or idx.numel() == 0:
             raise ValueError("respace needs a non-empty 1-D list of timesteps")
         if bool((idx[1:] <= idx[:-1]).any()) or idx[0] < 0 or idx[-1] >= self.T:
-            raise ValueError(f"respace timesteps must be strictly increasing within 0..{self.T - 1}")
+            raise ValueError(
+                f"respace timesteps must be strictly increasing within 0..{self.T - 1}"
+            )
         abar = self.alphas_cumprod[idx]
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         return NoiseSchedule(1.0 - abar / abar_prev, timesteps=self.timesteps[idx])

@@ -42,7 +42,9 @@ class OptimConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps}")
+            raise ValueError(
+                f"warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps}"
+            )
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0 < self.ema_decay < 1:
@@ -61,8 +63,10 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay only on matrices/kernels, not on biases and norm gains."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
@@ -105,11 +109,12 @@ def train_step(
     t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=device)
     t = t.to(x0.device)
     with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        per_sample = training_loss(model, x0, schedule, cfg.loss, t=t, labels=labels,
-                                   generator=generator)
+        per_sample = training_loss(
+            model, x0, schedule, cfg.loss, t=t, labels=labels, generator=generator
+        )
     loss = per_sample.mean()
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {float(loss)}")
+        raise FloatingPointError(f"loss is {float(loss.detach())}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
@@ -118,5 +123,9 @@ def train_step(
     lr_scheduler.step()
     if ema is not None:
         ema.update(model)
-    return {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
-            "per_sample": per_sample.detach(), "t": t}
+    return {
+        "loss": float(loss.detach()),
+        "grad_norm": float(grad_norm),
+        "per_sample": per_sample.detach(),
+        "t": t,
+    }

@@ -46,8 +46,13 @@ class DemoConfig:
     seed: int = 0
     unet: UNetConfig = field(
         default_factory=lambda: UNetConfig(
-            resolution=8, in_channels=1, base_channels=32, channel_mult=(1, 2),
-            num_res_blocks=1, attention_resolutions=(4,), num_classes=10,
+            resolution=8,
+            in_channels=1,
+            base_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(4,),
+            num_classes=10,
         )
     )
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=2000, warmup_steps=100))
@@ -71,27 +76,42 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
     torch.manual_seed(config.seed)
     model = UNet(config.unet)
     schedule = NoiseSchedule.linear(1000)
-    optim = replace(config.optim, steps=config.steps,
-                    warmup_steps=min(config.optim.warmup_steps, config.steps))
+    optim = replace(
+        config.optim, steps=config.steps, warmup_steps=min(config.optim.warmup_steps, config.steps)
+    )
     opt = make_optimizer(model, optim)
     lr_sched = make_lr_scheduler(opt, optim)
     ema = EMA(model, decay=optim.ema_decay)
     g = torch.Generator().manual_seed(config.seed)
-    log(f"model: UNet {model.num_parameters() / 1e6:.2f}M parameters; {config.steps} steps "
-        f"of batch {config.batch_size}")
+    log(
+        f"model: UNet {model.num_parameters() / 1e6:.2f}M parameters; {config.steps} steps "
+        f"of batch {config.batch_size}"
+    )
 
     t0, seen, last = time.perf_counter(), 0, 0.0
     every = max(1, config.steps // 10)
     for step in range(config.steps):
         idx = torch.randint(0, len(train_x), (config.batch_size,), generator=g)
-        stats = train_step(model, opt, lr_sched, train_x[idx], train_y[idx], schedule, optim,
-                           ema=ema, null_class=config.unet.num_classes, generator=g)
+        stats = train_step(
+            model,
+            opt,
+            lr_sched,
+            train_x[idx],
+            train_y[idx],
+            schedule,
+            optim,
+            ema=ema,
+            null_class=config.unet.num_classes,
+            generator=g,
+        )
         seen += config.batch_size
         last = stats["loss"]
         if (step + 1) % every == 0 or step + 1 == config.steps:
             elapsed = time.perf_counter() - t0
-            log(f"  step {step + 1:>5}/{config.steps}  loss {last:.4f}  "
-                f"{seen / elapsed:,.0f} img/s  {elapsed:,.0f}s")
+            log(
+                f"  step {step + 1:>5}/{config.steps}  loss {last:.4f}  "
+                f"{seen / elapsed:,.0f} img/s  {elapsed:,.0f}s"
+            )
     train_seconds = time.perf_counter() - t0
 
     ema.copy_to(model)
@@ -111,21 +131,34 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
     sample_seconds = time.perf_counter() - t1
     images = unit_to_uint8(x).numpy()
     grid_path = save_grid_png(images, out / "samples.png", nrow=config.samples_per_class, scale=6)
-    model_dir = save_model(out / "model", model.state_dict(), {
-        "unet": config.unet.to_dict(), "schedule": {"kind": "linear", "T": 1000},
-        "prediction": "eps", "class_names": CLASS_NAMES,
-    })
+    model_dir = save_model(
+        out / "model",
+        model.state_dict(),
+        {
+            "unet": config.unet.to_dict(),
+            "schedule": {"kind": "linear", "T": 1000},
+            "prediction": "eps",
+            "class_names": CLASS_NAMES,
+        },
+    )
     summary = {
-        "train_steps": config.steps, "train_seconds": round(train_seconds, 1),
-        "train_images_per_second": round(seen / train_seconds, 1), "final_loss": round(last, 4),
-        "val_nll_bits_per_dim": round(bpd, 4), "val_nll_stderr": round(bpd_se, 4),
-        "sampler": asdict(config.sampler), "guidance_scale": config.guidance_scale,
+        "train_steps": config.steps,
+        "train_seconds": round(train_seconds, 1),
+        "train_images_per_second": round(seen / train_seconds, 1),
+        "final_loss": round(last, 4),
+        "val_nll_bits_per_dim": round(bpd, 4),
+        "val_nll_stderr": round(bpd_se, 4),
+        "sampler": asdict(config.sampler),
+        "guidance_scale": config.guidance_scale,
         "sample_seconds": round(sample_seconds, 2),
-        "grid": str(grid_path), "model": str(model_dir),
+        "grid": str(grid_path),
+        "model": str(model_dir),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"samples: {len(labels)} with {config.sampler.name} ({config.sampler.steps} steps, "
-        f"guidance {config.guidance_scale}) in {sample_seconds:.1f}s — one row per class 0..9")
+    log(
+        f"samples: {len(labels)} with {config.sampler.name} ({config.sampler.steps} steps, "
+        f"guidance {config.guidance_scale}) in {sample_seconds:.1f}s — one row per class 0..9"
+    )
     log(f"wrote {grid_path}")
     log(f"wrote {model_dir}/ (model.safetensors + config.json)")
     return summary

@@ -24,7 +24,7 @@ def grid(
     for i in range(n):
         r, k = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + k * (w + pad)
-        out[y:y + h, x:x + w] = images[i].transpose(1, 2, 0)
+        out[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
     return out
 
 
