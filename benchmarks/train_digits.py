@@ -72,6 +72,7 @@ OUR_SAMPLERS = [
     ("euler", 20),
     ("langevin", 100),
 ]
+BF16_SAMPLERS = [("ddpm", 1000), ("dpmpp_2m", 10), ("dpmpp_2m", 20), ("heun", 20)]
 PEER_SAMPLERS = [
     ("DDPMScheduler", 1000),
     ("DDPMScheduler", 20),
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="also train ours with bf16 autocast")
+    ap.add_argument("--nll-images", type=int, default=200, help="val images for the NLL")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -165,7 +168,7 @@ def main() -> None:
         "models": {},
     }
 
-    def run_model(name: str, model: torch.nn.Module, samplers):
+    def run_model(name: str, model: torch.nn.Module, samplers, autocast_dtype=None):
         torch.manual_seed(args.seed)
         opt = make_optimizer(model, optim)
         lr_sched = make_lr_scheduler(opt, optim)
@@ -175,7 +178,16 @@ def main() -> None:
         def step_fn(step: int) -> float:
             idx = torch.randint(0, len(train_x), (args.batch,), generator=gen)
             return train_step(
-                model, opt, lr_sched, train_x[idx], None, schedule, optim, ema=ema, generator=gen
+                model,
+                opt,
+                lr_sched,
+                train_x[idx],
+                None,
+                schedule,
+                optim,
+                ema=ema,
+                generator=gen,
+                autocast_dtype=autocast_dtype,
             )["loss"]
 
         n_params = sum(p.numel() for p in model.parameters())
@@ -190,7 +202,8 @@ def main() -> None:
         model.eval()
         den = Denoiser(model, schedule, "eps")
         t0 = time.perf_counter()
-        nll = nll_bits_per_dim(den, val_u8, generator=torch.Generator().manual_seed(1))
+        nll_x = val_u8[: args.nll_images]
+        nll = nll_bits_per_dim(den, nll_x, generator=torch.Generator().manual_seed(1))
         bpd, se = nll.mean_and_stderr()
         log(f"[{name}] val NLL {bpd:.3f} ± {se:.3f} bits/dim ({time.perf_counter() - t0:.0f}s)")
         rows = []
@@ -223,7 +236,7 @@ def main() -> None:
         }
 
     def sample_fn(name, den, model, sampler, steps):
-        if name == "ours":
+        if name.startswith("ours"):
             noise = SampleNoise(args.seed, range(args.samples))
             return sample(den, (1, 8, 8), noise, SamplerConfig(sampler, steps=steps))
         return diffusers_sample(model.unet, sampler, steps, args.samples, args.seed)
@@ -239,6 +252,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     ours = UNet(ours_cfg)
     run_model("ours", ours, OUR_SAMPLERS)
+    if args.bf16:
+        torch.manual_seed(args.seed)
+        run_model("ours-bf16", UNet(ours_cfg), BF16_SAMPLERS, autocast_dtype=torch.bfloat16)
 
     if not args.skip_peer:
         try:

@@ -205,29 +205,33 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # GN(h)·(1 + s) + b
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H·W positions, with a residual connection."""
+    """Multi-head self-attention over the H·W positions, with a residual connection.
+
+    Works on tokens [B, HW, C] so q, k, v reach ``scaled_dot_product_attention`` with a
+    contiguous last dimension, which its fused (flash / memory-efficient) kernels require.
+    """
 
     def __init__(self, channels: int, num_heads: int, groups: int):
         super().__init__()
         self.num_heads = num_heads
         self.norm = _group_norm(channels, groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        d = c // self.num_heads
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, d, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, d]
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        qkv = self.qkv(tokens).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, HW, d]
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):
