@@ -24,9 +24,11 @@ Writes ``digits.json`` and ``digits.md`` (a markdown table) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,8 +46,10 @@ from diffusion import (
     SamplerConfig,
     UNet,
     UNetConfig,
+    load_model,
     nll_bits_per_dim,
     sample,
+    save_model,
 )
 from diffusion.metrics import (
     FeatureNetConfig,
@@ -60,25 +64,22 @@ from diffusion.training import make_lr_scheduler, make_optimizer, train_step
 from tasks.digits import digits_splits
 
 OUR_SAMPLERS = [
-    ("ddpm", 1000),
-    ("ddim", 10),
-    ("ddim", 20),
-    ("ddim", 50),
-    ("ddim", 100),
-    ("dpmpp_2m", 10),
-    ("dpmpp_2m", 20),
-    ("heun", 10),
-    ("heun", 20),
-    ("euler", 20),
+    ("ddpm", 1000), ("ddpm", 100), ("ddpm", 50),
+    ("ddim", 10), ("ddim", 20), ("ddim", 50),
+    ("dpmpp_2m", 10), ("dpmpp_2m", 20),
+    ("dpmpp_2m_sde", 10), ("dpmpp_2m_sde", 20), ("dpmpp_2m_sde", 50),
+    ("heun", 10), ("heun", 20), ("euler", 20),
     ("langevin", 100),
-]
-BF16_SAMPLERS = [("ddpm", 1000), ("dpmpp_2m", 10), ("dpmpp_2m", 20), ("heun", 20)]
+]  # fmt: skip
+
+BF16_SAMPLERS = [("ddpm", 1000), ("dpmpp_2m", 20), ("dpmpp_2m_sde", 20)]
 PEER_SAMPLERS = [
     ("DDPMScheduler", 1000),
     ("DDPMScheduler", 20),
     ("DDIMScheduler", 20),
     ("DPMSolverMultistepScheduler", 10),
     ("DPMSolverMultistepScheduler", 20),
+    ("DPMSolverMultistepScheduler+sde-dpmsolver++", 20),
 ]
 
 
@@ -105,16 +106,51 @@ def train_for_budget(step_fn, budget_s: float, warmup_steps: int = 20):
     }
 
 
+def interleaved_throughput(step_fns: dict, batch: int, log, rounds: int = 7, steps: int = 15):
+    """Training images/s of each step function, measured in interleaved rounds after a warm-up;
+    returns {name: {"median", "rounds"}} and the ratios to the last entry (the peer)."""
+    for fn in step_fns.values():
+        for i in range(5):
+            fn(i)
+    rates: dict[str, list[float]] = {name: [] for name in step_fns}
+    for _ in range(rounds):
+        for name, fn in step_fns.items():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                fn(i)
+            rates[name].append(steps * batch / (time.perf_counter() - t0))
+    out = {n: {"median": statistics.median(r), "rounds": r} for n, r in rates.items()}
+    ref = list(out)[-1]
+    for name, r in out.items():
+        r["ratio_to_" + ref] = r["median"] / out[ref]["median"]
+        log(f"throughput {name}: {r['median']:,.0f} img/s (×{r['ratio_to_' + ref]:.2f} {ref})")
+    return out
+
+
 class Fd:
-    """FD against the reference features, with the real-vs-real floor."""
+    """FD against the reference features, with the real-vs-real floor.
 
-    def __init__(self, net, reference_images, floor_images):
+    ``__call__`` returns (FD, bootstrap SD): the SD over resamplings (with replacement) of the
+    scored images, i.e. how much the score moves with the finite sample it is computed from.
+    Differences between two samplers smaller than about twice their SDs are noise.
+    """
+
+    def __init__(self, net, reference_images, floor_images, resamples: int = 50):
         self.net = net
+        self.resamples = resamples
         self.ref = feature_statistics(extract_features(net, reference_images))
-        self.floor = self(floor_images)
+        self.floor, self.floor_sd = self(floor_images)
 
-    def __call__(self, images: torch.Tensor) -> float:
-        return frechet_distance(*feature_statistics(extract_features(self.net, images)), *self.ref)
+    def __call__(self, images: torch.Tensor) -> tuple[float, float]:
+        feats = extract_features(self.net, images)
+        score = frechet_distance(*feature_statistics(feats), *self.ref)
+        g = torch.Generator().manual_seed(0)
+        boot = [
+            frechet_distance(*feature_statistics(feats[idx]), *self.ref)
+            for idx in (torch.randint(0, len(feats), (len(feats),), generator=g)
+                        for _ in range(self.resamples))
+        ]  # fmt: skip
+        return score, statistics.stdev(boot)
 
 
 def main() -> None:
@@ -126,6 +162,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--models", type=Path, help="save the trained (EMA) weights here")
+    ap.add_argument(
+        "--eval-only", action="store_true", help="evaluate the weights saved in --models"
+    )
     ap.add_argument("--bf16", action="store_true", help="also train ours with bf16 autocast")
     ap.add_argument("--nll-images", type=int, default=200, help="val images for the NLL")
     args = ap.parse_args()
@@ -165,11 +205,12 @@ def main() -> None:
         "val_images": len(val_x),
         "feature_net_val_accuracy": accuracy(fnet, val_x, val_y),
         "fd_floor": fd.floor,
+        "fd_floor_bootstrap_sd": fd.floor_sd,
         "models": {},
     }
 
-    def run_model(name: str, model: torch.nn.Module, samplers, autocast_dtype=None):
-        torch.manual_seed(args.seed)
+    def make_step_fn(model: torch.nn.Module, autocast_dtype=None):
+        """One full training step (batch draw, loss, backward, AdamW, EMA) → loss; and the EMA."""
         opt = make_optimizer(model, optim)
         lr_sched = make_lr_scheduler(opt, optim)
         ema = EMA(model, decay=0.999)
@@ -190,15 +231,29 @@ def main() -> None:
                 autocast_dtype=autocast_dtype,
             )["loss"]
 
+        return step_fn, ema
+
+    def run_model(name: str, model: torch.nn.Module, samplers, autocast_dtype=None):
+        torch.manual_seed(args.seed)
+        step_fn, ema = make_step_fn(model, autocast_dtype)
+
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"[{name}] {n_params / 1e6:.2f}M parameters; training for {args.budget:.0f}s")
-        stats = train_for_budget(step_fn, args.budget)
+        saved = args.models / name if args.models else None
+        if args.eval_only:  # reuse the weights and training numbers of an earlier run
+            state, stats = load_model(saved)
+            model.load_state_dict(state)
+            log(f"[{name}] loaded {saved} (trained earlier: {stats['steps']} steps)")
+        else:
+            log(f"[{name}] {n_params / 1e6:.2f}M parameters; training for {args.budget:.0f}s")
+            stats = train_for_budget(step_fn, args.budget)
+            ema.copy_to(model)
+            if saved:
+                save_model(saved, model.state_dict(), stats)
         ips = stats["steady_steps"] * args.batch / stats["steady_seconds"]
         log(
             f"[{name}] {stats['steps']} steps, {ips:,.0f} img/s steady, "
             f"final loss {stats['final_loss']:.4f}"
         )
-        ema.copy_to(model)
         model.eval()
         den = Denoiser(model, schedule, "eps")
         t0 = time.perf_counter()
@@ -212,17 +267,18 @@ def main() -> None:
             with torch.no_grad():
                 x = sample_fn(name, den, model, sampler, steps)
             secs = time.perf_counter() - t0
-            score = fd(x.clamp(-1, 1))
+            score, score_sd = fd(x.clamp(-1, 1))
             rows.append(
                 {
                     "sampler": sampler,
                     "steps": steps,
                     "fd": score,
+                    "fd_bootstrap_sd": score_sd,
                     "images_per_second": args.samples / secs,
                 }
             )
             log(
-                f"[{name}] {sampler:>28} {steps:>5} steps  FD {score:7.3f} "
+                f"[{name}] {sampler:>28} {steps:>5} steps  FD {score:7.3f} ± {score_sd:.3f} "
                 f"(floor {fd.floor:.3f})  {args.samples / secs:8.1f} img/s"
             )
         results["models"][name] = {
@@ -249,6 +305,18 @@ def main() -> None:
         num_res_blocks=1,
         attention_resolutions=(4,),
     )
+    # Throughput side by side: fresh copies of each model, training steps interleaved in rounds
+    # so that machine noise hits every model alike; medians of the per-round rates.
+    contenders = {"ours": (UNet(ours_cfg), None)}
+    if args.bf16:
+        contenders["ours-bf16"] = (UNet(ours_cfg), torch.bfloat16)
+    peer_ok = not args.skip_peer and importlib.util.find_spec("diffusers") is not None
+    if peer_ok:
+        contenders["diffusers"] = (DiffusersEps(args.seed), None)
+    results["throughput"] = interleaved_throughput(
+        {n: make_step_fn(m, dt)[0] for n, (m, dt) in contenders.items()}, args.batch, log
+    )
+
     torch.manual_seed(args.seed)
     ours = UNet(ours_cfg)
     run_model("ours", ours, OUR_SAMPLERS)
@@ -256,13 +324,10 @@ def main() -> None:
         torch.manual_seed(args.seed)
         run_model("ours-bf16", UNet(ours_cfg), BF16_SAMPLERS, autocast_dtype=torch.bfloat16)
 
-    if not args.skip_peer:
-        try:
-            peer = DiffusersEps(args.seed)
-        except ImportError:
-            log("diffusers is not installed: skipping the peer comparison (pip install diffusers)")
-        else:
-            run_model("diffusers", peer, PEER_SAMPLERS)
+    if peer_ok:
+        run_model("diffusers", DiffusersEps(args.seed), PEER_SAMPLERS)
+    elif not args.skip_peer:
+        log("diffusers is not installed: skipping the peer comparison (pip install diffusers)")
 
     write_results(results, args.out)
 
@@ -296,17 +361,17 @@ class DiffusersEps(torch.nn.Module):
 def diffusers_sample(unet, scheduler_name: str, steps: int, n: int, seed: int) -> torch.Tensor:
     import diffusers
 
-    cls = getattr(diffusers, scheduler_name)
-    scheduler = cls(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+    cls_name, _, algorithm = scheduler_name.partition("+")
+    extra = {"algorithm_type": algorithm} if algorithm else {}
+    scheduler = getattr(diffusers, cls_name)(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, **extra
     )
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, 1, 8, 8), generator=g)
     for t in scheduler.timesteps:
         out = unet(x, t).sample
-        kwargs = {"generator": g} if scheduler_name != "DPMSolverMultistepScheduler" else {}
-        x = scheduler.step(out, t, x, **kwargs).prev_sample
+        x = scheduler.step(out, t, x, generator=g).prev_sample
     return x
 
 
@@ -317,13 +382,22 @@ def write_results(results: dict, out: Path) -> None:
         "# Digits benchmark",
         "",
         f"Command: `{results['command']}`  ",
+        *(
+            [
+                "Weights and training numbers: an earlier run of the same command without "
+                "`--eval-only` (it trained each model for the budget and saved it to `--models`).  "
+            ]
+            if "--eval-only" in results["command"]
+            else []
+        ),
         f"Machine: {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
         f"{results['machine']['platform']}  ",
         f"Budget {results['budget_seconds']:.0f}s of training per model, batch "
         f"{results['batch_size']}; FD of {results['num_samples']} samples vs "
         f"{results['val_images']} held-out images in a digits classifier's features "
         f"(val accuracy {results['feature_net_val_accuracy']:.3f}); real-vs-real floor "
-        f"**{results['fd_floor']:.3f}**.",
+        f"**{results['fd_floor']:.3f}** (± {results['fd_floor_bootstrap_sd']:.3f}). "
+        "± is the bootstrap SD of each FD over resamplings of its 1,000 samples.",
         "",
         "| model | params | train img/s | steps | final loss | val NLL (bits/dim) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -334,11 +408,18 @@ def write_results(results: dict, out: Path) -> None:
             f" | {m['train_steps']} | {m['final_loss']:.4f} | "
             f"{m['val_nll_bits_per_dim']:.3f} ± {m['val_nll_stderr']:.3f} |"
         )
+    if "throughput" in results:
+        lines += ["", "Training throughput, interleaved rounds (median images/s):", "",
+                  "| model | img/s | ratio |", "|---|---:|---:|"]  # fmt: skip
+        for name, r in results["throughput"].items():
+            ratio = next(v for k, v in r.items() if k.startswith("ratio_to_"))
+            lines.append(f"| {name} | {r['median']:,.0f} | ×{ratio:.2f} |")
     lines += ["", "| model | sampler | steps | FD ↓ | sampling img/s |", "|---|---|---:|---:|---:|"]
     for name, m in results["models"].items():
         for r in m["samplers"]:
             lines.append(
-                f"| {name} | {r['sampler']} | {r['steps']} | {r['fd']:.3f} | "
+                f"| {name} | {r['sampler']} | {r['steps']} | {r['fd']:.3f} ± "
+                f"{r['fd_bootstrap_sd']:.3f} | "
                 f"{r['images_per_second']:,.1f} |"
             )
     (out / "digits.md").write_text("\n".join(lines) + "\n")

@@ -17,7 +17,7 @@ app = typer.Typer(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("pipeline-data/demo"), help="Where to write the grid and model."),
-    steps: int = typer.Option(2000, min=1, help="Training steps (batch 128)."),
+    steps: int = typer.Option(1500, min=1, help="Training steps (batch 128)."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and samples."),
 ) -> None:
     """Train a small diffusion model on the embedded digits and write a PNG grid of samples."""

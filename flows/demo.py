@@ -22,10 +22,10 @@ import torch
 from diffusion import (
     EMA,
     Denoiser,
-    NoiseSchedule,
     OptimConfig,
     SampleNoise,
     SamplerConfig,
+    ScheduleConfig,
     UNet,
     UNetConfig,
     classifier_free_guidance,
@@ -41,7 +41,7 @@ from tasks.images import save_grid_png
 
 @dataclass(frozen=True)
 class DemoConfig:
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 128
     seed: int = 0
     unet: UNetConfig = field(
@@ -55,8 +55,9 @@ class DemoConfig:
             num_classes=10,
         )
     )
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=2000, warmup_steps=100))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, warmup_steps=100))
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig("dpmpp_2m", steps=20))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     guidance_scale: float = 1.5
     samples_per_class: int = 10
     nll_images: int = 64  # val images for the bits/dim estimate (T network calls per batch)
@@ -75,7 +76,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
 
     torch.manual_seed(config.seed)
     model = UNet(config.unet)
-    schedule = NoiseSchedule.linear(1000)
+    schedule = config.schedule.build()
     optim = replace(
         config.optim, steps=config.steps, warmup_steps=min(config.optim.warmup_steps, config.steps)
     )
@@ -136,7 +137,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
         model.state_dict(),
         {
             "unet": config.unet.to_dict(),
-            "schedule": {"kind": "linear", "T": 1000},
+            "schedule": asdict(config.schedule),
             "prediction": "eps",
             "class_names": CLASS_NAMES,
         },

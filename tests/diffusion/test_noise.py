@@ -38,6 +38,7 @@ def generate(cfg: SamplerConfig, parts: list[range], seed: int = 0) -> torch.Ten
 STOCHASTIC = [
     SamplerConfig("ddpm", 20),
     SamplerConfig("ddim", 20, eta=1.0),
+    SamplerConfig("dpmpp_2m_sde", 20),
     SamplerConfig("langevin", 5, n_steps_each=2),
 ]
 

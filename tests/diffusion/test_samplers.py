@@ -60,6 +60,7 @@ GAUSSIAN_CASES = [
     case(SamplerConfig("ddim", 100, eta=1.0), 1000, 0.055),
     case(SamplerConfig("dpmpp_2m", 20), 4000, 0.02),
     case(SamplerConfig("dpmpp_2m", 10), 4000, 0.035),
+    case(SamplerConfig("dpmpp_2m_sde", 20), 4000, 0.05),  # measured +3.6% (3 seeds), +0.9% at 50
     case(SamplerConfig("euler", 50), 4000, 0.05),
     case(SamplerConfig("heun", 20), 4000, 0.02),
     case(SamplerConfig("langevin"), 1000, 0.025, slow=True),
@@ -117,6 +118,7 @@ MIXTURE_CASES = [
     case(SamplerConfig("ddim", 100, eta=1.0), 500, 0.01),
     case(SamplerConfig("dpmpp_2m", 20), 2000, 0.01),
     case(SamplerConfig("dpmpp_2m", 10), 2000, 0.02),
+    case(SamplerConfig("dpmpp_2m_sde", 20), 1000, 0.02),
     case(SamplerConfig("euler", 50), 2000, 0.01),
     case(SamplerConfig("heun", 20), 2000, 0.01),
     case(SamplerConfig("langevin"), 200, 0.01),
@@ -185,6 +187,7 @@ SMALL_CONFIGS = [
     SamplerConfig("ddpm"),
     SamplerConfig("ddim", 9, eta=0.5),
     SamplerConfig("dpmpp_2m", 6),
+    SamplerConfig("dpmpp_2m_sde", 6),
     SamplerConfig("euler", 5),
     SamplerConfig("heun", 6),
     SamplerConfig("langevin", 4, n_steps_each=3),
@@ -347,3 +350,13 @@ def test_denoiser_is_the_same_in_every_parameterization():
         x0, eps = Denoiser(lambda *a, out=out: out, schedule, prediction, clip_x0=None)(xt, t)
         torch.testing.assert_close(x0, ref_x0, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(eps, ref_eps, rtol=1e-9, atol=1e-9)
+
+
+def test_dpmpp_2m_sde_with_eta_zero_is_the_ode_solver():
+    den = small_schedule_denoiser()
+    noise = SampleNoise(3, range(5))
+    a = sample(den, (2, 1, 1), noise, SamplerConfig("dpmpp_2m_sde", 8, eta=0.0))
+    b = sample(den, (2, 1, 1), noise, SamplerConfig("dpmpp_2m", 8))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        sample(den, (2, 1, 1), noise, SamplerConfig("dpmpp_2m_sde", 8, eta=-1.0))

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from tasks.digits import digits_splits, load_digits_uint8, split_of
+from tasks.images import grid, save_grid_png
+
+
+def test_digits_are_the_embedded_1797_images_as_uint8():
+    images, labels, keys = load_digits_uint8()
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == np.uint8
+    assert images.max() == 255 and images.min() == 0
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert len(set(keys)) == 1797
+
+
+def test_split_is_deterministic_disjoint_and_close_to_the_fraction():
+    a, b = digits_splits(0.1), digits_splits(0.1)
+    assert np.array_equal(a["val"][0], b["val"][0])
+    n_val, n_train = len(a["val"][0]), len(a["train"][0])
+    assert n_val + n_train == 1797
+    # binomial(1797, 0.1): sd ≈ 12.7
+    assert abs(n_val - 179.7) < 4 * 12.7
+    # a key's side never depends on the other keys
+    assert split_of("digits/0001", 0.1) == split_of("digits/0001", 0.1)
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_of("k", 1.0)
+
+
+def test_grid_places_every_image_with_padding():
+    imgs = np.stack([np.full((1, 2, 2), i, np.uint8) for i in range(5)])
+    g = grid(imgs, nrow=3, pad=1, pad_value=200)
+    assert g.shape == (2 * 3 + 1, 3 * 3 + 1, 1)
+    assert g[1, 1, 0] == 0 and g[1, 4, 0] == 1 and g[4, 1, 0] == 3 and g[4, 4, 0] == 4
+    assert g[0, 0, 0] == 200 and g[4, 7, 0] == 200  # padding and the empty sixth cell
+    with pytest.raises(ValueError, match="uint8"):
+        grid(imgs.astype(np.float32), nrow=3)
+
+
+def test_save_grid_png_round_trips(tmp_path):
+    from PIL import Image
+
+    imgs = np.random.default_rng(0).integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
+    path = save_grid_png(imgs, tmp_path / "g.png", nrow=3, scale=2)
+    with Image.open(path) as im:
+        assert im.mode == "RGB"
+        arr = np.asarray(im)
+    np.testing.assert_array_equal(arr[2:10, 2:10], imgs[0].transpose(1, 2, 0).repeat(2, 0).repeat(2, 1))
+    assert not list(tmp_path.glob("*.tmp"))
