@@ -14,8 +14,10 @@ from flows.demo import DemoConfig, run_demo
 
 @pytest.mark.slow
 def test_demo_trains_samples_and_writes_grid_and_weights(tmp_path):
-    cfg = replace(DemoConfig(steps=12, batch_size=32, samples_per_class=2, nll_images=2),
-                  sampler=SamplerConfig("ddim", steps=5))
+    cfg = replace(
+        DemoConfig(steps=12, batch_size=32, samples_per_class=2, nll_images=2),
+        sampler=SamplerConfig("ddim", steps=5),
+    )
     lines = []
     summary = run_demo(tmp_path, cfg, log=lines.append)
     assert (tmp_path / "samples.png").is_file()

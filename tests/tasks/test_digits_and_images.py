@@ -44,5 +44,7 @@ def test_save_grid_png_round_trips(tmp_path):
     with Image.open(path) as im:
         assert im.mode == "RGB"
         arr = np.asarray(im)
-    np.testing.assert_array_equal(arr[2:10, 2:10], imgs[0].transpose(1, 2, 0).repeat(2, 0).repeat(2, 1))
+    np.testing.assert_array_equal(
+        arr[2:10, 2:10], imgs[0].transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
+    )
     assert not list(tmp_path.glob("*.tmp"))
