@@ -167,6 +167,13 @@ def main() -> None:
         "--eval-only", action="store_true", help="evaluate the weights saved in --models"
     )
     ap.add_argument("--bf16", action="store_true", help="also train ours with bf16 autocast")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        metavar="SAMPLER:STEPS",
+        help="evaluate only these sampler settings, e.g. dpmpp_2m_sde:20 DDPMScheduler:20",
+    )
     ap.add_argument("--nll-images", type=int, default=200, help="val images for the NLL")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -262,6 +269,8 @@ def main() -> None:
         bpd, se = nll.mean_and_stderr()
         log(f"[{name}] val NLL {bpd:.3f} ± {se:.3f} bits/dim ({time.perf_counter() - t0:.0f}s)")
         rows = []
+        if args.only is not None:
+            samplers = [(n, k) for n, k in samplers if f"{n}:{k}" in args.only]
         for sampler, steps in samplers:
             t0 = time.perf_counter()
             with torch.no_grad():
