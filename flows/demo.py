@@ -1,7 +1,7 @@
 """The laptop demo: train a small class-conditional diffusion model on the embedded digits with
 the ``diffusion`` package alone, then write a PNG grid of samples (one row per class).
 
-    diffusion-pipeline demo                      # ~3 minutes on 2 CPU cores
+    diffusion-pipeline demo                      # ~4 minutes on 2 CPU cores
     diffusion-pipeline demo --steps 300 --out /tmp/quick
 
 It is the pipeline's train → evaluate → generate path in one process, without Ray, Prefect or
