@@ -24,6 +24,7 @@ Writes ``digits.json`` and ``digits.md`` (a markdown table) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -45,7 +46,6 @@ from diffusion import (
     SampleNoise,
     SamplerConfig,
     UNet,
-    UNetConfig,
     load_model,
     nll_bits_per_dim,
     sample,
@@ -61,7 +61,7 @@ from diffusion.metrics import (
 )
 from diffusion.pixels import uint8_to_unit
 from diffusion.training import make_lr_scheduler, make_optimizer, train_step
-from tasks.digits import digits_splits
+from tasks.digits import DIGITS_UNET, digits_splits
 
 OUR_SAMPLERS = [
     ("ddpm", 1000), ("ddpm", 100), ("ddpm", 50),
@@ -306,14 +306,7 @@ def main() -> None:
             return sample(den, (1, 8, 8), noise, SamplerConfig(sampler, steps=steps))
         return diffusers_sample(model.unet, sampler, steps, args.samples, args.seed)
 
-    ours_cfg = UNetConfig(
-        resolution=8,
-        in_channels=1,
-        base_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-    )
+    ours_cfg = dataclasses.replace(DIGITS_UNET, num_classes=None)  # unconditional, as the peer
     # Throughput side by side: fresh copies of each model, training steps interleaved in rounds
     # so that machine noise hits every model alike; medians of the per-round rates.
     contenders = {"ours": (UNet(ours_cfg), None)}

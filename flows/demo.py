@@ -35,7 +35,7 @@ from diffusion import (
 )
 from diffusion.pixels import uint8_to_unit, unit_to_uint8
 from diffusion.training import make_lr_scheduler, make_optimizer, train_step
-from tasks.digits import CLASS_NAMES, digits_splits
+from tasks.digits import CLASS_NAMES, DIGITS_UNET, digits_splits
 from tasks.images import save_grid_png
 
 
@@ -44,17 +44,7 @@ class DemoConfig:
     steps: int = 1500
     batch_size: int = 128
     seed: int = 0
-    unet: UNetConfig = field(
-        default_factory=lambda: UNetConfig(
-            resolution=8,
-            in_channels=1,
-            base_channels=32,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(4,),
-            num_classes=10,
-        )
-    )
+    unet: UNetConfig = DIGITS_UNET
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, warmup_steps=100))
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig("dpmpp_2m", steps=20))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
