@@ -26,13 +26,62 @@ def demo(
     run_demo(out, DemoConfig(steps=steps, seed=seed), log=typer.echo)
 
 
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with pipeline config sections.")
+SetOpt = typer.Option(
+    None, "--set", "-s", help="Override one key: section.key=value (repeatable)."
+)
+RootOpt = typer.Option(None, "--root", help="Storage root: a local path or s3://bucket/prefix.")
+DebugOpt = typer.Option(False, "--debug", help="Show full stack traces on errors.")
+
+
+def _fail(e: BaseException, debug: bool) -> None:
+    if debug:
+        raise e
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2 if type(e).__name__ == "ConfigError" else 1)
+
+
+_EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound")
+
+
+@app.command()
+def preprocess(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Turn data.source into a versioned Parquet dataset under ROOT/datasets/<name>/<version>/."""
+    try:
+        from flows.config import load_config
+
+        cfg = load_config(config, set_ or [], root)
+        from flows.preprocess import preprocess_flow
+
+        ref = preprocess_flow(cfg.to_json_dict())
+    except Exception as e:
+        if type(e).__name__ not in _EXPECTED and not debug:
+            typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+        _fail(e, debug)
+        return
+    state = "already committed, reused" if ref["reused"] else "committed"
+    typer.echo(
+        f"dataset {ref['name']} version {ref['version']} ({state}): {ref['train']} train, "
+        f"{ref['val']} val, {ref['skipped']} skipped; shape {tuple(ref['shape'])}, "
+        f"{len(ref['class_names'])} classes"
+    )
+    typer.echo(f"manifest: {ref['manifest_uri']}")
+
+
 @app.callback()
 def _root() -> None:
-    """Keep sub-commands explicit even while there is only one."""
+    """Pipeline stages as sub-commands; see each one's --help."""
 
 
 def main() -> None:
-    app()
+    app(prog_name="diffusion-pipeline")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ applies to any source, so a sample never changes side between runs.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from diffusion.unet import UNetConfig
+from tasks.datasets import split_of
+
+__all__ = ["CLASS_NAMES", "DIGITS_UNET", "NAME", "digits_splits", "load_digits_uint8", "split_of"]
 
 NAME = "digits"
 CLASS_NAMES = [str(i) for i in range(10)]
@@ -28,14 +29,6 @@ DIGITS_UNET = UNetConfig(
     attention_resolutions=(4,),
     num_classes=10,
 )
-
-
-def split_of(key: str, val_fraction: float) -> str:
-    """'val' for a stable ``val_fraction`` share of keys (SHA-256 of the key), else 'train'."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
 
 
 def load_digits_uint8() -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -30,3 +30,74 @@ def _single_torch_thread_for_diffusion(request):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Real services for the pipeline tests: a local Ray, an S3-compatible server, Prefect's harness.
+# --------------------------------------------------------------------------------------------
+
+# Fake credentials for the loopback S3 server, set before any Ray worker starts so that workers
+# inherit them. setdefault: a developer's own variables are left alone (the tests always pass
+# the loopback endpoint explicitly, so nothing reaches AWS).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback, as s3fs's own test suite runs it. Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """A fresh s3fs client against the loopback server, and a helper to make unique buckets."""
+    import uuid
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+
+    class S3:
+        endpoint = s3_endpoint
+        client = fs
+
+        @staticmethod
+        def bucket() -> str:
+            name = f"b-{uuid.uuid4().hex[:12]}"
+            fs.mkdir(name)
+            return name
+
+    return S3
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: a temporary API server and database for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,115 @@
+"""The pipeline config: one pydantic model with a section per stage.
+
+Sources, later ones winning: the defaults → a YAML file (``--config``) → ``--set
+section.key=value`` overrides → ``--root``. The resolved config travels as JSON at every hop
+(CLI → flow parameter → task argument → Ray worker). Each section is defined next to what it
+configures (``tasks.datasets.DataConfig``, ``tasks.runtime.RuntimeConfig``); this module only
+assembles them. Unknown sections or keys are errors that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.datasets import DataConfig
+from tasks.runtime import RuntimeConfig
+
+
+class ConfigError(ValueError):
+    """The config cannot be built; the message names the key and what to do."""
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of the config (for lineage tags)."""
+        return hashlib.sha256(
+            json.dumps(self.to_json_dict(), sort_keys=True).encode()
+        ).hexdigest()
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. data.resolution=32")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _merge(base: dict, key: list[str], value: Any) -> None:
+    node = base
+    for k in key[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(key)}: {k} is a value, not a section")
+        node = child
+    node[key[-1]] = value
+
+
+def _valid_keys() -> str:
+    lines = []
+    for section, f in PipelineConfig.model_fields.items():
+        lines.append(f"{section}: {', '.join(f.annotation.model_fields)}")
+    return "; ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    root: str | None = None,
+    base: dict | None = None,
+) -> PipelineConfig:
+    """Build the config from a YAML file, ``section.key=value`` overrides and a root."""
+    raw: dict = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, e.g. 'data:'")
+        raw = loaded
+    for item in sets:
+        key, value = _parse_set(item)
+        _merge(raw, key, value)
+    if root is not None:
+        _merge(raw, ["runtime", "root"], root)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def _explain(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"unknown config key {key!r} (valid keys: {_valid_keys()})")
+        else:
+            got = err.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) else ""
+            msgs.append(f"{key}: {err['msg']}{got_s}")
+    return "invalid config: " + "; ".join(msgs)

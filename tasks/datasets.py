@@ -1,0 +1,209 @@
+"""Versioned datasets: the ``data.*`` config section, the manifest contract and its readers.
+
+A dataset version lives at ``<root>/datasets/<name>/<version>/``::
+
+    train/part-<run>-<task>.parquet   rows: key (string), label (int32, null = unlabelled),
+    val/part-<run>-<task>.parquet           pixels (binary: uint8, C×H×W, row-major)
+    _manifest.json                    written last; readers trust only this file
+
+Readers open a dataset only through its manifest (:func:`open_dataset`); part files that the
+manifest does not list (left by a run that was killed, or that lost a race) are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.storage import Location, StorageError, call, read_json
+
+MANIFEST = "_manifest.json"
+MANIFEST_FORMAT = "diffusion-pipeline/dataset"
+MANIFEST_FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+class DataConfig(BaseModel):
+    """The ``data`` section: which source becomes which dataset, and how it is preprocessed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("digits", description="Dataset name: datasets/<name>/<version>/ under root.")
+    source: str = Field(
+        "digits",
+        description="'digits' (embedded), an image folder or a Parquet file/folder: local path, "
+        "file:// or s3:// URL.",
+    )
+    format: Literal["auto", "images", "parquet"] = Field(
+        "auto", description="Source format; 'auto' detects Parquet by extension."
+    )
+    resolution: int = Field(8, ge=4, le=1024, description="Target height = width in pixels.")
+    channels: Literal[1, 3] = Field(1, description="1 (grayscale, mode L) or 3 (RGB).")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share (by key hash).")
+    strict: bool = Field(False, description="Fail on any bad input instead of skipping it.")
+    image_column: str = Field("image", description="Parquet sources: the image column.")
+    label_column: str | None = Field("label", description="Parquet sources: the label column.")
+    key_column: str | None = Field(
+        None, description="Parquet sources: a unique key column (default: '<file>#<row>')."
+    )
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Refuse images declaring more pixels (decompression bombs)."
+    )
+    rows_per_file: int = Field(4096, ge=1, description="Target rows per written part file.")
+    version: str | None = Field(
+        None, description="Readers: which committed version to use (default: the latest)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v) or ".." in v:
+            raise ValueError(
+                f"data.name {v!r} must be 1-128 letters, digits, '.', '_' or '-', start with a "
+                "letter or digit and contain no '..'"
+            )
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str | None) -> str | None:
+        if v is not None and not VERSION_RE.match(v):
+            raise ValueError(f"data.version {v!r} is not a dataset version (16 hex digits)")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("data.source is empty; use 'digits', a folder or a Parquet URL")
+        return v.strip()
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The settings that change the output bytes (part of the version fingerprint)."""
+        return {
+            "resolution": self.resolution,
+            "channels": self.channels,
+            "mode": self.mode,
+            "resize": "exif-transpose, alpha over white, center-crop to square, bicubic",
+            "val_fraction": self.val_fraction,
+            "max_image_pixels": self.max_image_pixels,
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "key_column": self.key_column,
+        }
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """'val' for a stable ``val_fraction`` share of keys (SHA-256 of the key), else 'train'."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+class DatasetNotFound(LookupError):
+    """No committed version matches; the message lists what exists."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A small, serialisable handle on one committed dataset version."""
+
+    name: str
+    version: str
+    uri: str  # the version directory, credentials redacted
+
+    @property
+    def manifest_uri(self) -> str:
+        return f"{self.uri}/{MANIFEST}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "uri": self.uri,
+                "manifest_uri": self.manifest_uri}
+
+
+def dataset_dir(root: Location, name: str, version: str | None = None) -> Location:
+    loc = root.child("datasets", name)
+    return loc.child(version) if version else loc
+
+
+def load_manifest(version_dir: Location) -> dict:
+    """Read and sanity-check one manifest."""
+    m = read_json(version_dir.child(MANIFEST))
+    if m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_FORMAT_VERSION:
+        raise ValueError(
+            f"{version_dir.describe()}/{MANIFEST} is not a version-{MANIFEST_FORMAT_VERSION} "
+            f"dataset manifest (format={m.get('format')!r}, version={m.get('format_version')!r})"
+        )
+    return m
+
+
+def list_versions(root: Location, name: str) -> list[dict]:
+    """Manifests of every committed version of ``name``, oldest first."""
+    base = dataset_dir(root, name)
+    try:
+        paths = call(base, base.fs.glob, f"{base.path}/*/{MANIFEST}")
+    except FileNotFoundError:
+        return []
+    out = []
+    for p in paths:
+        version = p.rstrip("/").split("/")[-2]
+        if VERSION_RE.match(version):
+            out.append(load_manifest(base.child(version)))
+    return sorted(out, key=lambda m: (m["created_at"], m["version"]))
+
+
+def open_dataset(root: Location, name: str, version: str | None = None) -> tuple[DatasetRef, dict]:
+    """The ref and manifest of ``name`` at ``version`` (default: the latest committed one)."""
+    if version is None:
+        versions = list_versions(root, name)
+        if not versions:
+            raise DatasetNotFound(_missing_message(root, name))
+        m = versions[-1]
+    else:
+        vdir = dataset_dir(root, name, version)
+        try:
+            m = load_manifest(vdir)
+        except FileNotFoundError:
+            existing = [v["version"] for v in list_versions(root, name)]
+            raise DatasetNotFound(
+                f"dataset {name!r} has no committed version {version!r} under "
+                f"{root.describe()}; committed versions: {', '.join(existing) or 'none'}"
+            ) from None
+    vdir = dataset_dir(root, name, m["version"])
+    return DatasetRef(name=name, version=m["version"], uri=vdir.describe()), m
+
+
+def _missing_message(root: Location, name: str) -> str:
+    base = root.child("datasets")
+    try:
+        names = sorted(p.rstrip("/").split("/")[-1] for p in base.fs.ls(base.path, detail=False))
+    except (FileNotFoundError, StorageError):
+        names = []
+    return (
+        f"no committed version of dataset {name!r} under {root.describe()}; datasets there: "
+        f"{', '.join(names) or 'none'}. Run `diffusion-pipeline preprocess` first."
+    )
+
+
+def part_files(root: Location, manifest: dict, split: str) -> list[str]:
+    """Full paths (on ``root.fs``) of the part files of one split, as the manifest lists them."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    vdir = dataset_dir(root, manifest["name"], manifest["version"])
+    return [vdir.child(f["path"]).path for f in manifest["splits"][split]["files"]]
+
+
+def manifest_json(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()

@@ -1,0 +1,235 @@
+"""Storage by URL (local path, ``file://``, ``s3://``) through fsspec/s3fs.
+
+Everything the pipeline writes goes through here, so the rules hold in one place:
+
+- Endpoints and credentials come from :class:`StorageConfig` or the usual AWS variables
+  (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``...),
+  which botocore reads itself. Credentials are never copied into a manifest, a log line or a
+  returned value: :func:`redact` strips them from URLs.
+- S3 calls are retried a bounded number of times (botocore "standard" mode) with a short
+  connect timeout, and failures surface as :class:`StorageError` naming the endpoint and
+  what to check.
+- :func:`commit_bytes` publishes a file exactly once: local files by hard-linking a fully
+  written temporary file into place, S3 objects by a conditional PUT (``If-None-Match: *``).
+  A second writer of the same name learns that it lost instead of overwriting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StorageError(RuntimeError):
+    """Storage unreachable, bucket missing, permission denied: something to fix outside."""
+
+
+class StorageConfig(BaseModel):
+    """How to reach object storage (the ``runtime.*`` storage keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, moto...). Default: AWS_ENDPOINT_URL "
+        "or AWS itself.",
+    )
+    storage_retries: int = Field(3, ge=1, le=20, description="Attempts per S3 request.")
+    storage_connect_timeout: float = Field(5.0, gt=0, description="Seconds per S3 connect.")
+
+
+def storage_options(url: str, cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """fsspec keyword arguments for ``url``; only non-secret settings (safe to ship to workers).
+
+    Credentials stay where they are (environment, instance profile, ~/.aws) and are read by
+    botocore in whichever process opens the file system.
+    """
+    cfg = cfg or StorageConfig()
+    if protocol_of(url) != "s3":
+        return {}
+    endpoint = cfg.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
+    opts: dict[str, Any] = {
+        "config_kwargs": {
+            "connect_timeout": cfg.storage_connect_timeout,
+            "read_timeout": 120,
+            "retries": {"max_attempts": cfg.storage_retries, "mode": "standard"},
+        }
+    }
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+def protocol_of(url: str) -> str:
+    proto = fsspec.utils.get_protocol(url)
+    return "s3" if proto in ("s3", "s3a") else proto
+
+
+def redact(url: str) -> str:
+    """``url`` without any ``user:password@`` part."""
+    return re.sub(r"(?<=://)[^/@]*@", "", url)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file system and a path on it, built from a URL."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    path: str
+
+    @classmethod
+    def of(cls, url: str, options: dict[str, Any] | None = None) -> Location:
+        url = str(url)
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+        except ImportError as e:  # e.g. gcs:// without gcsfs
+            raise StorageError(f"no file system for {redact(url)!r}: {e}") from e
+        return cls(url=url.rstrip("/"), fs=fs, path=path.rstrip("/") or path)
+
+    @property
+    def is_local(self) -> bool:
+        return protocol_of(self.url) in ("file", "local")
+
+    def child(self, *parts: str) -> Location:
+        for p in parts:
+            check_relative(p)
+        rel = posixpath.join(*parts)
+        return Location(self.url + "/" + rel, self.fs, posixpath.join(self.path, rel))
+
+    def describe(self) -> str:
+        return redact(self.url)
+
+
+def check_relative(part: str) -> None:
+    """Refuse path pieces that could leave the directory they are joined to."""
+    if not part or part.startswith("/") or "\\" in part:
+        raise ValueError(f"bad relative path {part!r}")
+    if any(seg in ("", ".", "..") for seg in part.split("/")):
+        raise ValueError(f"bad relative path {part!r}: empty, '.' or '..' segment")
+
+
+def explain(e: BaseException, where: Location | str) -> StorageError:
+    """Turn an fsspec/botocore exception into one clear :class:`StorageError`."""
+    where_s = where.describe() if isinstance(where, Location) else redact(str(where))
+    name = type(e).__name__
+    msg = str(e)
+    if "EndpointConnectionError" in name or "ConnectTimeout" in name or "Could not connect" in msg:
+        endpoint = getattr(getattr(where, "fs", None), "endpoint_url", None) or "the S3 endpoint"
+        return StorageError(
+            f"cannot reach {endpoint} for {where_s} (gave up after bounded retries): {msg}. "
+            "Check runtime.s3_endpoint_url / AWS_ENDPOINT_URL and the network."
+        )
+    if isinstance(e, FileNotFoundError) and "bucket" in msg.lower():
+        bucket = where_s.split("://", 1)[-1].split("/", 1)[0]
+        return StorageError(
+            f"bucket {bucket!r} does not exist ({where_s}); create it or point the URL elsewhere"
+        )
+    if isinstance(e, PermissionError) or "AccessDenied" in msg or "Forbidden" in msg:
+        return StorageError(
+            f"access denied to {where_s}: {msg}. Check the credentials (AWS_ACCESS_KEY_ID / "
+            "AWS_PROFILE) and the bucket policy."
+        )
+    return StorageError(f"storage error at {where_s}: {name}: {msg}")
+
+
+def call(where: Location, fn, *args, **kwargs):
+    """Run ``fn`` (an fsspec call) and translate storage failures into StorageError."""
+    try:
+        return fn(*args, **kwargs)
+    except StorageError:
+        raise
+    except FileNotFoundError as e:
+        if "bucket" in str(e).lower():
+            raise explain(e, where) from e
+        raise
+    except Exception as e:  # botocore/aiohttp errors have no common base worth naming
+        if _is_storage_failure(e):
+            raise explain(e, where) from e
+        raise
+
+
+def _is_storage_failure(e: BaseException) -> bool:
+    mod = type(e).__module__ or ""
+    return (
+        mod.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3"))
+        or isinstance(e, (PermissionError, ConnectionError, TimeoutError))
+    )
+
+
+def check_bucket(loc: Location) -> None:
+    """For s3:// locations: fail early and clearly if the bucket is missing or unreachable."""
+    if protocol_of(loc.url) != "s3":
+        return
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        loc.fs.ls(bucket, refresh=True)
+    except Exception as e:
+        raise explain(e, loc) from e
+
+
+def read_json(loc: Location) -> dict:
+    with call(loc, loc.fs.open, loc.path, "rb") as f:
+        return json.load(f)
+
+
+def exists(loc: Location) -> bool:
+    return bool(call(loc, loc.fs.exists, loc.path))
+
+
+def commit_bytes(loc: Location, data: bytes) -> bool:
+    """Publish ``data`` at ``loc`` only if nothing is there yet. True if this call published it.
+
+    Readers never see a partial file: locally the bytes go to a temporary file that is fsynced
+    and then hard-linked into place (``link`` fails if the name exists); on S3 a single PUT is
+    atomic and ``If-None-Match: *`` makes it fail if the key exists. Other stores fall back to
+    check-then-write.
+    """
+    if loc.is_local:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, loc.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if protocol_of(loc.url) == "s3":
+        try:
+            call(loc, loc.fs.pipe_file, loc.path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+    if exists(loc):
+        return False
+    call(loc, loc.fs.pipe_file, loc.path, data)
+    return True
+
+
+def atomic_write_bytes(loc: Location, data: bytes) -> None:
+    """Replace ``loc`` with ``data`` so readers see the old or the new bytes, never a mix."""
+    if loc.is_local:
+        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, loc.path)
+    else:
+        call(loc, loc.fs.pipe_file, loc.path, data)

@@ -1,0 +1,114 @@
+"""decode_image: the per-input transform (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from imagefactory import BAD_FILES, bad_file_bytes, bomb_png, encode, png_bytes, smooth_rgb
+from PIL import Image
+
+from tasks.decode import SkipInput, decode_image
+
+
+def test_rgb_to_target_shape_and_mode():
+    data = png_bytes(smooth_rgb(0, 40, 60))
+    out = decode_image(data, resolution=16, mode="RGB", max_pixels=10**6)
+    assert out.dtype == np.uint8 and out.shape == (3, 16, 16)
+    gray = decode_image(data, resolution=16, mode="L", max_pixels=10**6)
+    assert gray.shape == (1, 16, 16)
+
+
+def test_center_crop_keeps_the_middle():
+    # a white band (columns 20-69) inside black: the centre 30×30 crop (columns 30-59) is white
+    arr = np.zeros((30, 90), np.uint8)
+    arr[:, 20:70] = 255
+    out = decode_image(png_bytes(arr), resolution=10, mode="L", max_pixels=10**6)
+    assert out.min() >= 250
+
+
+def test_same_size_is_lossless_and_layout_is_chw():
+    arr = smooth_rgb(3, 8, 8)
+    out = decode_image(png_bytes(arr), resolution=8, mode="RGB", max_pixels=10**6)
+    np.testing.assert_array_equal(out, arr.transpose(2, 0, 1))
+
+
+def test_alpha_is_composited_over_white():
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black
+    out = decode_image(png_bytes(rgba), resolution=8, mode="RGB", max_pixels=10**6)
+    assert (out == 255).all()
+
+
+def test_exif_orientation_is_applied():
+    arr = np.zeros((10, 20, 3), np.uint8)  # wide image, left half white
+    arr[:, :10] = 255
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    data = encode(img, "JPEG", quality=100, exif=exif.tobytes())
+    out = decode_image(data, resolution=10, mode="L", max_pixels=10**6)
+    # displayed upright the image is tall with the white half on top; the centre crop shows it
+    assert out[0, :3].mean() > 200 and out[0, -3:].mean() < 50
+
+
+def test_formats_jpeg_webp_bmp_palette_cmyk():
+    img = Image.fromarray(smooth_rgb(5, 12, 12))
+    for data in (encode(img, "JPEG"), encode(img, "WEBP"), encode(img, "BMP"),
+                 encode(img.convert("P"), "PNG"), encode(img.convert("CMYK"), "JPEG")):
+        assert decode_image(data, resolution=8, mode="RGB", max_pixels=10**6).shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("name", sorted(set(BAD_FILES) - {"notes.txt"}))
+def test_bad_inputs_are_refused_with_a_reason(name):
+    data = bad_file_bytes()[name]
+    with pytest.raises(SkipInput, match=BAD_FILES[name].split()[0]) as e:
+        decode_image(data, resolution=8, mode="RGB", max_pixels=10**6)
+    assert BAD_FILES[name] in str(e.value)
+
+
+def test_non_image_bytes_with_image_extension():
+    with pytest.raises(SkipInput, match="not a decodable"):
+        decode_image(b"hello", resolution=8, mode="RGB", max_pixels=10**6)
+
+
+def test_gif_and_tiff_are_not_accepted_formats():
+    img = Image.fromarray(smooth_rgb(1, 8, 8))
+    for fmt in ("GIF", "TIFF"):
+        with pytest.raises(SkipInput, match="not a decodable"):
+            decode_image(encode(img, fmt), resolution=8, mode="RGB", max_pixels=10**6)
+
+
+def test_decompression_bomb_refused_without_allocating():
+    import tracemalloc
+
+    # Under Pillow's own limit but over ours: refused by the declared size alone, before any
+    # pixel buffer exists (a real decode of 9000×9000 RGB would need ~240 MB).
+    data = bomb_png(9000, 9000)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(SkipInput, match="declares 9000x9000"):
+        decode_image(data, resolution=8, mode="RGB", max_pixels=10**6)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert time.perf_counter() - t0 < 1.0 and peak < 5 * 2**20
+    # Far beyond Pillow's limit: Pillow refuses at open
+    with pytest.raises(SkipInput, match="decompression bomb"):
+        decode_image(bomb_png(100_000, 100_000), resolution=8, mode="RGB", max_pixels=10**12)
+
+
+def test_large_jpeg_uses_draft_decoding():
+    big = Image.fromarray(np.tile(smooth_rgb(2, 64, 64), (16, 16, 1)))  # 1024×1024
+    data = encode(big, "JPEG", quality=90)
+    out = decode_image(data, resolution=32, mode="RGB", max_pixels=10**7)
+    ref = np.asarray(big.resize((32, 32), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert out.shape == (3, 32, 32)
+    assert np.abs(out.astype(int) - ref.astype(int)).mean() < 12
+
+
+def test_reads_from_bytes_io_only():
+    # decode_image takes bytes, never a path: nothing in the input can name a file to open
+    with pytest.raises(SkipInput):
+        decode_image(b"/etc/passwd", resolution=8, mode="L", max_pixels=10**6)
+    assert isinstance(io.BytesIO(b"x"), io.BytesIO)
