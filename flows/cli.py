@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
+
+# The embedded (ephemeral) Prefect server's telemetry heartbeat races its own SQLite database at
+# start-up ("database is locked", PrefectHQ/prefect#15170) and phones home; off unless asked.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(
     name="diffusion-pipeline",

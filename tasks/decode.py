@@ -92,8 +92,12 @@ def output_schema(channels: int, resolution: int) -> pa.Schema:
 
 def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels: int,
                  val_fraction: float, image_column: str, label_column: str | None,
-                 key_column: str | None, options: dict) -> pa.Table:
-    """One batch of listing units → rows of (key, label, pixels, split, error)."""
+                 key_column: str | None, source: str, options: dict) -> pa.Table:
+    """One batch of listing units → rows of (key, label, pixels, split, error).
+
+    ``source`` is the source URL and ``options`` its fsspec options; unit paths are paths on
+    that file system.
+    """
     mode = "L" if channels == 1 else "RGB"
     units = batch.to_pylist()
     rows: list[tuple] = []  # (key, label, pixels bytes | None, error | None)
@@ -119,16 +123,18 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
                 arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             rows.append((u["key"], u["label"], arr.tobytes(), None))
     elif "row_group" in units[0]:  # parquet row groups
-        loc = Location.of(units[0]["path"], options)
+        loc = Location.of(source, options)
         for u in units:
             _decode_row_group(u, loc.fs, add, image_column, label_column, key_column)
     else:  # image files: fetch the batch concurrently (s3fs runs the GETs in parallel)
-        loc = Location.of(units[0]["path"], options)
+        loc = Location.of(source, options)
         paths = [u["path"] for u in units]
         blobs = call(loc, loc.fs.cat, paths, on_error="return") if len(paths) > 1 else {
             paths[0]: _cat_one(loc, paths[0])}
         for u in units:
-            data = blobs.get(u["path"])
+            data = blobs.get(u["path"], _MISSING)
+            if data is _MISSING:
+                data = FileNotFoundError(u["path"])
             if isinstance(data, BaseException):
                 rows.append((u["key"], u["label"], None, f"unreadable: {type(data).__name__}: "
                              f"{data}"))
@@ -145,6 +151,9 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
         ],
         schema=output_schema(channels, resolution),
     )
+
+
+_MISSING = object()
 
 
 def _cat_one(loc: Location, path: str):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import posixpath
 import time
 import uuid
@@ -48,6 +49,7 @@ from tasks.faults import maybe_die
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import (
     Location,
+    StorageError,
     call,
     check_bucket,
     commit_bytes,
@@ -103,8 +105,6 @@ def list_source(cfg: DataConfig, runtime: RuntimeConfig) -> Listing:
 def _absolute(url: str) -> str:
     if "://" in url:
         return url
-    import os
-
     return os.path.abspath(os.path.expanduser(url))
 
 
@@ -308,6 +308,16 @@ def _num_blocks(n_units: int, cfg: DataConfig, kind: str) -> int:
     return max(1, min(n_units, max(by_size, min(cpus, n_units // 64))))
 
 
+def _discard_run(vdir: Location, run_id: str) -> None:
+    """Best-effort removal of the part files one run wrote (they were never visible)."""
+    try:
+        paths = call(vdir, vdir.fs.glob, f"{vdir.path}/*/part-{run_id}-*.parquet")
+        if paths:
+            call(vdir, vdir.fs.rm, paths)
+    except (OSError, StorageError):
+        pass
+
+
 def preprocess(cfg: DataConfig, runtime: RuntimeConfig, *, echo: Echo = print) -> PreprocessResult:
     """Run the stage. Returns at once, doing no work, if the version is already committed."""
     t0 = time.perf_counter()
@@ -344,30 +354,33 @@ def preprocess(cfg: DataConfig, runtime: RuntimeConfig, *, echo: Echo = print) -
     blocks = _num_blocks(len(listing.units), cfg, listing.kind)
     echo(f"decoding on Ray Data in {blocks} task(s) → {vdir.describe()}")
     t_work = time.perf_counter()
-    (
-        ray.data.from_items(listing.units, override_num_blocks=blocks)
-        .map_batches(
-            decode_batch,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={
-                "resolution": cfg.resolution, "channels": cfg.channels,
-                "max_pixels": cfg.max_image_pixels, "val_fraction": cfg.val_fraction,
-                "image_column": cfg.image_column, "label_column": cfg.label_column,
-                "key_column": cfg.key_column, "options": source_options,
-            },
+    try:
+        (
+            ray.data.from_items(listing.units, override_num_blocks=blocks)
+            .map_batches(
+                decode_batch,
+                batch_format="pyarrow",
+                batch_size=None,
+                fn_kwargs={
+                    "resolution": cfg.resolution, "channels": cfg.channels,
+                    "max_pixels": cfg.max_image_pixels, "val_fraction": cfg.val_fraction,
+                    "image_column": cfg.image_column, "label_column": cfg.label_column,
+                    "key_column": cfg.key_column, "options": source_options,
+                    "source": _absolute(cfg.source),
+                },
+            )
+            .write_datasink(sink)
         )
-        .write_datasink(sink)
-    )
+    except BaseException:
+        _discard_run(vdir, run_id)
+        raise
     work_s = time.perf_counter() - t_work
     results = sink.results
-    written = [vdir.child(f["path"]).path for r in results for f in r["files"]]
     skipped = sorted(listing.skipped + [s for r in results for s in r["skipped"]],
                      key=lambda s: s["key"])
 
     def discard(reason: Exception) -> Exception:
-        if written:
-            call(vdir, vdir.fs.rm, written)
+        _discard_run(vdir, run_id)
         return reason
 
     splits = {s: merge_split(results, s, listing.class_names, cfg.channels)
@@ -413,7 +426,7 @@ def preprocess(cfg: DataConfig, runtime: RuntimeConfig, *, echo: Echo = print) -
     maybe_die("preprocess-before-commit")
     if not commit_bytes(manifest_loc, manifest_json(manifest)):
         # Another run committed this version first: same inputs, same settings. Keep theirs.
-        discard(RuntimeError())
+        _discard_run(vdir, run_id)
         manifest = load_manifest(vdir)
         echo(f"version {version} was committed by a concurrent run; using it")
         return PreprocessResult(DatasetRef(cfg.name, version, vdir.describe()), manifest, True,

@@ -59,6 +59,9 @@ def storage_options(url: str, cfg: StorageConfig | None = None) -> dict[str, Any
         "AWS_ENDPOINT_URL"
     )
     opts: dict[str, Any] = {
+        # A long-lived process (a Prefect worker running weekly retrains) must see new objects:
+        # no directory-listing cache.
+        "use_listings_cache": False,
         "config_kwargs": {
             "connect_timeout": cfg.storage_connect_timeout,
             "read_timeout": 120,

@@ -1,0 +1,70 @@
+"""The preprocess flow and CLI under Prefect's test harness, on the session's local Ray."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+pytestmark = pytest.mark.integration
+
+
+def invoke(args: list[str]):
+    """CliRunner.invoke, then point Prefect's console handlers back at the real stderr.
+
+    Prefect creates its console handler on the stream that is sys.stderr when the flow engine
+    sets up logging, here CliRunner's capture stream, which is closed when invoke returns.
+    """
+    result = CliRunner().invoke(app, args)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]:
+        for h in getattr(logger, "handlers", []):
+            if isinstance(h, PrefectConsoleHandler):
+                h.stream = sys.__stderr__
+                h.console.file = sys.__stderr__
+    return result
+
+
+def test_cli_preprocess_prints_version_counts_and_manifest(ray_local, prefect_harness, tmp_path):
+    args = ["preprocess", "--root", str(tmp_path), "--set", "data.val_fraction=0.2"]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    assert "dataset digits version " in result.output and "(committed)" in result.output
+    assert "1797" not in result.output or "train" in result.output
+    manifest = next(tmp_path.glob("datasets/digits/*/_manifest.json"))
+    assert f"manifest: {manifest}" in result.output
+    again = invoke(args)
+    assert again.exit_code == 0 and "already committed, reused" in again.output, again.output
+
+
+def test_flow_returns_the_dataset_reference(ray_local, prefect_harness, tmp_path):
+    from flows.config import load_config
+    from flows.preprocess import preprocess_flow
+
+    cfg = load_config(root=str(tmp_path))
+    ref = preprocess_flow(cfg.to_json_dict())
+    assert ref["name"] == "digits" and ref["train"] + ref["val"] == 1797
+    assert ref["manifest_uri"].endswith("_manifest.json") and ref["shape"] == [1, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--set", "data.resolutoin=3"], 2, "unknown config key 'data.resolutoin'"),
+        (["--set", "data.source=/no/such/dir"], 1, "data.source /no/such/dir does not exist"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(ray_local, prefect_harness, tmp_path, args, code, message):
+    result = invoke(["preprocess", "--root", str(tmp_path), *args])
+    assert result.exit_code == code
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_help_lists_preprocess():
+    result = CliRunner().invoke(app, ["preprocess", "--help"])
+    assert result.exit_code == 0 and "--set" in result.output and "--root" in result.output
