@@ -129,8 +129,11 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
     else:  # image files: fetch the batch concurrently (s3fs runs the GETs in parallel)
         loc = Location.of(source, options)
         paths = [u["path"] for u in units]
-        blobs = call(loc, loc.fs.cat, paths, on_error="return") if len(paths) > 1 else {
-            paths[0]: _cat_one(loc, paths[0])}
+        if loc.is_local:
+            blobs = {p: _read_local(p) for p in paths}
+        else:
+            blobs = call(loc, loc.fs.cat, paths, on_error="return") if len(paths) > 1 else {
+                paths[0]: _cat_one(loc, paths[0])}
         for u in units:
             data = blobs.get(u["path"], _MISSING)
             if data is _MISSING:
@@ -154,6 +157,14 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
 
 
 _MISSING = object()
+
+
+def _read_local(path: str):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:  # unreadable file: recorded, not fatal
+        return e
 
 
 def _cat_one(loc: Location, path: str):

@@ -319,3 +319,18 @@ def test_no_name_escapes_the_dataset_dir(ray_local, tmp_path):
     for bad in ("../evil", "a/b", "..", ".hidden", "", "x" * 200):
         with pytest.raises(ValueError, match=r"data.name"):
             DataConfig(name=bad)
+
+
+def test_local_listing_matches_fsspec_and_survives_link_loops(tmp_path):
+    from tasks.preprocess import _find, _find_local
+    from tasks.storage import Location
+
+    src = tmp_path / "src"
+    make_folder(src, per_class=2, bad=False)
+    loc = Location.of(str(src))
+    assert _find_local(str(src)) == {
+        p: {k: i[k] for k in ("name", "size", "type", "mtime")}
+        for p, i in loc.fs.find(str(src), detail=True, withdirs=False).items()
+    }
+    (src / "cat" / "loop").symlink_to(src / "cat", target_is_directory=True)
+    assert set(_find(loc)) >= set(_find_local(str(src))) - {""}
