@@ -84,10 +84,7 @@ class Listing:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for e in self.entries:
-            h.update(json.dumps(e, default=str).encode() + b"\n")
-        return h.hexdigest()
+        return hashlib.sha256(json.dumps(self.entries, default=str).encode()).hexdigest()
 
 
 def list_source(cfg: DataConfig, runtime: RuntimeConfig) -> Listing:
@@ -172,12 +169,20 @@ def _rel(base: Location, path: str) -> str:
 
 
 def _looks_parquet(loc: Location, found: dict | None = None) -> bool:
+    """True if ``loc`` is a .parquet file or a folder whose visible files are all Parquet."""
     if loc.path.endswith(".parquet"):
         return True
     if found is None:
         found = _find(loc)
-    files = [p for p in found if _visible(_rel(loc, p)) and not _rel(loc, p).startswith("_")]
-    return bool(files) and all(p.endswith(".parquet") for p in files)
+    any_parquet = False
+    for p in found:
+        rel = _rel(loc, p)
+        if not _visible(rel) or rel.startswith("_"):
+            continue
+        if not p.endswith(".parquet"):
+            return False
+        any_parquet = True
+    return any_parquet
 
 
 def _list_digits() -> Listing:
