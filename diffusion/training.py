@@ -100,8 +100,8 @@ def train_step(
     """Loss → backward → clip → AdamW step → LR step → EMA update.
 
     Returns ``loss`` (float), ``grad_norm`` (float) and ``per_sample`` losses with their ``t``
-    (tensors, for loss-by-timestep metrics). Raises FloatingPointError on a non-finite loss
-    *before* the optimizer step, so the weights are never poisoned.
+    (tensors, for loss-by-timestep metrics). Raises FloatingPointError on a non-finite loss or
+    gradient norm *before* the optimizer step, so the weights are never poisoned.
     """
     model.train()
     labels = drop_labels(labels, cfg.label_dropout, null_class, generator)
@@ -113,12 +113,18 @@ def train_step(
             model, x0, schedule, cfg.loss, t=t, labels=labels, generator=generator
         )
     loss = per_sample.mean()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {float(loss.detach())}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # Checked after backward: under DDP the gradients (and so their norm) are all-reduced, so
+    # every rank sees the same non-finite norm and stops at the same step instead of one rank
+    # raising while the others wait in the all-reduce.
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(
+            f"loss is {float(loss.detach())}, gradient norm is {float(grad_norm)}"
+        )
     optimizer.step()
     lr_scheduler.step()
     if ema is not None:

@@ -17,8 +17,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from diffusion.unet import UNetConfig
 from tasks.datasets import DataConfig
+from tasks.digits import DIGITS_UNET
 from tasks.runtime import RuntimeConfig
+from tasks.train import DiffusionConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -29,6 +32,9 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: DataConfig = Field(default_factory=DataConfig)
+    model: UNetConfig = Field(default_factory=lambda: DIGITS_UNET)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -65,10 +71,24 @@ def _merge(base: dict, key: list[str], value: Any) -> None:
     node[key[-1]] = value
 
 
+def _deep_merge(into: dict, new: dict) -> None:
+    """Overlay ``new`` on ``into``: sections merge key by key, values replace."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
 def _valid_keys() -> str:
     lines = []
+    import dataclasses
+
     for section, f in PipelineConfig.model_fields.items():
-        lines.append(f"{section}: {', '.join(f.annotation.model_fields)}")
+        cls = f.annotation
+        names = (list(cls.model_fields) if hasattr(cls, "model_fields")
+                 else [x.name for x in dataclasses.fields(cls)])
+        lines.append(f"{section}: {', '.join(names)}")
     return "; ".join(lines)
 
 
@@ -79,7 +99,9 @@ def load_config(
     base: dict | None = None,
 ) -> PipelineConfig:
     """Build the config from a YAML file, ``section.key=value`` overrides and a root."""
-    raw: dict = json.loads(json.dumps(base)) if base else {}
+    raw: dict = PipelineConfig().to_json_dict()
+    if base:
+        _deep_merge(raw, base)
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -90,7 +112,7 @@ def load_config(
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, e.g. 'data:'")
-        raw = loaded
+        _deep_merge(raw, loaded)
     for item in sets:
         key, value = _parse_set(item)
         _merge(raw, key, value)

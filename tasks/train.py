@@ -1,0 +1,548 @@
+"""The training stage: Ray Train's TorchTrainer on a committed dataset version.
+
+The driver opens the dataset through its manifest, validates the config against it (before any
+worker starts), builds a Ray Data pipeline over the train split (uint8 pixels → [B, C, H, W]
+tensors), and runs :func:`train_loop_per_worker` on ``train.num_workers`` workers with DDP.
+The run lives at ``<root>/runs/<run_name>/`` (Ray Train's storage path and name): starting the
+same run name again resumes from its latest checkpoint (Ray Train V2 restores the run snapshot),
+and worker failures are retried from the last checkpoint (``FailureConfig``).
+
+The loop counts optimizer steps, not epochs, and ends at exactly ``train.steps``. Every
+``train.checkpoint_every`` steps rank 0 writes a checkpoint (:mod:`tasks.checkpoints`) and all
+ranks report it. A non-finite loss stops every rank at the same step (the check is on the
+all-reduced gradient norm); the run then ends with status ``diverged`` and the driver raises
+:class:`TrainingDiverged` naming the step, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.datasets import DataConfig, open_dataset, part_files
+from tasks.runtime import RuntimeConfig, ensure_ray
+from tasks.storage import protocol_of, storage_options
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class TrainConfigError(ValueError):
+    """The training config does not fit the dataset or is invalid; names the field."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+class DiffusionConfig(BaseModel):
+    """The ``diffusion`` section: noise schedule and what the network predicts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: Literal["linear", "cosine", "sigmoid"] = "linear"
+    T: int = Field(1000, ge=1, le=100_000)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    min_snr_gamma: float | None = Field(None, gt=0)
+
+    def schedule_config(self):
+        from diffusion.schedules import ScheduleConfig
+
+        return ScheduleConfig(kind=self.schedule, T=self.T, beta_start=self.beta_start,
+                              beta_end=self.beta_end)
+
+
+class TrainConfig(BaseModel):
+    """The ``train`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(1500, ge=1, description="Optimizer steps in total (not epochs).")
+    batch_size: int = Field(128, ge=1, description="Global batch, split evenly over workers.")
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    label_dropout: float = Field(0.1, ge=0, le=1, description="Null-label share (guidance).")
+    hflip: bool = Field(False, description="Random horizontal flips.")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: on with GPUs.")
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = Field(False, description="torch.compile the model.")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(50, ge=1)
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts before giving up.")
+    seed: int = 0
+    run_name: str | None = Field(
+        None, description="Names the run; the same name resumes it. Default: derived from the "
+        "dataset version and the config, so an unchanged rerun resumes (or finds it done).")
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v):
+        if v is not None and not RUN_NAME_RE.match(v):
+            raise ValueError(f"train.run_name {v!r} must be 1-128 letters, digits, '.', '_', '-'")
+        return v
+
+
+def optim_config(t: TrainConfig, d: DiffusionConfig):
+    from diffusion.losses import LossConfig
+    from diffusion.training import OptimConfig
+
+    return OptimConfig(
+        steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+        weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
+        label_dropout=t.label_dropout,
+        loss=LossConfig(prediction=d.prediction, min_snr_gamma=d.min_snr_gamma),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation against the dataset (driver, before any worker starts)
+# --------------------------------------------------------------------------------------------
+
+
+def validate(model: Any, train: TrainConfig, manifest: dict,
+             diffusion: DiffusionConfig | None = None) -> None:
+    """Raise TrainConfigError (naming the field) for anything a worker would trip over."""
+    diffusion = diffusion or DiffusionConfig()
+    if train.warmup_steps > train.steps:
+        raise TrainConfigError(
+            f"train.warmup_steps={train.warmup_steps} exceeds train.steps={train.steps}")
+    try:
+        optim_config(train, diffusion)
+        diffusion.schedule_config()
+    except ValueError as e:
+        raise TrainConfigError(f"invalid train/diffusion config: {e}") from None
+    c, h, w = manifest["shape"]
+    if model.resolution != h:
+        raise TrainConfigError(
+            f"model.resolution={model.resolution} does not match the dataset "
+            f"{manifest['name']}@{manifest['version']} ({h}x{w}); set model.resolution={h}")
+    if model.in_channels != c:
+        raise TrainConfigError(
+            f"model.in_channels={model.in_channels} does not match the dataset's {c} channel(s);"
+            f" set model.in_channels={c}")
+    n_classes = manifest["num_classes"]
+    if model.num_classes is not None and model.num_classes != n_classes:
+        raise TrainConfigError(
+            f"model.num_classes={model.num_classes} but the dataset has {n_classes} classes "
+            f"({', '.join(manifest['class_names'][:10]) or 'unlabelled'}); set "
+            f"model.num_classes={n_classes or 'null'}")
+    rows = manifest["splits"]["train"]["rows"]
+    if train.batch_size > rows:
+        raise TrainConfigError(
+            f"train.batch_size={train.batch_size} is larger than the dataset's train split "
+            f"({rows} rows); lower train.batch_size")
+    if train.batch_size % train.num_workers:
+        raise TrainConfigError(
+            f"train.batch_size={train.batch_size} is not divisible by train.num_workers="
+            f"{train.num_workers}; each worker takes an equal share")
+    per_worker = train.batch_size // train.num_workers
+    if per_worker * train.num_workers > rows:
+        raise TrainConfigError("train.batch_size exceeds the train split")
+
+
+def default_run_name(manifest: dict, job: dict) -> str:
+    payload = json.dumps({k: job[k] for k in ("model", "diffusion", "train")}, sort_keys=True)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
+    return f"{manifest['name']}-{manifest['version'][:8]}-{digest}"
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the train split as uint8 arrays for iter_torch_batches
+# --------------------------------------------------------------------------------------------
+
+
+def to_arrays(batch, shape: list[int]) -> dict[str, np.ndarray]:
+    """A pyarrow batch of (label, pixels) → {"x": uint8 [B, C, H, W], "label": int64, -1 = none}."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    px = batch.column("pixels")
+    px = px.combine_chunks() if isinstance(px, pa.ChunkedArray) else px
+    n, width = len(px), px.type.byte_width
+    data = np.frombuffer(px.buffers()[1], np.uint8)[px.offset * width:(px.offset + n) * width]
+    labels = pc.fill_null(batch.column("label"), -1).to_numpy(zero_copy_only=False)
+    return {"x": data.reshape(n, *shape).copy(), "label": labels.astype(np.int64)}
+
+
+def _pyarrow_fs(root):
+    if root.is_local:
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(root.fs))
+
+
+def build_dataset(root, manifest: dict, *, materialize_below_bytes: int = 512 * 2**20):
+    import ray
+
+    # Our loop prints one progress line per logging interval; Ray Data's bars would repeat
+    # per epoch. The dataset copies the context when it is created.
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        return _build_dataset(root, manifest, materialize_below_bytes)
+    finally:
+        ctx.enable_progress_bars = saved
+
+
+def _build_dataset(root, manifest: dict, materialize_below_bytes: int):
+    import ray
+
+    paths = part_files(root, manifest, "train")
+    ds = ray.data.read_parquet(paths, filesystem=_pyarrow_fs(root), columns=["label", "pixels"])
+    ds = ds.map_batches(to_arrays, batch_format="pyarrow", fn_kwargs={"shape": manifest["shape"]})
+    size = sum(f["bytes"] for f in manifest["splits"]["train"]["files"])
+    if size * 4 < materialize_below_bytes:  # small: decode once, iterate from the object store
+        ds = ds.materialize()
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# The per-worker loop
+# --------------------------------------------------------------------------------------------
+
+
+def _batches(shard, per_worker: int, seed: int):
+    epoch = 0
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+                                          local_shuffle_buffer_size=max(4 * per_worker, 256),
+                                          local_shuffle_seed=seed + epoch):
+            n += 1
+            yield b
+        if n == 0:
+            raise RuntimeError(
+                f"this worker's shard yields no batch of {per_worker}; lower train.batch_size")
+        epoch += 1
+
+
+def _fault(spec: str | None, step: int, rank: int, marker_dir: str) -> str | None:
+    """Test hook: 'kill@N' SIGKILLs rank 0 once at step N; 'nan@N' poisons the loss at step N."""
+    if not spec:
+        return None
+    kind, at = spec.split("@")
+    if int(at) != step:
+        return None
+    if kind == "nan":
+        return "nan"
+    if kind == "kill" and rank == 0:
+        marker = os.path.join(marker_dir, f".fault-kill-{at}")
+        if not os.path.exists(marker):
+            os.makedirs(marker_dir, exist_ok=True)
+            open(marker, "w").close()
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    return None
+
+
+def _restore(checkpoint, run_dir: str, options: dict, echo) -> Any:
+    """The newest checkpoint of this run that passes verification, or None.
+
+    Candidates are Ray's latest reported checkpoint and every ``checkpoint_*`` directory in the
+    run's storage folder: Ray's controller collects reports every ~2 s, so a checkpoint written
+    just before a crash can be on storage yet unknown to Ray. A damaged candidate is refused
+    (with the reason) and the next older one is tried.
+    """
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from tasks.checkpoints import STATE_FILE, CheckpointError, load_training_checkpoint
+    from tasks.storage import Location
+
+    loc = Location.of(run_dir, options)
+    fs = pafs.LocalFileSystem() if loc.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    except OSError:
+        infos = []
+    candidates = {i.path for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
+    if checkpoint is not None and isinstance(fs, pafs.LocalFileSystem) == (
+            checkpoint.filesystem is None or isinstance(checkpoint.filesystem,
+                                                         pafs.LocalFileSystem)):
+        candidates.add(checkpoint.path)
+
+    def step_of(path: str) -> int:
+        try:
+            with fs.open_input_stream(f"{path}/{STATE_FILE}") as f:
+                return int(json.loads(f.read())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    ordered = sorted(candidates, key=lambda p: (step_of(p), p), reverse=True)
+    for p in ordered:
+        try:
+            with Checkpoint(p, filesystem=fs).as_directory() as d:
+                ck = load_training_checkpoint(d)
+        except (CheckpointError, OSError) as e:
+            echo(f"refusing checkpoint {p}: {e}")
+            continue
+        echo(f"restoring checkpoint {p} (step {ck.step})")
+        return ck
+    if ordered:
+        echo("no usable checkpoint; starting from step 0")
+    return None
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from diffusion.ema import EMA
+    from diffusion.training import make_lr_scheduler, make_optimizer, train_step
+    from diffusion.unet import UNet, UNetConfig
+    from tasks.checkpoints import save_training_checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train = TrainConfig.model_validate(cfg["train"])
+    diff = DiffusionConfig.model_validate(cfg["diffusion"])
+    model_cfg = UNetConfig.from_dict(cfg["model"])
+    optim = optim_config(train, diff)
+    schedule = diff.schedule_config().build()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    autocast = torch.bfloat16 if (train.bf16 == "on" or (train.bf16 == "auto" and on_gpu)) \
+        else None
+    channels_last = train.channels_last == "on" or (train.channels_last == "auto" and on_gpu)
+
+    def echo(msg: str) -> None:
+        if rank == 0:
+            print(f"[train {cfg['run_name']}] {msg}", flush=True)
+
+    torch.manual_seed(train.seed)
+    model = UNet(model_cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model, decay=train.ema_decay)
+    opt = make_optimizer(model, optim)
+    sched = make_lr_scheduler(opt, optim)
+    gen = torch.Generator(device=device).manual_seed(train.seed * 7919 + rank)
+    start = 0
+    ck = _restore(ray.train.get_checkpoint(), cfg["run_dir"], cfg["storage_options"], echo)
+    if ck is not None:
+        ck.restore(model=model, ema=ema, optimizer=opt, lr_scheduler=sched, generator=gen)
+        start = ck.step
+        echo(f"resumed at step {start}")
+    if start >= train.steps:
+        echo(f"already at step {start} of {train.steps}; nothing to train")
+        ray.train.report({"step": start, "status": "finished"})
+        return
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    net = torch.compile(ddp_model) if train.compile else ddp_model
+    null_class = model_cfg.num_classes
+    per_worker = train.batch_size // world
+    batches = _batches(ray.train.get_dataset_shard("train"), per_worker, train.seed + 31 * start)
+    marker_dir = cfg.get("fault_dir") or tempfile.gettempdir()
+
+    T = schedule.T
+    window = {"loss": 0.0, "n": 0, "grad": 0.0, "q": np.zeros(4), "qn": np.zeros(4)}
+    t_window = time.perf_counter()
+    last_good = start
+    for step in range(start, train.steps):
+        b = next(batches)
+        x = b["x"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        if train.hflip:
+            flip = torch.rand(x.shape[0], device=device, generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = None
+        if null_class is not None:
+            labels = b["label"].to(device)
+            labels = torch.where(labels < 0, torch.full_like(labels, null_class), labels)
+        if _fault(cfg.get("fault"), step + 1, rank, marker_dir) == "nan":
+            x = x * float("nan")
+        try:
+            out = train_step(net, opt, sched, x, labels, schedule, optim, ema=ema,
+                             null_class=null_class, generator=gen, autocast_dtype=autocast)
+        except FloatingPointError as e:
+            echo(f"non-finite loss at step {step + 1}: {e}")
+            ray.train.report({"step": step + 1, "status": "diverged", "error": str(e),
+                              "last_good_step": last_good})
+            return
+        window["loss"] += out["loss"]
+        window["grad"] += out["grad_norm"]
+        window["n"] += 1
+        q = (out["t"] * 4 // T).clamp_(0, 3).cpu().numpy()
+        per = out["per_sample"].float().cpu().numpy()
+        np.add.at(window["q"], q, per)
+        np.add.at(window["qn"], q, 1)
+        done = step + 1
+        is_ckpt = done % train.checkpoint_every == 0 or done == train.steps
+        if done % train.log_every == 0 or is_ckpt:
+            dt = time.perf_counter() - t_window
+            n = max(window["n"], 1)
+            metrics = {
+                "step": done,
+                "status": "running" if done < train.steps else "finished",
+                "loss": window["loss"] / n,
+                "grad_norm": window["grad"] / n,
+                "lr": sched.get_last_lr()[0],
+                "images_per_s": window["n"] * train.batch_size / max(dt, 1e-9),
+                **{f"loss_q{i + 1}": float(window["q"][i] / window["qn"][i])
+                   for i in range(4) if window["qn"][i]},
+            }
+            echo(f"step {done}/{train.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                 f"{metrics['images_per_s']:.0f} img/s")
+            if is_ckpt:
+                with tempfile.TemporaryDirectory() as d:
+                    checkpoint = None
+                    if rank == 0:
+                        save_training_checkpoint(
+                            d, model=model, ema=ema, optimizer=opt, lr_scheduler=sched,
+                            generator=gen, step=done,
+                            model_config={"unet": cfg["model"], "diffusion": cfg["diffusion"],
+                                          "class_names": cfg["class_names"]},
+                            extra={"config": cfg["pipeline"], "dataset": cfg["dataset"],
+                                   "run_name": cfg["run_name"]},
+                        )
+                        checkpoint = ray.train.Checkpoint.from_directory(d)
+                    ray.train.report(metrics, checkpoint=checkpoint)
+                last_good = done
+            else:
+                ray.train.report(metrics)
+            window = {"loss": 0.0, "n": 0, "grad": 0.0, "q": np.zeros(4), "qn": np.zeros(4)}
+            t_window = time.perf_counter()
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    checkpoint_uri: str | None
+    metrics: dict
+    dataset: dict
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"run_name": self.run_name, "checkpoint_uri": self.checkpoint_uri,
+                "metrics": self.metrics, "dataset": self.dataset,
+                "seconds": round(self.seconds, 1)}
+
+
+def run_training(
+    data: DataConfig,
+    model: Any,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    runtime: RuntimeConfig,
+    *,
+    pipeline: dict | None = None,
+    echo=print,
+    fault: str | None = None,
+) -> TrainResult:
+    """Train on the latest (or ``data.version``) committed version of ``data.name``."""
+    t0 = time.perf_counter()
+    root = runtime.root_location()
+    ref, manifest = open_dataset(root, data.name, data.version)
+    validate(model, train, manifest, diffusion)
+    job = {
+        "model": model.to_dict(),
+        "diffusion": diffusion.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+    }
+    run_name = train.run_name or default_run_name(manifest, job)
+    job |= {
+        "run_name": run_name,
+        "class_names": manifest["class_names"],
+        "dataset": ref.to_dict(),
+        "pipeline": pipeline or {},
+        "fault": fault,
+    }
+    runs = root.child("runs")
+    job["run_dir"] = runs.child(run_name).url
+    job["storage_options"] = storage_options(runs.url, runtime)
+    job["fault_dir"] = runs.child(run_name).path if root.is_local else None
+    echo(f"dataset {ref.name}@{ref.version}: {manifest['splits']['train']['rows']} train rows; "
+         f"run {run_name} → {runs.describe()}/{run_name}")
+
+    ensure_ray(runtime, echo=echo)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ds = build_dataset(root, manifest)
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu,
+            resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=runs.path if root.is_local else runs.url,
+            storage_filesystem=_pyarrow_fs(root),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    ckpt_uri = None
+    if result.checkpoint is not None:
+        p = result.checkpoint.path
+        ckpt_uri = p if root.is_local else f"{protocol_of(runs.url)}://{p}"
+    if metrics.get("status") == "diverged":
+        raise TrainingDiverged(
+            f"training run {run_name} diverged at step {metrics['step']} ({metrics['error']}); "
+            f"the last good checkpoint is step {metrics['last_good_step']}"
+            + (f" at {ckpt_uri}" if ckpt_uri else " (none was written)")
+            + "; lower train.lr or check the data")
+    if metrics.get("status") != "finished":
+        raise RuntimeError(f"training run {run_name} ended without finishing: {metrics}")
+    echo(f"run {run_name} finished at step {metrics['step']}; checkpoint {ckpt_uri}")
+    return TrainResult(run_name, ckpt_uri, metrics, ref.to_dict(), time.perf_counter() - t0)
+
+
+def _prefect_task():
+    from prefect import task
+
+    @task(name="train", task_run_name="train {config[data][name]}")
+    def train_task(config: dict) -> dict:
+        """Train on the dataset named in ``config`` (a PipelineConfig as JSON)."""
+        from prefect.logging import get_run_logger
+
+        from diffusion.unet import UNetConfig
+
+        logger = get_run_logger()
+        res = run_training(
+            DataConfig(**config["data"]), UNetConfig.from_dict(config["model"]),
+            DiffusionConfig(**config["diffusion"]), TrainConfig(**config["train"]),
+            RuntimeConfig(**config["runtime"]), pipeline=config, echo=logger.info)
+        return res.summary()
+
+    return train_task
+
+
+train_task = _prefect_task()
