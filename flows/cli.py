@@ -46,7 +46,28 @@ def _fail(e: BaseException, debug: bool) -> None:
     raise typer.Exit(code=2 if type(e).__name__ == "ConfigError" else 1)
 
 
-_EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound")
+_EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound",
+             "TrainConfigError", "TrainingDiverged")
+
+
+def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, debug: bool,
+               flow_name: str):
+    """Load the config and run one stage's flow; expected errors become one red line."""
+    try:
+        from flows.config import load_config
+
+        cfg = load_config(config, sets or [], root)
+        if flow_name == "preprocess":
+            from flows.preprocess import preprocess_flow as stage_flow
+        else:
+            from flows.train import train_flow as stage_flow
+        return stage_flow(cfg.to_json_dict())
+    except Exception as e:
+        if type(e).__name__ not in _EXPECTED and not debug:
+            typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+        _fail(e, debug)
 
 
 @app.command()
@@ -57,20 +78,7 @@ def preprocess(
     debug: bool = DebugOpt,
 ) -> None:
     """Turn data.source into a versioned Parquet dataset under ROOT/datasets/<name>/<version>/."""
-    try:
-        from flows.config import load_config
-
-        cfg = load_config(config, set_ or [], root)
-        from flows.preprocess import preprocess_flow
-
-        ref = preprocess_flow(cfg.to_json_dict())
-    except Exception as e:
-        if type(e).__name__ not in _EXPECTED and not debug:
-            typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
-                        fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1) from None
-        _fail(e, debug)
-        return
+    ref = _run_stage(config, set_, root, debug, "preprocess")
     state = "already committed, reused" if ref["reused"] else "committed"
     typer.echo(
         f"dataset {ref['name']} version {ref['version']} ({state}): {ref['train']} train, "
@@ -78,6 +86,21 @@ def preprocess(
         f"{len(ref['class_names'])} classes"
     )
     typer.echo(f"manifest: {ref['manifest_uri']}")
+
+
+@app.command()
+def train(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Train on the latest committed version of data.name with Ray Train (resumes a run name)."""
+    res = _run_stage(config, set_, root, debug, "train")
+    m = res["metrics"]
+    typer.echo(f"run {res['run_name']}: step {m['step']}, loss {m.get('loss', float('nan')):.4f}"
+               f" on {res['dataset']['name']}@{res['dataset']['version']}")
+    typer.echo(f"checkpoint: {res['checkpoint_uri']}")
 
 
 @app.callback()

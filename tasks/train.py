@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.datasets import DataConfig, open_dataset, part_files
 from tasks.runtime import RuntimeConfig, ensure_ray
-from tasks.storage import protocol_of, storage_options
+from tasks.storage import call, exists, protocol_of, read_json, storage_options
 
+STATUS_FILE = "_status.json"
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -333,6 +334,15 @@ def train_loop_per_worker(cfg: dict) -> None:
         if rank == 0:
             print(f"[train {cfg['run_name']}] {msg}", flush=True)
 
+    def final(metrics: dict) -> None:
+        """Tell the driver how this attempt ended: Ray's Result only carries the metrics of
+        the last *checkpoint*, so the outcome goes to <run>/_status.json (rank 0)."""
+        if rank == 0:
+            from tasks.storage import Location, atomic_write_bytes
+
+            loc = Location.of(cfg["run_dir"], cfg["storage_options"]).child(STATUS_FILE)
+            atomic_write_bytes(loc, json.dumps(metrics, indent=2).encode())
+
     torch.manual_seed(train.seed)
     model = UNet(model_cfg).to(device)
     if channels_last:
@@ -349,7 +359,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         echo(f"resumed at step {start}")
     if start >= train.steps:
         echo(f"already at step {start} of {train.steps}; nothing to train")
-        ray.train.report({"step": start, "status": "finished"})
+        final({"step": start, "status": "finished", "resumed_from": start})
         return
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     net = torch.compile(ddp_model) if train.compile else ddp_model
@@ -381,8 +391,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                              null_class=null_class, generator=gen, autocast_dtype=autocast)
         except FloatingPointError as e:
             echo(f"non-finite loss at step {step + 1}: {e}")
-            ray.train.report({"step": step + 1, "status": "diverged", "error": str(e),
-                              "last_good_step": last_good})
+            final({"step": step + 1, "status": "diverged", "error": str(e),
+                   "last_good_step": last_good, "resumed_from": start})
             return
         window["loss"] += out["loss"]
         window["grad"] += out["grad_norm"]
@@ -399,6 +409,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             metrics = {
                 "step": done,
                 "status": "running" if done < train.steps else "finished",
+                "resumed_from": start,
                 "loss": window["loss"] / n,
                 "grad_norm": window["grad"] / n,
                 "lr": sched.get_last_lr()[0],
@@ -425,6 +436,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                 last_good = done
             else:
                 ray.train.report(metrics)
+            if done == train.steps:
+                final(metrics)
             window = {"loss": 0.0, "n": 0, "grad": 0.0, "q": np.zeros(4), "qn": np.zeros(4)}
             t_window = time.perf_counter()
 
@@ -507,8 +520,11 @@ def run_training(
         ),
         datasets={"train": ds},
     )
+    status_loc = runs.child(run_name).child(STATUS_FILE)
+    if exists(status_loc):
+        call(status_loc, status_loc.fs.rm, status_loc.path)
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
+    metrics = read_json(status_loc) if exists(status_loc) else dict(result.metrics or {})
     ckpt_uri = None
     if result.checkpoint is not None:
         p = result.checkpoint.path

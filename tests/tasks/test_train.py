@@ -1,0 +1,141 @@
+"""The training stage on a local Ray: TorchTrainer, checkpoints, resume, faults, bad config."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffusion.serialization import build_unet
+from flows.config import load_config
+from tasks.checkpoints import verify
+from tasks.datasets import DatasetNotFound
+from tasks.preprocess import preprocess
+from tasks.train import TrainConfigError, TrainingDiverged, run_training
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "model.base_channels=8", "model.channel_mult=[1]", "model.num_res_blocks=1",
+    "model.attention_resolutions=[]", "train.batch_size=16", "train.warmup_steps=2",
+    "train.checkpoint_every=4", "train.log_every=4", "diffusion.T=100",
+]
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("train-root")
+    cfg = load_config(root=str(root))
+    preprocess(cfg.data, cfg.runtime, echo=lambda s: None)
+    return root
+
+
+def cfg_for(root, *sets):
+    return load_config(sets=[*TINY, *sets], root=str(root))
+
+
+def train(cfg, **kw):
+    return run_training(cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.runtime,
+                        pipeline=cfg.to_json_dict(), echo=lambda s: None, **kw)
+
+
+def test_trains_checkpoints_and_a_rerun_is_a_no_op(digits_root):
+    cfg = cfg_for(digits_root, "train.steps=8")
+    res = train(cfg)
+    m = res.metrics
+    assert m["status"] == "finished" and m["step"] == 8 and m["resumed_from"] == 0
+    assert {"loss", "lr", "grad_norm", "images_per_s", "loss_q1", "loss_q4"} <= set(m)
+    ck = Path(res.checkpoint_uri)
+    state = verify(ck)
+    assert state["step"] == 8 and state["dataset"]["name"] == "digits"
+    assert state["config"]["train"]["steps"] == 8 and state["run_name"] == res.run_name
+    model = build_unet(ck / "model")  # the EMA weights, verified, no pickle
+    assert model.config.num_classes == 10 and model.config.base_channels == 8
+    assert ck.parent == digits_root / "runs" / res.run_name
+
+    again = train(cfg)  # same config → same run name → already finished
+    assert again.run_name == res.run_name and again.metrics["resumed_from"] == 8
+
+
+def test_worker_killed_mid_run_resumes_from_last_checkpoint(digits_root):
+    cfg = cfg_for(digits_root, "train.steps=12", "train.num_workers=2", "train.run_name=kill")
+    res = train(cfg, fault="kill@6")
+    assert res.metrics["step"] == 12 and res.metrics["status"] == "finished"
+    assert res.metrics["resumed_from"] == 4  # lost at most one checkpoint interval
+    assert (digits_root / "runs" / "kill" / ".fault-kill-6").exists()
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(digits_root):
+    cfg = cfg_for(digits_root, "train.steps=12", "train.run_name=nan")
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 6 .*last good checkpoint is "
+                                               r"step 4"):
+        train(cfg, fault="nan@6")
+    run_dir = digits_root / "runs" / "nan"
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert [verify(c)["step"] for c in checkpoints] == [4]
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["train.batch_size=5000"], "train.batch_size=5000 is larger than the dataset"),
+        (["model.resolution=16"], "model.resolution=16 does not match"),
+        (["model.in_channels=3"], "model.in_channels=3 does not match"),
+        (["model.num_classes=7"], "model.num_classes=7 but the dataset has 10 classes"),
+        (["train.warmup_steps=50", "train.steps=10"], "train.warmup_steps=50 exceeds"),
+        (["train.num_workers=3"], "not divisible by train.num_workers=3"),
+        (["data.version=0123456789abcdef"], "no committed version '0123456789abcdef'"),
+    ],
+)
+def test_bad_config_fails_before_any_worker_starts(digits_root, sets, message):
+    cfg = cfg_for(digits_root, "train.run_name=bad", *sets)
+    t0 = time.perf_counter()
+    with pytest.raises((TrainConfigError, DatasetNotFound), match=re.escape(message)):
+        train(cfg)
+    assert time.perf_counter() - t0 < 5
+    assert not (digits_root / "runs" / "bad").exists()
+
+
+def test_negative_steps_is_a_config_error():
+    from flows.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(sets=["train.steps=-1"])
+
+
+def test_whole_job_killed_then_restarted_resumes(digits_root, tmp_path):
+    """SIGKILL the driver process (and its local Ray) once a checkpoint exists; rerun."""
+    run_dir = digits_root / "runs" / "jobkill"
+    # a checkpoint (a synchronous Ray Train report) costs ~2 s here: few, far apart
+    JOB = ["train.steps=400", "train.checkpoint_every=100", "train.log_every=100",
+           "train.run_name=jobkill"]
+    code = (
+        "import sys; from flows.config import load_config; from tasks.train import run_training;"
+        f"cfg = load_config(sets={[*TINY, *JOB, 'runtime.ray_num_cpus=2']!r},"
+        f" root={str(digits_root)!r});"
+        "run_training(cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.runtime)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
+            assert proc.poll() is None, "the training process ended before its first checkpoint"
+            time.sleep(0.5)
+        assert list(run_dir.glob("checkpoint_*/state.json")), "no checkpoint within 240 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    cfg = cfg_for(digits_root, *JOB)
+    res = train(cfg)
+    assert res.metrics["step"] == 400 and res.metrics["resumed_from"] >= 100
