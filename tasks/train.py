@@ -88,6 +88,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(50, ge=1)
+    sample_every: int = Field(0, ge=0, description="Log a sample grid every N steps (0: off).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before giving up.")
     seed: int = 0
     run_name: str | None = Field(
@@ -368,6 +369,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), per_worker, train.seed + 31 * start)
     marker_dir = cfg.get("fault_dir") or tempfile.gettempdir()
 
+    from tasks.tracking import RunLogger
+
+    tracker = RunLogger(cfg.get("mlflow_uri"), cfg.get("mlflow_run_id"), echo) if rank == 0 \
+        else RunLogger(None, None, echo)
     T = schedule.T
     window = {"loss": 0.0, "n": 0, "grad": 0.0, "q": np.zeros(4), "qn": np.zeros(4)}
     t_window = time.perf_counter()
@@ -419,6 +424,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             }
             echo(f"step {done}/{train.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                  f"{metrics['images_per_s']:.0f} img/s")
+            tracker.metrics(metrics, done)
             if is_ckpt:
                 with tempfile.TemporaryDirectory() as d:
                     checkpoint = None
@@ -436,10 +442,39 @@ def train_loop_per_worker(cfg: dict) -> None:
                 last_good = done
             else:
                 ray.train.report(metrics)
+            if rank == 0 and train.sample_every and (done % train.sample_every == 0
+                                                     or done == train.steps):
+                _log_grid(model, ema, model_cfg, schedule, diff.prediction, done, tracker)
             if done == train.steps:
                 final(metrics)
             window = {"loss": 0.0, "n": 0, "grad": 0.0, "q": np.zeros(4), "qn": np.zeros(4)}
             t_window = time.perf_counter()
+
+
+def _log_grid(model, ema, model_cfg, schedule, prediction, step, tracker) -> None:
+    """A grid of EMA samples (DDIM 20; one row per class for conditional models)."""
+    import torch
+
+    from diffusion import Denoiser, SampleNoise, SamplerConfig, sample
+    from diffusion.pixels import unit_to_uint8
+    from tasks.images import save_grid_png
+
+    inner = getattr(model, "module", model)
+    n_cls = model_cfg.num_classes
+    labels = torch.arange(n_cls).repeat_interleave(8) if n_cls else None
+    n = len(labels) if labels is not None else 64
+    with ema.swapped(inner) as m, torch.no_grad():
+        m.eval()
+        dev = next(m.parameters()).device
+        den = Denoiser(m, schedule, prediction,
+                       labels=labels.to(dev) if labels is not None else None)
+        x = sample(den, (model_cfg.in_channels, model_cfg.resolution, model_cfg.resolution),
+                   SampleNoise(0, range(n), device=dev), SamplerConfig("ddim", steps=20))
+        m.train()
+    with tempfile.TemporaryDirectory() as d:
+        path = save_grid_png(unit_to_uint8(x.cpu()).numpy(), os.path.join(d, f"step{step:07d}.png"),
+                             nrow=8, scale=4)
+        tracker.artifact(str(path), "samples")
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,11 +489,14 @@ class TrainResult:
     metrics: dict
     dataset: dict
     seconds: float
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
 
     def summary(self) -> dict:
         return {"run_name": self.run_name, "checkpoint_uri": self.checkpoint_uri,
                 "metrics": self.metrics, "dataset": self.dataset,
-                "seconds": round(self.seconds, 1)}
+                "seconds": round(self.seconds, 1), "mlflow_run_id": self.mlflow_run_id,
+                "mlflow_uri": self.mlflow_uri}
 
 
 def run_training(
@@ -497,6 +535,20 @@ def run_training(
     echo(f"dataset {ref.name}@{ref.version}: {manifest['splits']['train']['rows']} train rows; "
          f"run {run_name} → {runs.describe()}/{run_name}")
 
+    from tasks import tracking
+
+    uri = tracking.tracking_uri(runtime, root)
+    run_id = tracking.ensure_run(
+        uri, root, run_name,
+        params=tracking.flatten({k: v for k, v in (pipeline or job).items()
+                                 if k in ("data", "model", "diffusion", "train")}),
+        tags={"dataset.name": ref.name, "dataset.version": ref.version,
+              "dataset.manifest": ref.manifest_uri,
+              "config.sha256": hashlib.sha256(json.dumps(job["train"] | job["model"],
+                                              sort_keys=True).encode()).hexdigest()})
+    job |= {"mlflow_uri": uri, "mlflow_run_id": run_id}
+    echo(f"MLflow run {run_id} at {uri}")
+
     ensure_ray(runtime, echo=echo)
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -523,8 +575,14 @@ def run_training(
     status_loc = runs.child(run_name).child(STATUS_FILE)
     if exists(status_loc):
         call(status_loc, status_loc.fs.rm, status_loc.path)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
     metrics = read_json(status_loc) if exists(status_loc) else dict(result.metrics or {})
+    tracking.finish_run(uri, run_id, "FINISHED" if metrics.get("status") == "finished"
+                        else "FAILED")
     ckpt_uri = None
     if result.checkpoint is not None:
         p = result.checkpoint.path
@@ -538,7 +596,8 @@ def run_training(
     if metrics.get("status") != "finished":
         raise RuntimeError(f"training run {run_name} ended without finishing: {metrics}")
     echo(f"run {run_name} finished at step {metrics['step']}; checkpoint {ckpt_uri}")
-    return TrainResult(run_name, ckpt_uri, metrics, ref.to_dict(), time.perf_counter() - t0)
+    return TrainResult(run_name, ckpt_uri, metrics, ref.to_dict(), time.perf_counter() - t0,
+                       run_id, uri)
 
 
 def _prefect_task():

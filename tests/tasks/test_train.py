@@ -47,7 +47,7 @@ def train(cfg, **kw):
 
 
 def test_trains_checkpoints_and_a_rerun_is_a_no_op(digits_root):
-    cfg = cfg_for(digits_root, "train.steps=8")
+    cfg = cfg_for(digits_root, "train.steps=8", "train.sample_every=8")
     res = train(cfg)
     m = res.metrics
     assert m["status"] == "finished" and m["step"] == 8 and m["resumed_from"] == 0
@@ -60,8 +60,22 @@ def test_trains_checkpoints_and_a_rerun_is_a_no_op(digits_root):
     assert model.config.num_classes == 10 and model.config.base_channels == 8
     assert ck.parent == digits_root / "runs" / res.run_name
 
+    # MLflow (SQLite under the root): params, metric curves from rank 0, the sample grid
+    from mlflow import MlflowClient
+
+    assert res.mlflow_uri == f"sqlite:///{digits_root}/mlflow.db"
+    client = MlflowClient(res.mlflow_uri)
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == res.run_name
+    assert run.data.params["train.steps"] == "8" and run.data.params["model.base_channels"] == "8"
+    assert run.data.tags["dataset.version"] == state["dataset"]["version"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4, 8]
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert arts == ["samples/step0000008.png"]
+
     again = train(cfg)  # same config → same run name → already finished
     assert again.run_name == res.run_name and again.metrics["resumed_from"] == 8
+    assert again.mlflow_run_id == res.mlflow_run_id
 
 
 def test_worker_killed_mid_run_resumes_from_last_checkpoint(digits_root):

@@ -1,0 +1,127 @@
+"""MLflow tracking for pipeline runs: one MLflow run per training run name.
+
+Default tracking store: SQLite under a local storage root (``<root>/mlflow.db``, artifacts in
+``<root>/mlartifacts``). Any MLflow server by ``runtime.mlflow_uri`` or ``MLFLOW_TRACKING_URI``.
+The driver creates (or, for a resumed run name, finds) the MLflow run and logs the flattened
+config as params; rank 0 of the training workers logs metric curves and sample grids to it
+through :class:`mlflow.MlflowClient` (no global active-run state inside Ray workers). Logging
+failures inside the training loop are reported and do not stop training: the metrics are also
+in Ray's checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+EXPERIMENT = "diffusion-pipeline"
+RUN_NAME_TAG = "pipeline.run_name"
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be reached or refuses; names the URI and what to set."""
+
+
+def tracking_uri(runtime, root) -> str:
+    uri = runtime.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if not root.is_local:
+        raise TrackingError(
+            f"the storage root {root.describe()} is not local, so there is no default SQLite "
+            "tracking store; set runtime.mlflow_uri or MLFLOW_TRACKING_URI to an MLflow server")
+    return f"sqlite:///{os.path.join(root.path, 'mlflow.db')}"
+
+
+def _artifact_root(uri: str, root) -> str | None:
+    if uri.startswith("sqlite:") and root.is_local:
+        return "file://" + os.path.join(root.path, "mlartifacts")
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, key + ".")
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def ensure_run(uri: str, root, run_name: str, *, params: dict[str, str], tags: dict[str, str],
+               experiment: str = EXPERIMENT) -> str:
+    """The MLflow run id for ``run_name`` (created with params and tags on first use)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            experiment, artifact_location=_artifact_root(uri, root))
+        found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                   max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.set_tag(run_id, "pipeline.resumed_at", str(int(time.time())))
+            return run_id
+        run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+        items = list(params.items())
+        from mlflow.entities import Param
+
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id,
+                             params=[Param(k, v) for k, v in items[i:i + 100]])
+        return run.info.run_id
+    except MlflowException as e:
+        raise TrackingError(f"MLflow at {uri} refused or failed: {e}") from e
+    except OSError as e:
+        raise TrackingError(f"cannot reach MLflow at {uri}: {e}; check runtime.mlflow_uri / "
+                            "MLFLOW_TRACKING_URI") from e
+
+
+class RunLogger:
+    """Rank-0 metric and artifact logging into an existing MLflow run; never raises."""
+
+    def __init__(self, uri: str | None, run_id: str | None, echo):
+        self.uri, self.run_id, self.echo = uri, run_id, echo
+        self._client = None
+        self._warned = False
+
+    def _c(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _guard(self, what: str, fn) -> None:
+        if not self.run_id:
+            return
+        try:
+            fn()
+        except Exception as e:  # tracking must never take training down
+            if not self._warned:
+                self.echo(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues")
+                self._warned = True
+
+    def metrics(self, values: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in values.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        self._guard("metric logging", lambda: self._c().log_batch(self.run_id, metrics=batch))
+
+    def artifact(self, path: str, artifact_path: str) -> None:
+        self._guard("artifact upload",
+                    lambda: self._c().log_artifact(self.run_id, path, artifact_path))
+
+
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
