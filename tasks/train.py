@@ -90,6 +90,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(50, ge=1)
     sample_every: int = Field(0, ge=0, description="Log a sample grid every N steps (0: off).")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before giving up.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes (SPREAD: one per node if possible).")
     seed: int = 0
     run_name: str | None = Field(
         None, description="Names the run; the same name resumes it. Default: derived from the "
@@ -309,6 +311,7 @@ def _restore(checkpoint, run_dir: str, options: dict, echo) -> Any:
 
 
 def train_loop_per_worker(cfg: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -363,6 +366,14 @@ def train_loop_per_worker(cfg: dict) -> None:
         final({"step": start, "status": "finished", "resumed_from": start})
         return
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    nodes = 1
+    if world > 1:
+        import torch.distributed as dist
+
+        ids: list = [None] * world
+        dist.all_gather_object(ids, ray.get_runtime_context().get_node_id())
+        nodes = len(set(ids))
+        echo(f"{world} workers on {nodes} node(s)")
     net = torch.compile(ddp_model) if train.compile else ddp_model
     null_class = model_cfg.num_classes
     per_worker = train.batch_size // world
@@ -415,6 +426,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 "step": done,
                 "status": "running" if done < train.steps else "finished",
                 "resumed_from": start,
+                "nodes": nodes,
                 "loss": window["loss"] / n,
                 "grad_norm": window["grad"] / n,
                 "lr": sched.get_last_lr()[0],
@@ -562,7 +574,7 @@ def run_training(
         train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=train.use_gpu,
-            resources_per_worker=resources),
+            resources_per_worker=resources, placement_strategy=train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=runs.path if root.is_local else runs.url,

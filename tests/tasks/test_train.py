@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -153,3 +154,19 @@ def test_whole_job_killed_then_restarted_resumes(digits_root, tmp_path):
     cfg = cfg_for(digits_root, *JOB)
     res = train(cfg)
     assert res.metrics["step"] == 400 and res.metrics["resumed_from"] >= 100
+
+
+def test_multi_node_cluster_survives_a_node_removed_mid_run(tmp_path):
+    """ray.cluster_utils.Cluster (3 raylets here), one worker per node, a node removed after
+    the first checkpoint and replaced: training resumes and ends at exactly the step count."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "tasks" / "multinode_train.py"), str(tmp_path),
+         "--remove-node"], env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
+    out = json.loads(lines[-1][len("RESULT "):])
+    m = out["metrics"]
+    assert m["status"] == "finished" and m["step"] == 60
+    assert m["resumed_from"] == 20 and m["nodes"] == 2
