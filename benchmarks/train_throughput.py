@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -306,28 +307,28 @@ def _timed_loop(cfg: dict) -> None:
     import diffusion.training as dtr
     import tasks.train as tt
 
-    rec: dict = {"loop_start": time.perf_counter(), "pid": os.getpid(),
+    rec: dict = {"loop_start": time.perf_counter(), "pid": os.getpid(), "code": tt.__file__,
                  "torch_threads": torch.get_num_threads(),
                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                  "step_start": [], "data_s": [], "train_step_s": [], "report": []}
     real_loop, real_step, real_report, real_batches = (
         tt.train_loop_per_worker, dtr.train_step, ray.train.report, tt._batches)
+    try:
+        import tasks.tracking as trk
+    except ImportError:  # a stage without MLflow tracking
+        trk = None
+    real_metrics = trk.RunLogger.metrics if trk else None
 
-    def train_step(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return real_step(*a, **k)
-        finally:
-            rec["train_step_s"].append(time.perf_counter() - t0)
+    def timer(fn, key):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                rec[key].append([t0, time.perf_counter() - t0])
+        return timed
 
-    def report(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return real_report(*a, **k)
-        finally:
-            rec["report"].append([t0, time.perf_counter() - t0,
-                                  k.get("checkpoint") is not None])
-
+    rec["mlflow"] = []
     warmup, steps = cfg["train"]["log_every"], cfg["train"]["steps"]
 
     def batches(*a, **k):
@@ -336,17 +337,30 @@ def _timed_loop(cfg: dict) -> None:
             t0 = time.perf_counter()
             if len(rec["step_start"]) in (warmup, steps - 1):  # the steady span's two ends
                 rec.setdefault("cpu_snapshots", []).append(cpu_snapshot())
+                rec["torch_threads"] = torch.get_num_threads()  # as the loop left it
             b = next(it)
             rec["step_start"].append(t0)
             rec["data_s"].append(time.perf_counter() - t0)
             yield b
 
-    dtr.train_step, ray.train.report, tt._batches = train_step, report, batches
+    def train_step(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real_step(*a, **k)
+        finally:
+            rec["train_step_s"].append(time.perf_counter() - t0)
+
+    dtr.train_step, tt._batches = train_step, batches
+    ray.train.report = timer(real_report, "report")
+    if trk:
+        trk.RunLogger.metrics = timer(real_metrics, "mlflow")
     try:
         real_loop(cfg)
     finally:
         rec["loop_end"] = time.perf_counter()
         dtr.train_step, ray.train.report, tt._batches = real_step, real_report, real_batches
+        if trk:
+            trk.RunLogger.metrics = real_metrics
         if ray.train.get_context().get_world_rank() == 0:
             d = Path(tempfile.gettempdir()) / "bench-train-steps"
             d.mkdir(parents=True, exist_ok=True)
@@ -364,12 +378,23 @@ def step_stats(rec: dict, batch: int, warmup: int) -> dict:
     k0, k1 = warmup, n - 1
     span = starts[k1] - starts[k0]
     steps = k1 - k0
-    report = sum(d for t, d, _ in rec.get("report", []) if starts[k0] <= t < starts[k1])
+
+    def within(key: str) -> list[float]:
+        return [e[1] for e in rec.get(key, []) if starts[k0] <= e[0] < starts[k1]]
+
     data = rec["data_s"][k0:k1]
     train = rec["train_step_s"][k0:k1]
     period = span / steps
+    # Windows of ``warmup`` steps over the span: each holds its share of the periodic costs
+    # (epoch ends, reports), and their median drops windows hit by other jobs on the machine.
+    edges = list(range(k0, k1 + 1, warmup))
+    wins = [warmup * batch / (starts[b] - starts[a]) for a, b in pairwise(edges)]
     out = {
-        "steady_images_per_s": steps * batch / span,
+        "median_window_images_per_s": statistics.median(wins) if wins else steps * batch / span,
+        "window_images_per_s": [round(w, 1) for w in wins],
+        "step_periods_ms": [round(1e3 * (b - a), 1) for a, b in pairwise(starts)],
+        "data_wait_ms": [round(1e3 * d, 2) for d in rec["data_s"]],
+        "mean_images_per_s": steps * batch / span,
         "steady_steps": steps,
         "steady_seconds": span,
         "first_window_seconds": starts[k0] - starts[0],
@@ -378,16 +403,20 @@ def step_stats(rec: dict, batch: int, warmup: int) -> dict:
         "data_max_ms": 1e3 * max(data),
         "data_stalls_over_5ms": sum(1 for d in data if d > 0.005),
         "train_step_ms": 1e3 * sum(train) / steps,
-        "report_ms": 1e3 * report / steps,
-        "reports_in_span": sum(1 for t, _, _ in rec.get("report", [])
-                               if starts[k0] <= t < starts[k1]),
+        "report_ms": 1e3 * sum(within("report")) / steps,
+        "reports_in_span": len(within("report")),
+        "mlflow_ms": 1e3 * sum(within("mlflow")) / steps,
+        "mlflow_calls": [round(1e3 * e[1], 1) for e in rec.get("mlflow", [])],
+        "report_calls": [round(1e3 * e[1], 1) for e in rec.get("report", [])],
     }
-    out["other_ms"] = out["step_ms"] - out["data_ms"] - out["train_step_ms"] - out["report_ms"]
+    out["other_ms"] = (out["step_ms"] - out["data_ms"] - out["train_step_ms"] - out["report_ms"]
+                       - out["mlflow_ms"])
     snaps = rec.get("cpu_snapshots") or []
     if len(snaps) == 2:
         out["steady_cpu"] = cpu_during(*snaps)
     out["first_window_excess_seconds"] = (out["first_window_seconds"]
-                                          - warmup * batch / out["steady_images_per_s"])
+                                          - warmup * batch / out["mean_images_per_s"])
+    out["steady_images_per_s"] = out["median_window_images_per_s"]  # the headline figure
     return out
 
 
@@ -504,7 +533,7 @@ def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
         "kind": "plain", "device": device, "threads": torch.get_num_threads(),
         "steps": t.steps, "batch_size": batch, "seconds": total,
         "build_seconds": t_ready - t0, **s,
-        "startup_seconds": total - t.steps * batch / s["steady_images_per_s"],
+        "startup_seconds": total - t.steps * batch / s["mean_images_per_s"],
         "final_loss": out["loss"],
     }
 
@@ -549,7 +578,8 @@ def stage_run(sets: list[str], root: str, run_name: str, tap: Tap) -> dict:
     out = {"kind": "stage", "run_name": run_name, "steps": t.steps, "batch_size": batch,
            "seconds": res.seconds, "wall_seconds": t_end - t0,
            "torch_threads": rec["torch_threads"], "OMP_NUM_THREADS": rec["OMP_NUM_THREADS"],
-           **s, "startup_seconds": res.seconds - t.steps * batch / s["steady_images_per_s"],
+           "worker_code": rec["code"],
+           **s, "startup_seconds": res.seconds - t.steps * batch / s["mean_images_per_s"],
            "logged_windows": windows, "logged_images_per_s": logged_rate(windows, batch),
            "reports": rec["report"], "final_metrics": res.metrics}
     starts = rec["step_start"]
@@ -769,16 +799,19 @@ def _f(x: float | None, nd: int = 0) -> str:
 
 def describe(r: dict) -> str:
     c = r.get("steady_cpu", {})
-    return (f"{r['steady_images_per_s']:,.0f} img/s steady; step {r['step_ms']:.1f} ms = batch "
+    return (f"{r['steady_images_per_s']:,.0f} img/s steady (windows "
+            f"{', '.join(f'{w:.0f}' for w in r['window_images_per_s'])}; mean "
+            f"{r['mean_images_per_s']:,.0f}); step {r['step_ms']:.1f} ms = batch "
             f"{r['data_ms']:.2f} + train_step {r['train_step_ms']:.1f} + report "
-            f"{r['report_ms']:.2f} + other {r['other_ms']:.2f}; start-up "
+            f"{r['report_ms']:.2f} + mlflow {r['mlflow_ms']:.2f} + other {r['other_ms']:.2f}; "
+            f"start-up "
             f"{r['startup_seconds']:.2f} s of {r['seconds']:.1f} s; {r['cores_used']:.2f} cores, "
             f"other load {r['foreign_load']:.2f}; steady span: loop process "
             f"{c.get('process_cores', 0):.2f} cores, machine {c.get('machine_cores', 0):.2f}, "
             f"busiest threads {c.get('busiest_threads')}")
 
 
-SPLIT = ("step_ms", "data_ms", "train_step_ms", "report_ms", "other_ms")
+SPLIT = ("step_ms", "data_ms", "train_step_ms", "report_ms", "mlflow_ms", "other_ms")
 PHASES = ("before_dataset_s", "dataset_s", "trainer_setup_s", "worker_group_start_s",
           "loop_setup_s", "first_window_s", "steady_s", "last_step_and_final_checkpoint_s",
           "shutdown_s", "after_fit_s")
@@ -813,27 +846,30 @@ def render(result: dict) -> str:
             f"Ray start-up (a new local Ray, once, in no figure below): "
             f"{result['ray_init_seconds']:.2f} s",
             "",
-            "*Steady* = images/s from the start of step "
-            f"{st['log_every'] + 1} to the start of the last step, timed inside the loop (for "
-            "the stage: inside the Ray Train worker, around the stage's unchanged loop; every "
-            "cost of a step counts, reports included). *Logged* = what the stage's own progress "
+            "*Steady* = the median, over windows of "
+            f"{st['log_every']} steps from the start of step {st['log_every'] + 1} to the start "
+            "of the last step, of images/s timed inside the loop (for the stage: inside the "
+            "Ray Train worker, around the stage's unchanged loop; every cost of a step counts, "
+            "epoch ends and reports included); the median drops windows hit by other jobs. "
+            "*Mean* = the same span as a whole. *Logged* = what the stage's own progress "
             "lines say for the same windows. Step split (ms): *batch* = waiting for the batch "
             "(`iter_torch_batches`; plain: indexing + scaling), *train_step* = "
-            "`diffusion.training.train_step`, *report* = `ray.train.report` per step, *other* = "
-            "the rest of the loop body. *Start-up* = wall time − steps × batch / steady rate "
+            "`diffusion.training.train_step`, *report* = `ray.train.report` per step, *MLflow* = "
+            "the loop's metric logging (`RunLogger.metrics`) per step, *other* = "
+            "the rest of the loop body (span means). *Start-up* = wall time − steps × batch / mean "
             "(stage: `res.seconds`). *Cores* = CPU time of this process and those it started / "
             f"wall; *other load* = cores used by unrelated processes (> {thr}: †, left out of "
             "medians).",
             "",
-            "| rep | run | threads | steady img/s | step ms | batch | train_step | report | "
-            "other | start-up s | wall s | cores | other load | stage / this |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| rep | run | threads | steady img/s | mean img/s | step ms | batch | train_step | "
+            "report | MLflow | other | start-up s | wall s | cores | other load | stage / this |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
 
         def row(rep, label, r, ratio):
             mark = "" if rep["clean"] else " †"
             return (f"| {rep['index']}{mark} | {label} | {r.get('threads', r.get('torch_threads'))}"
-                    f" | {_f(r['steady_images_per_s'])} | "
+                    f" | {_f(r['steady_images_per_s'])} | {_f(r['mean_images_per_s'])} | "
                     + " | ".join(f"{r[k]:.2f}" for k in SPLIT)
                     + f" | {r['startup_seconds']:.2f} | {r['seconds']:.1f} | "
                     f"{r['cores_used']:.2f} | {r['foreign_load']:.2f} | {ratio} |")
@@ -852,8 +888,8 @@ def render(result: dict) -> str:
             lines.append(f"| {k} | {_f(v['plain_ips'])} | {_f(s['stage_ips'])} | "
                          f"**×{v['ratio']:.3f}** | ≥ ×{GOAL}: {verdict} |")
         lines += ["", "Median step split (ms):", "",
-                  "| run | step | batch | train_step | report | other |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| run | step | batch | train_step | report | MLflow | other |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for k, v in s["split"].items():
             lines.append(f"| {k} | " + " | ".join(f"{v[x]:.2f}" for x in SPLIT) + " |")
         ph = s["stage_phases"]
@@ -889,8 +925,8 @@ def render(result: dict) -> str:
             f"{g['dataset']['train_rows']} train rows.",
             "",
             "| run | steady img/s | achieved TFLOP/s | MFU | step ms | batch | train_step | "
-            "report | other | start-up s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "report | MLflow | other | start-up s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for label, r in (("plain loop", a), ("stage (train.use_gpu=true)", b)):
             lines.append(f"| {label} | {_f(r['steady_images_per_s'])} | "
@@ -955,7 +991,7 @@ def main() -> None:
     ap.add_argument("--quiet-threshold", type=float, default=0.3,
                     help="before each run wait until other processes use fewer cores than "
                     "this; repetitions during which they used more are left out of medians")
-    ap.add_argument("--max-wait", type=float, default=60,
+    ap.add_argument("--max-wait", type=float, default=30,
                     help="longest wait for a quiet machine before a run, seconds")
     ap.add_argument("--gpu", action="store_true",
                     help="also run the GPU path (skipped, and recorded so, without CUDA)")
@@ -1016,6 +1052,13 @@ def main() -> None:
         x_np, y_np = digits_splits(cfg.data.val_fraction)["train"]
         assert len(x_np) == pre.manifest["splits"]["train"]["rows"], "splits differ"
         x_u8, labels = torch.from_numpy(x_np), torch.from_numpy(y_np)
+        # Untimed: first-use costs of this process (oneDNN kernel creation per thread count);
+        # the worker pays its own in its start-up.
+        warm = load_config(sets=[*sets, "train.steps=8", "train.log_every=2",
+                                 "train.warmup_steps=2", "train.run_name=unused"], root=args.root)
+        for th in threads:
+            w = plain_run(warm, x_u8, labels, th)
+            print(f"plain warm-up, {th} thread(s): {w['seconds']:.1f} s")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         reps = []
         for i in range(args.repeats):

@@ -213,7 +213,8 @@ def _build_dataset(root, manifest: dict, materialize_below_bytes: int):
     import ray
 
     paths = part_files(root, manifest, "train")
-    ds = ray.data.read_parquet(paths, filesystem=_pyarrow_fs(root), columns=["label", "pixels"])
+    ds = ray.data.read_parquet(paths, filesystem=_pyarrow_fs(root)).select_columns(
+        ["label", "pixels"])
     ds = ds.map_batches(to_arrays, batch_format="pyarrow", fn_kwargs={"shape": manifest["shape"]})
     size = sum(f["bytes"] for f in manifest["splits"]["train"]["files"])
     if size * 4 < materialize_below_bytes:  # small: decode once, iterate from the object store

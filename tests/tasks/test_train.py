@@ -114,7 +114,7 @@ def test_bad_config_fails_before_any_worker_starts(digits_root, sets, message):
     t0 = time.perf_counter()
     with pytest.raises((TrainConfigError, DatasetNotFound), match=re.escape(message)):
         train(cfg)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 15  # no Ray Train start-up (that alone is ~10 s)
     assert not (digits_root / "runs" / "bad").exists()
 
 
