@@ -56,7 +56,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from preprocess_images import TCK, _git, _tree, ensure_images
+from preprocess_images import TCK, _git, ensure_images
 
 from flows.config import load_config
 from tasks.preprocess import preprocess
@@ -127,8 +127,8 @@ class Tap:
 # --------------------------------------------------------------------------------------------
 
 
-def _proc_table() -> dict[int, tuple[int, float, float]]:
-    """{pid: (ppid, own CPU s, CPU s of its reaped children)} of every process, from /proc."""
+def _proc_table() -> dict[int, tuple[int, float, float, str]]:
+    """{pid: (ppid, own CPU s, CPU s of its reaped children, name)} of every process."""
     table = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
@@ -140,38 +140,83 @@ def _proc_table() -> dict[int, tuple[int, float, float]]:
             continue
         v = raw[raw.rfind(")") + 2:].split()
         table[int(entry)] = (int(v[1]), (int(v[11]) + int(v[12])) / TCK,
-                             (int(v[13]) + int(v[14])) / TCK)
+                             (int(v[13]) + int(v[14])) / TCK, raw[raw.find("(") + 1:raw.rfind(")")])
     return table
 
 
+def _tree(table: dict, root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, row in table.items():
+        children.setdefault(row[0], []).append(pid)
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has been busy (all but idle and iowait), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return (sum(v) - v[3] - v[4]) / TCK
+
+
 class CpuMeter:
-    """CPU seconds spent during a block by this process ("driver"), its descendants
-    ("children": Ray's processes) and everything else ("foreign"). A process that exits during
-    the block (a Ray Train worker, a test's subprocess) is counted too: its CPU lands in its
-    parent's reaped-children time, and what it had used before the block is taken off."""
+    """CPU seconds spent during a block by this process ("driver") and its descendants
+    ("children": Ray's processes), and by everything else on the machine ("foreign" = the
+    machine's busy time from /proc/stat minus ours: processes this /proc does not show, or that
+    come and go, count too). The process table is re-read every ``every`` seconds, so a process
+    of ours that exits meanwhile (a Ray Train worker: raylet does not collect its children's
+    times) counts with the CPU it had at its last sighting."""
+
+    def __init__(self, every: float = 1.0):
+        self.every = every
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            table = _proc_table()
+            with self._lock:
+                self.seen.update(table)
 
     def __enter__(self) -> CpuMeter:
-        self.t0, self.before = time.perf_counter(), _proc_table()
+        self.t0, self.before, self.busy0 = time.perf_counter(), _proc_table(), machine_busy_s()
+        self.seen = dict(self.before)
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        after = _proc_table()
+        self._stop.set()
+        self._thread.join()
+        after, busy1 = _proc_table(), machine_busy_s()
         self.wall = time.perf_counter() - self.t0
+        last = {**self.seen, **after}
         me = os.getpid()
-        mine = _tree(after, me) | _tree(self.before, me)
-        d = {"driver": 0.0, "children": 0.0, "foreign": 0.0}
-
-        def kind(pid: int) -> str:
-            return "driver" if pid == me else "children" if pid in mine else "foreign"
-
-        for pid, (_, cpu, reaped) in after.items():
-            _, cpu0, reaped0 = self.before.get(pid, (0, 0.0, 0.0))
-            d[kind(pid)] += max(cpu - cpu0, 0.0) + max(reaped - reaped0, 0.0)
-        for pid, (_, cpu0, reaped0) in self.before.items():
-            if pid not in after:  # exited: its parent's reaped time now holds all of it
-                d[kind(pid)] -= cpu0 + reaped0
-        self.cpu = {k: round(max(v, 0.0), 3) for k, v in d.items()}
-        self.foreign_load = self.cpu["foreign"] / self.wall if self.wall else 0.0
+        mine = _tree(last, me) | _tree(self.before, me)
+        d = {"driver": 0.0, "children": 0.0, "visible_foreign": 0.0}
+        by_child: dict[str, float] = {}
+        for pid, (_, cpu, reaped, name) in last.items():
+            _, cpu0, reaped0, _ = self.before.get(pid, (0, 0.0, 0.0, ""))
+            k = "driver" if pid == me else "children" if pid in mine else "visible_foreign"
+            used = max(cpu - cpu0, 0.0) + max(reaped - reaped0, 0.0)
+            d[k] += used
+            if k == "children" and used > 0:
+                by_child[name] = by_child.get(name, 0.0) + used
+        self.children = {k: round(v, 2) for k, v in sorted(by_child.items(),
+                                                           key=lambda kv: -kv[1])[:8]}
+        if busy1 is not None and self.busy0 is not None:
+            d["machine"] = busy1 - self.busy0
+            d["foreign"] = max(d["machine"] - d["driver"] - d["children"], 0.0)
+        else:
+            d["foreign"] = d["visible_foreign"]
+        self.cpu = {k: round(v, 3) for k, v in d.items()}
+        self.foreign_load = d["foreign"] / self.wall if self.wall else 0.0
 
 
 def wait_quiet(threshold: float, max_wait: float, window: float = 1.0) -> dict:
@@ -483,8 +528,9 @@ def logged_rate(windows: list[dict], batch: int) -> float | None:
 
 
 def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
-              autocast=None, channels_last: bool = False) -> dict:
-    """``train.steps`` steps of ``train_step`` on random in-memory batches."""
+              autocast=None, channels_last: bool = False, max_seconds: float = 1e9) -> dict:
+    """``train.steps`` steps of ``train_step`` on random in-memory batches (fewer if they take
+    longer than ``max_seconds``: then the run is marked ``truncated``)."""
     import torch
 
     from diffusion.ema import EMA
@@ -511,7 +557,11 @@ def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
     rec: dict = {"step_start": [], "data_s": [], "train_step_s": [], "report": []}
     sync()
     t_ready = time.perf_counter()
+    truncated = False
     for step in range(t.steps):
+        if time.perf_counter() - t_ready > max_seconds:
+            truncated = True
+            break
         if step in (t.log_every, t.steps - 1):
             rec.setdefault("cpu_snapshots", []).append(cpu_snapshot())
         t1 = time.perf_counter()
@@ -528,12 +578,16 @@ def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
         rec["train_step_s"].append(time.perf_counter() - t2)
     sync()
     total = time.perf_counter() - t0
-    s = step_stats(rec, batch, t.log_every)
+    n = len(rec["step_start"])
+    s = step_stats(rec, batch, t.log_every if n >= t.log_every + 3 else max(1, n // 3))
+    if truncated:
+        print(f"  plain loop stopped after {n} of {t.steps} steps ({max_seconds:.0f} s): the "
+              "machine is busy; this repetition counts as disturbed")
     return {
         "kind": "plain", "device": device, "threads": torch.get_num_threads(),
-        "steps": t.steps, "batch_size": batch, "seconds": total,
+        "steps": n, "truncated": truncated, "batch_size": batch, "seconds": total,
         "build_seconds": t_ready - t0, **s,
-        "startup_seconds": total - t.steps * batch / s["mean_images_per_s"],
+        "startup_seconds": total - n * batch / s["mean_images_per_s"],
         "final_loss": out["loss"],
     }
 
@@ -768,8 +822,10 @@ def timed(fn, *a, threshold: float, max_wait: float, **k) -> dict:
     with CpuMeter() as m:
         r = fn(*a, **k)
     cpu = m.cpu["driver"] + m.cpu["children"]
-    r.update(cpu=m.cpu, cpu_s=cpu, cores_used=cpu / m.wall, foreign_load=m.foreign_load,
-             quiet_before=quiet, clean=m.foreign_load <= threshold)
+    r.update(cpu=m.cpu, cpu_children=m.children, cpu_s=cpu, cores_used=cpu / m.wall,
+             foreign_load=m.foreign_load, clean=m.foreign_load <= threshold
+             and not r.get("truncated"),
+             quiet_before=quiet)
     return r
 
 
@@ -858,8 +914,8 @@ def render(result: dict) -> str:
             "the loop's metric logging (`RunLogger.metrics`) per step, *other* = "
             "the rest of the loop body (span means). *Start-up* = wall time − steps × batch / mean "
             "(stage: `res.seconds`). *Cores* = CPU time of this process and those it started / "
-            f"wall; *other load* = cores used by unrelated processes (> {thr}: †, left out of "
-            "medians).",
+            "wall; *other load* = cores the machine was busy with other work (/proc/stat minus "
+            f"ours; > {thr}: †, left out of medians).",
             "",
             "| rep | run | threads | steady img/s | mean img/s | step ms | batch | train_step | "
             "report | MLflow | other | start-up s | wall s | cores | other load | stage / this |",
@@ -993,6 +1049,9 @@ def main() -> None:
                     "this; repetitions during which they used more are left out of medians")
     ap.add_argument("--max-wait", type=float, default=30,
                     help="longest wait for a quiet machine before a run, seconds")
+    ap.add_argument("--max-run-seconds", type=float, default=120,
+                    help="stop a plain run after this long (a busy machine can slow a loop "
+                    "on every core many times over); it then counts as disturbed")
     ap.add_argument("--gpu", action="store_true",
                     help="also run the GPU path (skipped, and recorded so, without CUDA)")
     ap.add_argument("--gpu-only", action="store_true", help="the GPU path alone")
@@ -1066,7 +1125,8 @@ def main() -> None:
             for th in threads:
                 print(f"rep {i}: plain loop, {th} thread(s) ...")
                 settle(10)
-                a = timed(plain_run, cfg, x_u8, labels, th, **wait)
+                a = timed(plain_run, cfg, x_u8, labels, th, max_seconds=args.max_run_seconds,
+                          **wait)
                 print(f"  plain@{th}: {describe(a)}")
                 plain.append(a)
             run_name = f"bench-{stamp}-{i}"

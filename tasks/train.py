@@ -348,6 +348,10 @@ def train_loop_per_worker(cfg: dict) -> None:
             loc = Location.of(cfg["run_dir"], cfg["storage_options"]).child(STATUS_FILE)
             atomic_write_bytes(loc, json.dumps(metrics, indent=2).encode())
 
+    if not on_gpu:
+        # Ray starts workers with OMP_NUM_THREADS=1; use the CPUs this worker was given
+        # (benchmarks/results/train_throughput.md: 1 thread is ×0.76 of 2 on a 2-core machine).
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(train.seed)
     model = UNet(model_cfg).to(device)
     if channels_last:
