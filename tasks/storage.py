@@ -190,6 +190,17 @@ def exists(loc: Location) -> bool:
     return bool(call(loc, loc.fs.exists, loc.path))
 
 
+def _local_temp_copy(path: str, data: bytes) -> str:
+    """``data`` written and fsynced to a fresh temporary file beside ``path``; returns its name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def commit_bytes(loc: Location, data: bytes) -> bool:
     """Publish ``data`` at ``loc`` only if nothing is there yet. True if this call published it.
 
@@ -199,12 +210,7 @@ def commit_bytes(loc: Location, data: bytes) -> bool:
     check-then-write.
     """
     if loc.is_local:
-        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _local_temp_copy(loc.path, data)
         try:
             os.link(tmp, loc.path)
             return True
@@ -227,12 +233,6 @@ def commit_bytes(loc: Location, data: bytes) -> bool:
 def atomic_write_bytes(loc: Location, data: bytes) -> None:
     """Replace ``loc`` with ``data`` so readers see the old or the new bytes, never a mix."""
     if loc.is_local:
-        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-        tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, loc.path)
+        os.replace(_local_temp_copy(loc.path, data), loc.path)
     else:
         call(loc, loc.fs.pipe_file, loc.path, data)
