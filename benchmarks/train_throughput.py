@@ -15,17 +15,18 @@ parameters, class-conditional) and batch size:
   (b) **stage**: ``tasks.train.run_training`` (Ray Train ``TorchTrainer``, one worker, the
       Parquet dataset written by ``tasks.preprocess``), a fresh run name each time.
 
-*Steady-state* images/s runs from the start of step ``--log-every`` + 1 to the start of the last
-step, timed inside each loop: for (b) inside the Ray Train worker, by a wrapper around the
-stage's unchanged ``train_loop_per_worker`` that timestamps each step's batch request,
-``train_step`` and ``ray.train.report`` (``perf_counter`` is one clock for every process on
-Linux). The stage's own "[train <run>] ... X img/s" lines are kept too (*logged*): their windows
-leave out ``ray.train.report``. Everything else (Ray start-up, timed once; dataset
-materialisation, worker-group start, the first window, the final checkpoint and shutdown) is
-reported separately as start-up. The runs are interleaved (A A' B, A A' B, ...); before each
-run the script waits for other processes to go quiet and measures, from /proc, the CPU they use
-meanwhile (disturbed repetitions are marked and left out of the medians). The script starts its
-own local Ray (``address="local"``) so that it never joins another Ray on a shared machine.
+*Steady-state* images/s: the median over windows of ``--log-every`` steps, from the start of
+step ``--log-every`` + 1 to the start of the last step (the mean over that span is reported
+too), timed inside each loop. For (b) that is inside the Ray Train worker, where a wrapper
+around the stage's unchanged ``train_loop_per_worker`` timestamps each step's batch request,
+``train_step``, ``ray.train.report`` and MLflow metric call (``perf_counter`` is one clock for
+every process on Linux). The stage's own "[train <run>] ... X img/s" lines are kept too
+(*logged*). Everything else (Ray start-up, timed once; dataset materialisation, worker-group
+start, the first window, the final checkpoint and shutdown) is reported as start-up. The runs
+are interleaved (A A' B, A A' B, ...). Before each run the script waits for the machine to go
+quiet, and during it measures the machine's busy time from /proc/stat minus its own process
+tree. Disturbed repetitions are marked and left out of the medians. The script starts its own
+local Ray (``address="local"``) so that it never joins another Ray on a shared machine.
 
 ``--gpu`` also runs the GPU path once when CUDA is available (a 32x32 RGB, ~38M-parameter
 UNet of the DDPM CIFAR-10 shape, bf16): it measures the GPU's bf16 matrix-multiply rate, counts
@@ -767,8 +768,8 @@ def gpu_section(args, tap: Tap, wait: dict) -> dict:
     sets = [
         f"data.name={name}", f"data.source={images}", "data.resolution=32", "data.channels=3",
         *(GPU_TEST_MODEL_SETS if test else GPU_MODEL_SETS),
-        f"train.use_gpu={'false' if test else 'true'}", "train.bf16=on",
-        "train.channels_last=auto" if not test else "train.channels_last=off",
+        f"train.use_gpu={'false' if test else 'true'}", "train.bf16='on'",  # quoted: YAML
+        "train.channels_last='auto'" if not test else "train.channels_last='off'",
         f"train.steps={steps}", f"train.batch_size={args.gpu_batch_size}",
         f"train.log_every={log_every}", f"train.checkpoint_every={steps}",
         f"train.warmup_steps={min(10, steps)}", *args.gpu_set,
@@ -880,7 +881,8 @@ def render(result: dict) -> str:
         "",
         f"Command: `{result['command']}` (from the repository root; console log in "
         f"`{result['tag']}.log`)  ",
-        f"Machine: {env['cpu_count']} CPUs (Ray sees {_f(env['ray_cpus'])}), {env['platform']}, "
+        f"Machine: {env['cpu_count']} CPUs (Ray sees {_f(env['ray_cpus']) or '-'}), "
+        f"{env['platform']}, "
         f"Python {env['python']}; git {env['git']}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + "  ",
     ]
@@ -1042,7 +1044,8 @@ def main() -> None:
                     "train.cpus_per_worker=2 (repeatable)")
     ap.add_argument("--root", default="/tmp/bench-train-root", help="pipeline root (scratch)")
     ap.add_argument("--out", default="benchmarks/results", help="where the results go")
-    ap.add_argument("--tag", default="train_throughput", help="result file stem")
+    ap.add_argument("--tag", default=None, help="result file stem (default train_throughput, "
+                    "train_throughput_gpu with --gpu-only)")
     ap.add_argument("--note", default="", help="a line for the report header")
     ap.add_argument("--quiet-threshold", type=float, default=0.3,
                     help="before each run wait until other processes use fewer cores than "
@@ -1066,6 +1069,7 @@ def main() -> None:
                     help="extra overrides for the GPU stage run (repeatable)")
     ap.add_argument("--gpu-test-on-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.tag = args.tag or ("train_throughput_gpu" if args.gpu_only else "train_throughput")
 
     import torch
 
