@@ -110,9 +110,7 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
         except SkipInput as e:
             rows.append((key, label, None, str(e)))
 
-    if not units:
-        pass
-    elif "pixels" in units[0]:  # digits: raw uint8 [1, 8, 8]
+    if units and "pixels" in units[0]:  # digits: raw uint8 [1, 8, 8]
         for u in units:
             arr = np.frombuffer(u["pixels"], np.uint8).reshape(u["shape"])
             if arr.shape[1:] != (resolution, resolution) or channels != arr.shape[0]:
@@ -123,11 +121,11 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
                 arr = np.asarray(img, np.uint8)
                 arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             rows.append((u["key"], u["label"], arr.tobytes(), None))
-    elif "row_group" in units[0]:  # parquet row groups
+    elif units and "row_group" in units[0]:  # parquet row groups
         loc = Location.of(source, options)
         for u in units:
             _decode_row_group(u, loc.fs, add, image_column, label_column, key_column)
-    else:  # image files: fetch the batch concurrently (s3fs runs the GETs in parallel)
+    elif units:  # image files: fetch the batch concurrently (s3fs runs the GETs in parallel)
         loc = Location.of(source, options)
         paths = [u["path"] for u in units]
         if loc.is_local:

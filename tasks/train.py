@@ -158,9 +158,6 @@ def validate(model: Any, train: TrainConfig, manifest: dict,
         raise TrainConfigError(
             f"train.batch_size={train.batch_size} is not divisible by train.num_workers="
             f"{train.num_workers}; each worker takes an equal share")
-    per_worker = train.batch_size // train.num_workers
-    if per_worker * train.num_workers > rows:
-        raise TrainConfigError("train.batch_size exceeds the train split")
 
 
 def default_run_name(manifest: dict, job: dict) -> str:
@@ -277,7 +274,7 @@ def _restore(checkpoint, run_dir: str, options: dict, echo) -> Any:
     from tasks.storage import Location
 
     loc = Location.of(run_dir, options)
-    fs = pafs.LocalFileSystem() if loc.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(loc.fs))
+    fs = _pyarrow_fs(loc) or pafs.LocalFileSystem()
     try:
         infos = fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
     except OSError:
