@@ -1,7 +1,8 @@
 """Run by test_train.py in its own process: a 3-node Ray cluster on this machine
-(ray.cluster_utils.Cluster: a head without CPUs and two 1-CPU worker nodes), training with one
-worker per node; with --remove-node, a worker node is removed after the first checkpoint and a
-replacement added, and training must still end at exactly the configured step."""
+(ray.cluster_utils.Cluster: a 1-CPU head and two 1-CPU worker nodes), training with one
+worker per node; with --remove-node, a worker node hosting a training worker is removed after
+the first checkpoint and a replacement added, and training must still end at exactly the
+configured step."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
+from ray.util import placement_group_table
 
 from flows.config import load_config
 from tasks.preprocess import preprocess
@@ -37,9 +39,17 @@ run_dir = Path(root) / "runs" / "multinode"
 
 
 def chaos():
+    """Remove a worker node that hosts a training worker (the head also has a CPU, so SPREAD
+    may have put one of the two workers there) once the first checkpoint is committed."""
     while not list(run_dir.glob("checkpoint_*/state.json")):
         time.sleep(0.2)
-    cluster.remove_node(nodes[0])
+    # the worker group's placement group (2 bundles, one per worker) says where they run
+    hosting = {node for pg in placement_group_table().values() if pg["state"] == "CREATED"
+               and len(pg["bundles"]) == 2 for node in pg["bundles_to_node_id"].values()}
+    victim = next(n for n in nodes if n.node_id in hosting)
+    print(f"CHAOS removing node {victim.node_id[:8]} (training workers on "
+          f"{sorted(h[:8] for h in hosting)})", flush=True)
+    cluster.remove_node(victim)
     cluster.add_node(num_cpus=1)
 
 

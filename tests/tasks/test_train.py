@@ -157,8 +157,9 @@ def test_whole_job_killed_then_restarted_resumes(digits_root, tmp_path):
 
 
 def test_multi_node_cluster_survives_a_node_removed_mid_run(tmp_path):
-    """ray.cluster_utils.Cluster (3 raylets here), one worker per node, a node removed after
-    the first checkpoint and replaced: training resumes and ends at exactly the step count."""
+    """ray.cluster_utils.Cluster (3 raylets here), one worker per node, a node hosting a worker
+    removed after the first checkpoint and replaced: training resumes and ends at exactly the
+    step count."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
@@ -168,5 +169,5 @@ def test_multi_node_cluster_survives_a_node_removed_mid_run(tmp_path):
     assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-3000:])
     out = json.loads(lines[-1][len("RESULT "):])
     m = out["metrics"]
-    assert m["status"] == "finished" and m["step"] == 60
-    assert m["resumed_from"] == 20 and m["nodes"] == 2
+    assert m["status"] == "finished" and m["step"] == 60, proc.stdout[-3000:]
+    assert m["resumed_from"] == 20 and m["nodes"] == 2, (proc.stdout[-3000:], proc.stderr[-3000:])
