@@ -64,5 +64,7 @@ def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
     else:
         if echo:
             echo("starting a local Ray (set RAY_ADDRESS or runtime.ray_address for a cluster)")
-        ray.init(num_cpus=cfg.ray_num_cpus, **kwargs)
+        # address="local": always a new single-node Ray, never one that happens to run on this
+        # machine already (a bare ray.init() would join it).
+        ray.init(address="local", num_cpus=cfg.ray_num_cpus, **kwargs)
     return time.perf_counter() - t0

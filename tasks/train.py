@@ -80,7 +80,10 @@ class TrainConfig(BaseModel):
     hflip: bool = Field(False, description="Random horizontal flips.")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs reserved per worker.")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="Torch threads per CPU worker. Default: the node's cores divided "
+        "by the workers on that node, as a plain PyTorch process would use.")
     gpus_per_worker: float = Field(1.0, gt=0)
     bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: on with GPUs.")
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -160,8 +163,19 @@ def validate(model: Any, train: TrainConfig, manifest: dict,
             f"{train.num_workers}; each worker takes an equal share")
 
 
+# How a run is executed and observed, not what it computes: left out of the default run name,
+# so changing them resumes the same run instead of starting a new one.
+EXECUTION_KEYS = frozenset({
+    "run_name", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+    "max_failures", "placement_strategy", "cpus_per_worker", "gpus_per_worker", "cpu_threads",
+})
+
+
 def default_run_name(manifest: dict, job: dict) -> str:
-    payload = json.dumps({k: job[k] for k in ("model", "diffusion", "train")}, sort_keys=True)
+    """``<dataset>-<version[:8]>-<digest of model, diffusion and train minus EXECUTION_KEYS>``."""
+    identity = {"model": job["model"], "diffusion": job["diffusion"],
+                "train": {k: v for k, v in job["train"].items() if k not in EXECUTION_KEYS}}
+    payload = json.dumps(identity, sort_keys=True)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
     return f"{manifest['name']}-{manifest['version'][:8]}-{digest}"
 
@@ -224,19 +238,44 @@ def _build_dataset(root, manifest: dict, materialize_below_bytes: int):
 # --------------------------------------------------------------------------------------------
 
 
-def _batches(shard, per_worker: int, seed: int):
-    epoch = 0
+def _batches(shard, per_worker: int, seed: int, in_memory: bool = False):
+    """Endless batches of ``per_worker`` rows from this worker's shard.
+
+    Streaming (large datasets): every epoch is a new pass of Ray Data with a local shuffle
+    buffer. ``in_memory`` (the dataset was materialized because it is small): the first epoch
+    streams as usual and keeps the rows; later epochs are random permutations of them, without
+    restarting Ray Data's execution (a 40-55 ms stall per epoch, see
+    benchmarks/results/train_throughput.md) and with a full rather than a buffer-local shuffle.
+    """
+    import torch
+
+    epoch, kept = 0, []
     while True:
         n = 0
-        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=not in_memory,
                                           local_shuffle_buffer_size=max(4 * per_worker, 256),
                                           local_shuffle_seed=seed + epoch):
+            if in_memory:
+                kept.append(b)
+                if len(b["x"]) < per_worker:  # the shard's tail: kept for later epochs only
+                    continue
             n += 1
             yield b
         if n == 0:
             raise RuntimeError(
                 f"this worker's shard yields no batch of {per_worker}; lower train.batch_size")
         epoch += 1
+        if in_memory:
+            break
+    data = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
+    del kept
+    rows = len(data["x"])
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(rows, generator=gen)
+        for i in range(0, rows - per_worker + 1, per_worker):
+            idx = order[i:i + per_worker]
+            yield {k: v[idx] for k, v in data.items()}
 
 
 def _fault(spec: str | None, step: int, rank: int, marker_dir: str) -> str | None:
@@ -346,9 +385,11 @@ def train_loop_per_worker(cfg: dict) -> None:
             atomic_write_bytes(loc, json.dumps(metrics, indent=2).encode())
 
     if not on_gpu:
-        # Ray starts workers with OMP_NUM_THREADS=1; use the CPUs this worker was given
-        # (benchmarks/results/train_throughput.md: 1 thread is ×0.76 of 2 on a 2-core machine).
-        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+        # Ray starts workers with OMP_NUM_THREADS=1, where a plain PyTorch process would use
+        # every core (benchmarks/results/train_throughput.md: 1 thread is ×0.78 of 2 on a 2-core
+        # machine). Share the node's cores among the workers on it unless told otherwise.
+        torch.set_num_threads(train.cpu_threads or max(
+            1, len(os.sched_getaffinity(0)) // ray.train.get_context().get_local_world_size()))
     torch.manual_seed(train.seed)
     model = UNet(model_cfg).to(device)
     if channels_last:
@@ -379,7 +420,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     net = torch.compile(ddp_model) if train.compile else ddp_model
     null_class = model_cfg.num_classes
     per_worker = train.batch_size // world
-    batches = _batches(ray.train.get_dataset_shard("train"), per_worker, train.seed + 31 * start)
+    batches = _batches(ray.train.get_dataset_shard("train"), per_worker, train.seed + 31 * start,
+                       in_memory=cfg.get("in_memory", False))
     marker_dir = cfg.get("fault_dir") or tempfile.gettempdir()
 
     from tasks.tracking import RunLogger
@@ -565,9 +607,11 @@ def run_training(
 
     ensure_ray(runtime, echo=echo)
     import ray.train
+    from ray.data.dataset import MaterializedDataset
     from ray.train.torch import TorchTrainer
 
     ds = build_dataset(root, manifest)
+    job["in_memory"] = isinstance(ds, MaterializedDataset)
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
         resources["GPU"] = train.gpus_per_worker

@@ -1,0 +1,75 @@
+"""Training-stage helpers without Ray: the batch iterator and the default run name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.train import EXECUTION_KEYS, _batches, default_run_name
+
+
+class FakeShard:
+    """Stands in for a Ray Data shard: ``rows`` rows in batches, counting epochs."""
+
+    def __init__(self, rows: int):
+        self.x = torch.arange(rows, dtype=torch.uint8)[:, None]
+        self.passes = 0
+
+    def iter_torch_batches(self, *, batch_size, drop_last, local_shuffle_buffer_size,
+                           local_shuffle_seed):
+        self.passes += 1
+        n = len(self.x)
+        for i in range(0, n, batch_size):
+            if drop_last and i + batch_size > n:
+                return
+            yield {"x": self.x[i:i + batch_size], "label": torch.zeros(min(batch_size, n - i))}
+
+
+def take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def test_streaming_batches_restart_the_shard_every_epoch():
+    shard = FakeShard(10)
+    got = take(_batches(shard, 4, seed=0), 5)
+    assert all(len(b["x"]) == 4 for b in got)
+    assert shard.passes == 3  # 2 full batches per pass; the tail of 2 rows is dropped
+
+
+def test_in_memory_batches_stream_once_then_permute_every_row():
+    shard = FakeShard(10)
+    it = _batches(shard, 4, seed=0, in_memory=True)
+    first = take(it, 2)  # epoch 0: the shard's own full batches
+    assert [b["x"].flatten().tolist() for b in first] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    later = take(it, 2 * 50)  # then 2 full batches per permutation of all 10 rows
+    assert shard.passes == 1
+    assert all(len(b["x"]) == 4 and len(b["label"]) == 4 for b in later)
+    seen = {int(v) for b in later for v in b["x"].flatten()}
+    assert seen == set(range(10))  # the tail rows 8 and 9 are trained on in later epochs
+    epochs = [torch.cat([later[2 * e]["x"], later[2 * e + 1]["x"]]).flatten() for e in range(50)]
+    assert all(len(set(e.tolist())) == 8 for e in epochs)  # no row twice within an epoch
+    assert len({tuple(e.tolist()) for e in epochs}) > 40  # reshuffled each epoch
+
+
+def test_in_memory_batches_are_reproducible_from_the_seed():
+    a = take(_batches(FakeShard(10), 4, seed=3, in_memory=True), 12)
+    b = take(_batches(FakeShard(10), 4, seed=3, in_memory=True), 12)
+    assert all(torch.equal(x["x"], y["x"]) for x, y in zip(a, b, strict=True))
+
+
+def test_a_shard_smaller_than_a_batch_is_an_error():
+    with pytest.raises(RuntimeError, match=r"lower train\.batch_size"):
+        next(_batches(FakeShard(3), 4, seed=0, in_memory=True))
+
+
+def test_default_run_name_ignores_how_the_run_is_executed():
+    manifest = {"name": "digits", "version": "0123456789abcdef"}
+    job = {"model": {"base_channels": 8}, "diffusion": {"T": 100},
+           "train": {"steps": 10, "lr": 1e-3, "log_every": 5, "cpu_threads": None}}
+    name = default_run_name(manifest, job)
+    assert name.startswith("digits-01234567-")
+    for key in ("log_every", "cpu_threads"):
+        assert key in EXECUTION_KEYS
+        assert default_run_name(manifest, job | {"train": job["train"] | {key: 3}}) == name
+    assert default_run_name(manifest, job | {"train": job["train"] | {"lr": 2e-3}}) != name
+    assert default_run_name(manifest, job | {"model": {"base_channels": 16}}) != name
