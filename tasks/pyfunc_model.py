@@ -1,0 +1,287 @@
+"""The registered model as an MLflow pyfunc written as code ("models from code"): no cloudpickle.
+
+:func:`tasks.registry.register_model` logs this file with ``mlflow.pyfunc.log_model(python_model=
+<this file>)``; MLflow copies it next to the model and runs it on load, and the
+``mlflow.models.set_model`` call at the bottom names the model object. The ``diffusion`` package
+travels with the model (``code_paths``). So this module imports only torch, numpy, pandas, mlflow
+and ``diffusion``: never ``tasks.*``, Ray or Prefect (it runs inside ``mlflow models serve``).
+
+Artifacts (from the registry): ``weights`` (model.safetensors), ``config`` (config.json: "unet",
+"diffusion", "class_names") and ``serving`` (serving.json: the weights' SHA-256 and the sampling
+defaults). ``load_context`` checks the weights against the recorded digest before parsing them.
+
+Input table, one row per image (``dataframe_split`` / ``dataframe_records`` over HTTP):
+
+    seed            int, required    the generation seed
+    index           int, optional    sample index within the seed's stream (default 0)
+    label           int, optional    class id; null/NaN/absent = unconditional
+    sampler         str, optional    e.g. "ddim", "dpmpp_2m" (default: the registered sampler)
+    steps           int, optional    grid points (default: the registered steps)
+    guidance_scale  float, optional  classifier-free guidance w (default: the registered scale)
+
+In the signature the optional numeric columns are ``Any`` (validated here instead): MLflow's
+``long`` cannot hold the NaN a JSON null becomes, and its ``double`` refuses int64 input, so
+either strict type would reject ordinary requests. Row (seed, index) draws its
+noise from ``SampleNoise(seed, [index])``, so its image depends only on (seed, index, label,
+sampler settings), never on the other rows: it equals sample ``index`` of a batch job run with
+``seed``. Rows with the same settings are sampled as one batch (in chunks of ``batch_size``).
+
+Output table, one row per input row, in order: ``seed``, ``index``, ``label`` (long, −1 =
+unconditional), ``sampler``, ``steps``, ``guidance_scale`` (the resolved settings), ``height``,
+``width``, ``channels`` and ``pixels``: the image as uint8 CHW bytes, base64-encoded (a JSON
+string). Decode with ``np.frombuffer(base64.b64decode(p), np.uint8).reshape(c, h, w)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+
+from diffusion.denoiser import Denoiser, classifier_free_guidance
+from diffusion.noise import INITIAL_STEP, SampleNoise
+from diffusion.pixels import unit_to_uint8
+from diffusion.samplers import SamplerConfig, sample
+from diffusion.schedules import NoiseSchedule, ScheduleConfig
+from diffusion.serialization import load_model_bytes
+from diffusion.unet import UNet, UNetConfig
+
+SERVING_FORMAT = "diffusion-pipeline/pyfunc-v1"
+INPUT_COLUMNS = ("seed", "index", "label", "sampler", "steps", "guidance_scale")
+UNCONDITIONAL = -1  # the output label of an unconditional sample
+DEFAULT_BATCH_SIZE = 256
+
+
+def signature():
+    """The model signature: optional columns are ``required=False``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
+
+    inputs = Schema([
+        ColSpec("long", "seed"),
+        ColSpec(AnyType(), "index", required=False),
+        ColSpec(AnyType(), "label", required=False),
+        ColSpec("string", "sampler", required=False),
+        ColSpec(AnyType(), "steps", required=False),
+        ColSpec(AnyType(), "guidance_scale", required=False),
+    ])
+    outputs = Schema([
+        ColSpec("long", "seed"),
+        ColSpec("long", "index"),
+        ColSpec("long", "label"),
+        ColSpec("string", "sampler"),
+        ColSpec("long", "steps"),
+        ColSpec("double", "guidance_scale"),
+        ColSpec("long", "height"),
+        ColSpec("long", "width"),
+        ColSpec("long", "channels"),
+        ColSpec("string", "pixels"),
+    ])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def unet_from_bytes(
+    weights: bytes, config_bytes: bytes, *, expected_sha256: str | None, name: str
+) -> tuple[UNet, dict]:
+    """``(UNet in eval mode, config)``; the digest is checked before any tensor is parsed."""
+    state_dict, config = load_model_bytes(
+        weights, config_bytes, expected_sha256=expected_sha256, name=name
+    )
+    missing = [k for k in ("unet", "diffusion") if k not in config]
+    if missing:
+        raise ValueError(
+            f"config.json for {name} lacks {', '.join(missing)}; it must hold 'unet' and "
+            "'diffusion' sections as training writes them (tasks.checkpoints)"
+        )
+    model = UNet(UNetConfig.from_dict(config["unet"]))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval(), config
+
+
+def schedule_of(config: dict) -> NoiseSchedule:
+    """The training noise schedule from the config's "diffusion" section (DiffusionConfig)."""
+    d = config["diffusion"]
+    return ScheduleConfig(
+        kind=d["schedule"], T=int(d["T"]), beta_start=float(d["beta_start"]),
+        beta_end=float(d["beta_end"]),
+    ).build()
+
+
+class RowNoise:
+    """Per-row noise: row b draws what ``SampleNoise(seeds[b], [indices[b]])`` draws.
+
+    The same interface as :class:`diffusion.noise.SampleNoise`, for batches whose rows come from
+    different seeds (a table of requests), so each row is independent of its batch.
+    """
+
+    def __init__(self, seeds, indices, device: torch.device | str = "cpu"):
+        self.rows = [SampleNoise(s, [i], device=device) for s, i in zip(seeds, indices,
+                                                                          strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def draw(self, step: int, shape) -> torch.Tensor:
+        return torch.cat([r.draw(step, shape) for r in self.rows])
+
+    def initial(self, shape) -> torch.Tensor:
+        return self.draw(INITIAL_STEP, shape)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
+
+
+def _whole(name: str, v: Any, row: int) -> int:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"row {row}: {name} must be a whole number, got {v!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f"row {row}: {name} must be a whole number, got {v!r}")
+    return int(f)
+
+
+def resolve_rows(table: pd.DataFrame, defaults: dict, unet: UNetConfig, T: int) -> list[dict]:
+    """One dict per input row with every setting resolved against ``defaults``; clear errors."""
+    unknown = sorted(set(table.columns) - set(INPUT_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown input columns {unknown}; use {', '.join(INPUT_COLUMNS)}")
+    if "seed" not in table.columns:
+        raise ValueError("the input needs a 'seed' column (one row per image)")
+    base = SamplerConfig(**defaults["sampler"])
+    base_scale = float(defaults.get("guidance_scale", 1.0))
+    n_cls = unet.num_classes
+    rows = []
+    for i, rec in enumerate(table.to_dict(orient="records")):
+        seed = rec.get("seed")
+        if _missing(seed):
+            raise ValueError(f"row {i}: seed is missing")
+        seed = _whole("seed", seed, i)
+        index = 0 if _missing(rec.get("index")) else _whole("index", rec["index"], i)
+        if index < 0:
+            raise ValueError(f"row {i}: index must be >= 0, got {index}")
+        label = None if _missing(rec.get("label")) else _whole("label", rec["label"], i)
+        if label is not None and n_cls is None:
+            raise ValueError(f"row {i}: label {label} given, but the model is unconditional")
+        if label is not None and not 0 <= label < n_cls:
+            raise ValueError(f"row {i}: label {label} is not a class id in 0..{n_cls - 1}")
+        name = None if _missing(rec.get("sampler")) else str(rec["sampler"])
+        steps = None if _missing(rec.get("steps")) else _whole("steps", rec["steps"], i)
+        cfg = base if name is None or name == base.name else SamplerConfig(name=name)
+        if steps is not None:
+            cfg = replace(cfg, steps=steps)
+        resolved_steps = cfg.resolved_steps(T)
+        scale = base_scale if _missing(rec.get("guidance_scale")) else float(
+            rec["guidance_scale"])
+        if not math.isfinite(scale):
+            raise ValueError(f"row {i}: guidance_scale must be finite, got {scale}")
+        rows.append({"seed": seed, "index": index, "label": label, "sampler": cfg,
+                     "steps": resolved_steps, "guidance_scale": scale})
+    return rows
+
+
+@torch.no_grad()
+def generate(model: UNet, config: dict, defaults: dict, table: pd.DataFrame,
+             batch_size: int = DEFAULT_BATCH_SIZE) -> pd.DataFrame:
+    """Images for a request table (see the module docstring for the columns)."""
+    unet = model.config
+    schedule = schedule_of(config)
+    prediction = config["diffusion"].get("prediction", "eps")
+    try:
+        rows = resolve_rows(table, defaults, unet, schedule.T)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"bad request or sampler defaults: {e}") from None
+    device = next(model.parameters()).device
+    shape = (unet.in_channels, unet.resolution, unet.resolution)
+    # Rows of one group share the sampler settings and (for guided rows) the scale; unlabelled
+    # rows never go through guidance, so their image does not depend on labelled neighbours.
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        guided = r["label"] is not None and unet.num_classes is not None
+        groups.setdefault((r["sampler"], r["guidance_scale"] if guided else None, guided),
+                          []).append(i)
+    pixels: dict[int, torch.Tensor] = {}
+    for (cfg, scale, guided), members in groups.items():
+        for start in range(0, len(members), batch_size):
+            part = members[start:start + batch_size]
+            labels = None
+            net = model
+            if unet.num_classes is not None:
+                labels = torch.tensor(
+                    [rows[i]["label"] if guided else unet.num_classes for i in part],
+                    device=device)
+                if guided:
+                    net = classifier_free_guidance(model, scale, null_label=unet.num_classes)
+            noise = RowNoise([rows[i]["seed"] for i in part], [rows[i]["index"] for i in part],
+                             device=device)
+            x = sample(Denoiser(net, schedule, prediction, labels=labels), shape, noise, cfg)
+            pixels.update(zip(part, unit_to_uint8(x).cpu(), strict=True))
+    out = []
+    for i, r in enumerate(rows):
+        img = pixels[i].numpy()
+        out.append({
+            "seed": r["seed"], "index": r["index"],
+            "label": UNCONDITIONAL if r["label"] is None else r["label"],
+            "sampler": r["sampler"].name, "steps": r["steps"],
+            "guidance_scale": r["guidance_scale"],
+            "height": img.shape[1], "width": img.shape[2], "channels": img.shape[0],
+            "pixels": base64.b64encode(img.tobytes()).decode("ascii"),
+        })
+    return pd.DataFrame(out, columns=["seed", "index", "label", "sampler", "steps",
+                                      "guidance_scale", "height", "width", "channels", "pixels"])
+
+
+def decode_pixels(row: dict) -> Any:
+    """An output row's image as a uint8 numpy array [C, H, W]."""
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(row["pixels"]), np.uint8).reshape(
+        int(row["channels"]), int(row["height"]), int(row["width"]))
+
+
+def serving_document(weights_sha256: str, defaults: dict) -> dict:
+    """What ``serving.json`` holds: the weights' digest and the sampling defaults."""
+    sampler = SamplerConfig(**defaults["sampler"])  # validates the name and options
+    return {"format": SERVING_FORMAT, "weights_sha256": weights_sha256,
+            "defaults": {"sampler": asdict(sampler),
+                         "guidance_scale": float(defaults.get("guidance_scale", 1.0)),
+                         "batch_size": int(defaults.get("batch_size", DEFAULT_BATCH_SIZE))}}
+
+
+class DiffusionImageModel(mlflow.pyfunc.PythonModel):
+    """Seeds (and optional labels and sampler settings) in, images out."""
+
+    def load_context(self, context) -> None:
+        arts = context.artifacts
+        serving = json.loads(Path(arts["serving"]).read_text())
+        if serving.get("format") != SERVING_FORMAT:
+            raise ValueError(f"{arts['serving']} is not a {SERVING_FORMAT} document")
+        self.model, self.config = unet_from_bytes(
+            Path(arts["weights"]).read_bytes(), Path(arts["config"]).read_bytes(),
+            expected_sha256=serving["weights_sha256"], name=arts["weights"])
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.defaults = serving["defaults"]
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        try:
+            return generate(self.model, self.config, self.defaults, model_input,
+                            batch_size=self.defaults.get("batch_size", DEFAULT_BATCH_SIZE))
+        except ValueError as e:  # a bad request: HTTP 400 under `mlflow models serve`
+            raise MlflowException.invalid_parameter_value(str(e)) from e
+
+
+mlflow.models.set_model(DiffusionImageModel())

@@ -1,0 +1,71 @@
+"""Tiny models and evaluation dicts for the registry and serving tests."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from diffusion.serialization import save_model
+from diffusion.unet import UNet, UNetConfig
+from tasks.train import DiffusionConfig
+
+UNET = UNetConfig(resolution=8, in_channels=1, base_channels=8, channel_mult=(1,),
+                  num_res_blocks=1, attention_resolutions=(), num_classes=10)
+DIFFUSION = DiffusionConfig(T=100).model_dump(mode="json")  # what training writes
+CLASS_NAMES = [str(i) for i in range(10)]
+DEFAULTS = {"sampler": {"name": "ddim", "steps": 4}, "guidance_scale": 2.0}
+_names = itertools.count()
+
+
+def save_tiny_model(directory: Path, seed: int) -> Path:
+    """A random tiny UNet saved as training saves ``model/`` (output scaled so it matters)."""
+    torch.manual_seed(seed)
+    model = UNet(UNET)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)
+    return save_model(directory, model.state_dict(),
+                      {"unet": UNET.to_dict(), "diffusion": DIFFUSION, "class_names": CLASS_NAMES})
+
+
+def evaluation(fd: float, key: str = "a" * 16, **metrics) -> dict:
+    return {"eval_key": key, "dataset": {"name": "digits", "version": "d" * 16},
+            "metrics": {"fd": fd, "fd_floor": 1.0, "nll_bpd": 4.5, "nll_bpd_se": 0.05,
+                        "memorization": 0.0, **metrics},
+            "frontier": [{"sampler": "ddim", "steps": 10, "fd": fd + 1, "images_per_s": 300.0,
+                          "nfe": 10}],
+            "default_sampler": {"name": "ddim", "steps": 4}}
+
+
+def lineage(**extra) -> dict[str, str]:
+    return {"config.sha256": "c" * 64, "checkpoint.uri": "/runs/r/checkpoint_000001", **extra}
+
+
+def unique_name(prefix: str = "m") -> str:
+    return f"{prefix}-{next(_names)}-diffusion"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Poll ``url`` until it answers 200; fail with the process log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")

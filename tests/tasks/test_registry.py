@@ -1,0 +1,474 @@
+"""The registry stage on MLflow with a temporary SQLite store: register, resolve, load, promote,
+roll back, and the faults (worse challenger, racing promotions, missing names, tampered weights,
+unreachable server, a registration that dies before its last step)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+import pytest
+import torch
+from registry_helpers import (
+    DEFAULTS,
+    UNET,
+    evaluation,
+    lineage,
+    save_tiny_model,
+    unique_name,
+)
+
+from diffusion.denoiser import Denoiser, classifier_free_guidance
+from diffusion.noise import SampleNoise
+from diffusion.pixels import unit_to_uint8
+from diffusion.samplers import SamplerConfig, sample
+from diffusion.serialization import WeightsIntegrityError, load_model
+from tasks import registry
+from tasks.pyfunc_model import decode_pixels, schedule_of
+from tasks.registry import (
+    RegistryConfig,
+    RegistryError,
+    RegistryUnavailable,
+    load_version,
+    promote,
+    register_model,
+    resolve,
+    rollback,
+)
+
+pytestmark = pytest.mark.integration
+
+CFG = RegistryConfig()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite tracking store for the module (each test uses its own model names)."""
+    d = tmp_path_factory.mktemp("registry")
+    return {"uri": f"sqlite:///{d}/mlflow.db", "dir": d, "locks": str(d / "locks")}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Three tiny saved models with different weights."""
+    d = tmp_path_factory.mktemp("models")
+    return [save_tiny_model(d / f"m{i}", seed=i) for i in range(3)]
+
+
+def reg(store, model_dir, name, fd, key="a" * 16, run_id=None, cfg=CFG):
+    return register_model(str(model_dir), tracking_uri=store["uri"], run_id=run_id, cfg=cfg,
+                          model_name=name, evaluation=evaluation(fd, key), lineage=lineage(),
+                          defaults=DEFAULTS)
+
+
+def aliases(store, name) -> dict:
+    from mlflow import MlflowClient
+
+    rm = MlflowClient(store["uri"], store["uri"]).get_registered_model(name)
+    return {a: str(v) for a, v in rm.aliases.items()}
+
+
+def history(store, name) -> list[str]:
+    from mlflow import MlflowClient
+
+    rm = MlflowClient(store["uri"], store["uri"]).get_registered_model(name)
+    return json.loads(rm.tags.get(registry.HISTORY_TAG, "[]"))
+
+
+def weights_file(store, name, version) -> Path:
+    """The stored model.safetensors of a version in the local artifact store."""
+    from mlflow import MlflowClient
+
+    base = MlflowClient(store["uri"], store["uri"]).get_model_version_download_uri(name, version)
+    return Path(urlparse(base).path) / "artifacts" / "model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------
+# Register, resolve, load
+# ------------------------------------------------------------------------------------------
+
+
+def test_register_logs_a_pyfunc_from_code_with_lineage_and_challenger(store, models):
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = unique_name()
+    out = reg(store, models[0], name, fd=10.0)
+    assert out["version"] == "1" and out["model_uri"] == f"models:/{name}/1"
+    info = resolve(f"models:/{name}@challenger", store["uri"])
+    assert info["version"] == "1" and info["aliases"] == ["challenger"]
+    tags = info["tags"]
+    assert tags["weights_sha256"] == out["weights_sha256"] == json.loads(
+        (models[0] / "config.json").read_text())["weights_sha256"]
+    assert tags["eval.fd"] == "10.0" and tags["eval.key"] == "a" * 16
+    assert tags["dataset.version"] == "d" * 16 and tags["config.sha256"] == "c" * 64
+    assert tags["checkpoint.uri"].endswith("checkpoint_000001") and tags["code.version"]
+    assert "prefect.flow_run_id" not in tags  # not inside a flow run
+
+    # written as code: the model file and the diffusion package travel, no pickle
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=MlflowClient(store["uri"], store["uri"]).get_model_version_download_uri(
+            name, "1"), dst_path=str(store["dir"] / "dl"), tracking_uri=store["uri"]))
+    mlmodel = (local / "MLmodel").read_text()
+    assert "model_code_path" in mlmodel and "python_model.pkl" not in mlmodel
+    assert (local / "pyfunc_model.py").is_file()
+    assert (local / "code" / "diffusion" / "samplers.py").is_file()
+    assert not list(local.rglob("*.pkl"))
+    sig = mlflow.models.Model.load(str(local)).signature
+    assert [c.name for c in sig.inputs.inputs][:2] == ["seed", "index"]
+    assert not sig.inputs.inputs[1].required
+    # the evaluation is an artifact of the run
+    run_art = MlflowClient(store["uri"]).list_artifacts(out["run_id"], "registry")
+    assert [a.path for a in run_art] == [f"registry/{name}-v1.evaluation.json"]
+
+
+def test_registering_the_same_weights_from_the_same_run_is_idempotent(store, models):
+    name = unique_name()
+    first = reg(store, models[0], name, fd=10.0)
+    again = reg(store, models[0], name, fd=10.0, run_id=first["run_id"])
+    assert again == first
+    other_run = reg(store, models[0], name, fd=10.0)  # same weights, a new run: a new version
+    assert other_run["version"] == "2"
+    assert aliases(store, name) == {"challenger": "2"}
+
+
+def test_load_version_gives_the_registered_weights_and_defaults(store, models, tmp_path):
+    name = unique_name()
+    reg(store, models[1], name, fd=10.0)
+    model, config, defaults = load_version(f"models:/{name}@challenger", store["uri"],
+                                           dst=str(tmp_path / "dl"))
+    state, saved_config = load_model(models[1])
+    assert not model.training and config == saved_config
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert defaults["sampler"]["name"] == "ddim" and defaults["sampler"]["steps"] == 4
+    assert defaults["guidance_scale"] == 2.0
+    assert (tmp_path / "dl" / "artifacts" / "model.safetensors").is_file()
+
+
+def local_images(model, config, rows) -> list:
+    """Sample each row alone with the diffusion package (no pyfunc code): the reference."""
+    out = []
+    for seed, label in rows:
+        labels = torch.tensor([UNET.num_classes if label is None else label])
+        net = model if label is None else classifier_free_guidance(model, 2.0, UNET.num_classes)
+        den = Denoiser(net, schedule_of(config), "eps", labels=labels)
+        x = sample(den, (1, 8, 8), SampleNoise(seed, [0]), SamplerConfig("ddim", steps=4))
+        out.append(unit_to_uint8(x)[0].numpy())
+    return out
+
+
+def test_pyfunc_predict_matches_local_sampling_whatever_the_batch(store, models):
+    import mlflow
+
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    from tasks.registry import _fluent_tracking_uri
+
+    with _fluent_tracking_uri(store["uri"]):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    rows = [(11, 3), (12, None), (13, 7)]
+    table = pd.DataFrame({"seed": [r[0] for r in rows],
+                          "label": [float("nan") if r[1] is None else r[1] for r in rows]})
+    out = pyfunc.predict(table)
+    assert list(out.columns) == ["seed", "index", "label", "sampler", "steps", "guidance_scale",
+                                 "height", "width", "channels", "pixels"]
+    assert out["label"].tolist() == [3, -1, 7] and out["sampler"].tolist() == ["ddim"] * 3
+    images = [decode_pixels(r) for r in out.to_dict(orient="records")]
+    model, config, _ = load_version(f"models:/{name}/1", store["uri"])
+    for got, want in zip(images, local_images(model, config, rows), strict=True):
+        assert got.shape == (1, 8, 8) and (got == want).all()
+    # one row alone, and the rows reversed, give the same images
+    alone = pyfunc.predict(pd.DataFrame({"seed": [12]}))
+    assert alone["pixels"][0] == out["pixels"][1]
+    rev = pyfunc.predict(table.iloc[::-1].reset_index(drop=True))
+    assert rev["pixels"].tolist() == out["pixels"].tolist()[::-1]
+    # per-row settings, and a bad request is a clear error
+    custom = pyfunc.predict(pd.DataFrame({"seed": [11], "sampler": ["ddpm"], "steps": [3.0]}))
+    assert custom["sampler"][0] == "ddpm" and custom["steps"][0] == 3
+    with pytest.raises(Exception, match="label 12 is not a class id"):
+        pyfunc.predict(pd.DataFrame({"seed": [1], "label": [12.0]}))
+
+
+def test_missing_name_alias_and_version_list_what_exists(store, models):
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    with pytest.raises(RegistryError, match=rf"no registered model named 'nope'.*{name}"):
+        resolve("models:/nope@champion", store["uri"])
+    with pytest.raises(RegistryError, match=r"no alias @champion; it has @challenger → v1"):
+        resolve(f"models:/{name}@champion", store["uri"])
+    with pytest.raises(RegistryError, match=r"has no version 9; versions: 1"):
+        load_version(f"models:/{name}/9", store["uri"])
+    with pytest.raises(RegistryError, match="not a registry reference"):
+        resolve("runs:/abc/model", store["uri"])
+    with pytest.raises(RegistryError, match="no @challenger to promote"):
+        promote(unique_name_registered(store, models), tracking_uri=store["uri"], cfg=CFG,
+                lock_dir=store["locks"])
+
+
+def unique_name_registered(store, models) -> str:
+    """A model whose only version has been promoted (so no challenger is left)."""
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    assert promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])["promoted"]
+    return name
+
+
+@pytest.mark.parametrize("damage", ["tamper", "truncate"])
+def test_damaged_weights_are_refused_before_any_tensor_is_parsed(store, models, monkeypatch,
+                                                                   damage):
+    import mlflow
+    import safetensors.torch
+
+    name = unique_name()
+    reg(store, models[2], name, fd=10.0)
+    f = weights_file(store, name, "1")
+    data = bytearray(f.read_bytes())
+    if damage == "tamper":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    f.write_bytes(bytes(data))
+
+    def parsed(*a, **k):
+        raise AssertionError("a tensor was parsed from damaged weights")
+
+    monkeypatch.setattr(safetensors.torch, "load", parsed)
+    with pytest.raises(WeightsIntegrityError, match="SHA-256 mismatch"):
+        load_version(f"models:/{name}/1", store["uri"])
+    from tasks.registry import _fluent_tracking_uri
+
+    with _fluent_tracking_uri(store["uri"]), pytest.raises(Exception, match="SHA-256 mismatch"):
+        mlflow.pyfunc.load_model(f"models:/{name}/1")  # what `mlflow models serve` runs
+
+
+# ------------------------------------------------------------------------------------------
+# Promotion and rollback
+# ------------------------------------------------------------------------------------------
+
+
+def test_first_promotion_passes_the_absolute_thresholds(store, models):
+    name = unique_name()
+    cfg = RegistryConfig(thresholds={"fd": 8.0, "memorization": 0.1})
+    reg(store, models[0], name, fd=9.0)
+    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert not res["promoted"] and "fd 9 fails the threshold <= 8" in res["reason"]
+    assert "champion" not in aliases(store, name)
+    assert resolve(f"models:/{name}/1", store["uri"])["tags"]["promotion.decision"] == "rejected"
+    reg(store, models[1], name, fd=7.5)
+    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert res["promoted"] and res["champion"] == "2" and res["previous"] is None
+    assert aliases(store, name) == {"champion": "2"}  # challenger consumed
+    assert history(store, name) == ["2"]
+
+
+def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
+    name = unique_name()
+    cfg = RegistryConfig(margin=0.02)
+    reg(store, models[0], name, fd=10.0)
+    promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    reg(store, models[1], name, fd=9.9)  # 1% better: not enough
+    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert not res["promoted"] and res["champion"] == "1" and res["previous"] == "1"
+    assert res["challenger_value"] == 9.9 and res["champion_value"] == 10.0
+    assert res["improvement"] == pytest.approx(0.01) and "misses" in res["reason"]
+    assert aliases(store, name) == {"champion": "1", "challenger": "2"}
+    assert history(store, name) == ["1"]
+    chall = resolve(f"models:/{name}/2", store["uri"])["tags"]
+    champ = resolve(f"models:/{name}/1", store["uri"])["tags"]
+    assert chall["promotion.decision"] == "rejected" and chall["promotion.against"] == "1"
+    assert chall["promotion.champion_value"] == "10.0" and chall["promotion.margin"] == "0.02"
+    assert json.loads(champ["promotion.challenge.v2"])["decision"] == "rejected"
+
+    reg(store, models[2], name, fd=9.0)  # 10% better
+    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert res["promoted"] and res["champion"] == "3" and res["previous"] == "1"
+    assert aliases(store, name) == {"champion": "3"}
+    assert history(store, name) == ["1", "3"]
+    assert resolve(f"models:/{name}/1", store["uri"])["tags"]["promotion.superseded_by"] == "3"
+
+
+def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0, key="1" * 16)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    reg(store, models[1], name, fd=9.0, key="2" * 16)
+    with pytest.raises(RegistryError, match="pass evaluate="):
+        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    asked = []
+
+    def evaluate(ref):
+        asked.append(ref)
+        return evaluation(8.0, key="2" * 16)  # on the challenger's set the champion is better
+
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                  evaluate=evaluate)
+    assert asked == [f"models:/{name}/1"]
+    assert not res["promoted"] and res["champion_value"] == 8.0
+    with pytest.raises(RegistryError, match="must use the challenger's set"):
+        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                evaluate=lambda ref: evaluation(1.0, key="3" * 16))
+
+
+def test_rollback_moves_the_champion_back_and_refuses_without_a_previous_one(store, models):
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    reg(store, models[1], name, fd=5.0)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    assert history(store, name) == ["1", "2"]
+    res = rollback(name, tracking_uri=store["uri"], lock_dir=store["locks"])
+    assert res == {"champion": "1", "previous": "2", "history": ["1"]}
+    assert aliases(store, name)["champion"] == "1"
+    assert resolve(f"models:/{name}/2", store["uri"])["tags"]["promotion.decision"] == "rolled_back"
+    with pytest.raises(RegistryError, match=r"no previous champion.*\['1'\]"):
+        rollback(name, tracking_uri=store["uri"], lock_dir=store["locks"])
+
+
+def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, models):
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0, key="1" * 16)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    reg(store, models[1], name, fd=8.0, key="2" * 16)
+    reg(store, models[2], name, fd=6.0, key="2" * 16)
+    inside, overlaps = [0], []
+    guard = threading.Lock()
+
+    def slow_evaluate(ref):  # widens the window in which an unlocked promotion would race
+        with guard:
+            inside[0] += 1
+            overlaps.append(inside[0])
+        time.sleep(0.5)
+        with guard:
+            inside[0] -= 1
+        return evaluation(10.0, key="2" * 16)
+
+    results: dict[str, dict] = {}
+
+    def run(version):
+        results[version] = promote(name, version, tracking_uri=store["uri"], cfg=CFG,
+                                   lock_dir=store["locks"], evaluate=slow_evaluate)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in ("2", "3")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlaps) == 1  # the promotions ran one after the other
+    champion = aliases(store, name)["champion"]
+    hist = history(store, name)
+    promoted = [r for r in results.values() if r["promoted"]]
+    assert hist[0] == "1" and hist[-1] == champion == "3"
+    assert len(hist) == len(set(hist)) == 1 + len(promoted)
+    for r in promoted:  # each promotion saw the champion the history says it replaced
+        assert hist[hist.index(r["champion"]) - 1] == r["previous"]
+    assert not list(Path(store["locks"]).iterdir())  # the lease is gone
+
+
+def test_a_held_lease_makes_a_promotion_wait_then_fail_and_a_stale_one_is_broken(store, models):
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    quick = RegistryConfig(lock_wait_s=0.5, lock_stale_s=60)
+    with registry._Lease(store["locks"], name, stale_s=60, wait_s=1):
+        t0 = time.monotonic()
+        with pytest.raises(RegistryError, match=r"promotion lease .* is held by"):
+            promote(name, tracking_uri=store["uri"], cfg=quick, lock_dir=store["locks"])
+        assert time.monotonic() - t0 < 5
+    lock = Path(store["locks"]) / f"{name}.lock"
+    lock.write_text(json.dumps({"token": "dead", "host": "gone", "pid": 1, "at": 0}))
+    assert promote(name, tracking_uri=store["uri"], cfg=quick, lock_dir=store["locks"])["promoted"]
+    assert not lock.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# MLflow unreachable, or failing half-way
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_unreachable_server_fails_within_bounded_retries(models, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # the caller's own value
+    uri = "http://127.0.0.1:9"
+    times = {}
+    for retries in (0, 2):
+        cfg = RegistryConfig(retries=retries, timeout_s=2)
+        t0 = time.monotonic()
+        with pytest.raises(RegistryUnavailable, match=r"cannot reach MLflow at http://127\.0\.0"
+                           r"\.1:9 .*MLFLOW_TRACKING_URI"):
+            register_model(str(models[0]), tracking_uri=uri, run_id=None, cfg=cfg,
+                           model_name="never", evaluation=evaluation(1.0), lineage=lineage(),
+                           defaults=DEFAULTS)
+        times[retries] = time.monotonic() - t0
+    # the bound takes effect: no retry is immediate, two retries back off 2 s (urllib3: 0, 2)
+    assert times[0] < 1.5 and 1.5 < times[2] < 30
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+    with pytest.raises(RegistryUnavailable):
+        resolve("models:/never@champion", uri)
+
+
+def test_a_registration_that_fails_before_its_last_step_leaves_no_challenger(store, models,
+                                                                               monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    real = MlflowClient.log_dict
+
+    def dropped(self, *a, **k):
+        raise MlflowException("API request to http://mlflow/api/2.0/mlflow/artifacts failed "
+                              "with exception Connection refused")
+
+    monkeypatch.setattr(MlflowClient, "log_dict", dropped)
+    with pytest.raises(RegistryUnavailable, match="cannot reach MLflow"):
+        out = reg(store, models[1], name, fd=9.0)
+    assert aliases(store, name) == {"challenger": "1"}  # v2 exists but is nobody's challenger
+    run_id = resolve(f"models:/{name}/2", store["uri"])["tags"]
+    assert run_id["weights_sha256"]
+    monkeypatch.setattr(MlflowClient, "log_dict", real)
+    from mlflow import MlflowClient as C
+
+    v2 = C(store["uri"], store["uri"]).get_model_version(name, "2")
+    out = reg(store, models[1], name, fd=9.0, run_id=v2.run_id)  # the retry finishes the job
+    assert out["version"] == "2" and aliases(store, name) == {"challenger": "2"}
+
+
+# ------------------------------------------------------------------------------------------
+# Config and Prefect wrappers
+# ------------------------------------------------------------------------------------------
+
+
+def test_registry_config_validation_and_model_name():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="metric 'is' is unknown; use one of fd, nll_bpd"):
+        RegistryConfig(metric="is")
+    with pytest.raises(ValidationError, match="metric 'acc' is unknown"):
+        RegistryConfig(thresholds={"acc": 0.9})
+    with pytest.raises(ValidationError, match="extra"):
+        RegistryConfig(nope=1)
+    assert registry.model_name_for(RegistryConfig(), "digits") == "digits-diffusion"
+    assert registry.model_name_for(RegistryConfig(model_name="x"), "digits") == "x"
+    assert registry.improvement(9.0, 10.0, "fd") == pytest.approx(0.1)
+
+
+def test_prefect_retries_only_transient_failures():
+    from prefect.states import Failed
+
+    def state(e):
+        return Failed(data=e)
+
+    assert registry.retry_transient(None, None, state(RegistryUnavailable("down")))
+    assert not registry.retry_transient(None, None, state(RegistryError("no such model")))
+    assert not registry.retry_transient(None, None, state(WeightsIntegrityError("tampered")))
+
+
+def test_missing_lineage_is_refused(store, models):
+    with pytest.raises(RegistryError, match=r"lineage lacks config\.sha256, checkpoint\.uri"):
+        register_model(str(models[0]), tracking_uri=store["uri"], run_id=None, cfg=CFG,
+                       model_name=unique_name(), evaluation=evaluation(1.0), lineage={},
+                       defaults=DEFAULTS)
