@@ -47,11 +47,12 @@ def _fail(e: BaseException, debug: bool) -> None:
 
 
 _EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound",
-             "TrainConfigError", "TrainingDiverged")
+             "TrainConfigError", "TrainingDiverged", "RunNotFound", "EvalError",
+             "WeightsIntegrityError", "RegistryError", "TrackingError")
 
 
 def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, debug: bool,
-               flow_name: str):
+               flow_name: str, **kwargs):
     """Load the config and run one stage's flow; expected errors become one red line."""
     try:
         from flows.config import load_config
@@ -59,9 +60,13 @@ def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, de
         cfg = load_config(config, sets or [], root)
         if flow_name == "preprocess":
             from flows.preprocess import preprocess_flow as stage_flow
-        else:
+        elif flow_name == "train":
             from flows.train import train_flow as stage_flow
-        return stage_flow(cfg.to_json_dict())
+        elif flow_name == "evaluate":
+            from flows.evaluate import evaluate_flow as stage_flow
+        else:
+            raise ValueError(f"unknown stage {flow_name}")
+        return stage_flow(cfg.to_json_dict(), **kwargs)
     except Exception as e:
         if type(e).__name__ not in _EXPECTED and not debug:
             typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
@@ -101,6 +106,28 @@ def train(
     typer.echo(f"run {res['run_name']}: step {m['step']}, loss {m.get('loss', float('nan')):.4f}"
                f" on {res['dataset']['name']}@{res['dataset']['version']}")
     typer.echo(f"checkpoint: {res['checkpoint_uri']}")
+
+
+ModelOpt = typer.Option(
+    None, "--model", "-m", help="models:/<name>@<alias>, models:/<name>/<version>, or a "
+    "checkpoint / model directory URI. Default: the finished training run the config names.")
+
+
+@app.command()
+def evaluate(
+    model: str = ModelOpt,
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Evaluate a model: NLL (bits/dim), Fréchet distance with its floor, memorization, and the
+    sampler quality-vs-cost frontier; prints the table."""
+    from tasks.evaluate import table
+
+    res = _run_stage(config, set_, root, debug, "evaluate", model=model)
+    typer.echo(table(res))
+    typer.echo(f"stored: {res['stored_at']}" + (" (reused)" if res["reused"] else ""))
 
 
 @app.callback()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from diffusion.unet import UNetConfig
 from tasks.datasets import DataConfig
 from tasks.digits import DIGITS_UNET
+from tasks.evaluate import EvalConfig
 from tasks.runtime import RuntimeConfig
 from tasks.train import DiffusionConfig, TrainConfig
 
@@ -35,6 +36,7 @@ class PipelineConfig(BaseModel):
     model: UNetConfig = Field(default_factory=lambda: DIGITS_UNET)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -555,6 +555,50 @@ class TrainResult:
                 "mlflow_uri": self.mlflow_uri}
 
 
+def _identity(model: Any, diffusion: DiffusionConfig, train: TrainConfig) -> dict:
+    return {"model": model.to_dict(), "diffusion": diffusion.model_dump(mode="json"),
+            "train": train.model_dump(mode="json")}
+
+
+class RunNotFound(LookupError):
+    """No finished training run matches the config; says which run was looked for."""
+
+
+def finished_run(data: DataConfig, model: Any, diffusion: DiffusionConfig, train: TrainConfig,
+                 runtime: RuntimeConfig) -> dict:
+    """The finished training run this config names (``train.run_name`` or the default name
+    derived from the dataset version and the config), without starting Ray:
+    ``{"run_name", "checkpoint_uri", "metrics", "dataset"}``. The checkpoint is the newest
+    ``checkpoint_*`` whose step is the run's final step. Raises :class:`RunNotFound`."""
+    root = runtime.root_location()
+    ref, manifest = open_dataset(root, data.name, data.version)
+    run_name = train.run_name or default_run_name(manifest, _identity(model, diffusion, train))
+    run_dir = root.child("runs", run_name)
+    status_loc = run_dir.child(STATUS_FILE)
+    status = read_json(status_loc) if exists(status_loc) else {}
+    if status.get("status") != "finished":
+        state = f"is {status['status']}" if status else "does not exist"
+        raise RunNotFound(
+            f"training run {run_name} (for dataset {ref.name}@{ref.version} and this config) "
+            f"{state} under {root.child('runs').describe()}; run `diffusion-pipeline train` "
+            "with the same config first, or pass the model explicitly")
+    from tasks.checkpoints import STATE_FILE
+
+    found = []
+    for path in call(run_dir, run_dir.fs.ls, run_dir.path, detail=False):
+        name = path.rstrip("/").split("/")[-1]
+        state_loc = run_dir.child(name, STATE_FILE)
+        if name.startswith("checkpoint_") and exists(state_loc):
+            step = read_json(state_loc).get("step")
+            if step == status["step"]:
+                found.append(name)
+    if not found:
+        raise RunNotFound(f"training run {run_name} finished at step {status['step']} but no "
+                          f"checkpoint of that step is left in {run_dir.describe()}")
+    return {"run_name": run_name, "checkpoint_uri": run_dir.child(max(found)).url,
+            "metrics": status, "dataset": ref.to_dict()}
+
+
 def run_training(
     data: DataConfig,
     model: Any,
@@ -571,11 +615,7 @@ def run_training(
     root = runtime.root_location()
     ref, manifest = open_dataset(root, data.name, data.version)
     validate(model, train, manifest, diffusion)
-    job = {
-        "model": model.to_dict(),
-        "diffusion": diffusion.model_dump(mode="json"),
-        "train": train.model_dump(mode="json"),
-    }
+    job = _identity(model, diffusion, train)
     run_name = train.run_name or default_run_name(manifest, job)
     job |= {
         "run_name": run_name,

@@ -1,0 +1,25 @@
+"""The ``evaluate`` flow: one stage, a trained model → its evaluation (metrics, frontier)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from tasks.evaluate import evaluate_task
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config: dict, model: str | None = None,
+                  dataset_version: str | None = None) -> dict:
+    """Evaluate ``model`` (``models:/...``, a checkpoint or model URI; default: the finished
+    training run that ``config`` names) with ``config['evaluate']``.
+
+    ``config`` is a :class:`~flows.config.PipelineConfig` as JSON, validated here first.
+    """
+    cfg = PipelineConfig.model_validate(config)
+    if model is None:
+        from tasks.train import finished_run
+
+        model = finished_run(cfg.data, cfg.model, cfg.diffusion, cfg.train,
+                             cfg.runtime)["checkpoint_uri"]
+    return evaluate_task(model, cfg.to_json_dict(), dataset_version)

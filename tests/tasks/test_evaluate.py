@@ -1,0 +1,160 @@
+"""The evaluation stage on the embedded digits: metrics, the frontier's default, the cache, the
+comparability key, memorization, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion import EMA, UNet, UNetConfig
+from diffusion.serialization import WeightsIntegrityError, save_model
+from diffusion.training import OptimConfig, make_lr_scheduler, make_optimizer, train_step
+from flows.config import load_config
+from tasks.datasets import open_dataset
+from tasks.evaluate import EvalConfig, EvalError, evaluate, load_model_ref, nearest_rms, read_split
+from tasks.preprocess import preprocess
+from tasks.train import DiffusionConfig
+
+pytestmark = [pytest.mark.integration]
+
+UNET = UNetConfig(resolution=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(), num_classes=10)
+DIFF = DiffusionConfig(T=100)
+FAST = EvalConfig(num_samples=120, frontier=["ddim:5", "ddim:20", "dpmpp_2m:10"], nll_images=16,
+                  reference_steps=150, batch_size=60)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("eval-root")
+    cfg = load_config(root=str(root))
+    preprocess(cfg.data, cfg.runtime, echo=lambda s: None)
+    return root
+
+
+def _save(model, path, class_names):
+    return save_model(path / "model", model.state_dict(),
+                      {"unet": UNET.to_dict(), "diffusion": DIFF.model_dump(mode="json"),
+                       "class_names": class_names})
+
+
+@pytest.fixture(scope="module")
+def models(root, tmp_path_factory):
+    """Two models in checkpoint layout (<dir>/model/...): one trained for 300 steps on the
+    digits, one untrained."""
+    cfg = load_config(root=str(root))
+    rt = cfg.runtime.root_location()
+    _, manifest = open_dataset(rt, "digits")
+    x, y = read_split(rt, manifest, "train", 10_000)
+    x = torch.from_numpy(x).float() / 127.5 - 1
+    y = torch.from_numpy(y)
+    torch.manual_seed(0)
+    model = UNet(UNET)
+    optim = OptimConfig(steps=300, lr=2e-3, warmup_steps=20)
+    opt, ema = make_optimizer(model, optim), EMA(model, decay=0.99)
+    sched, g = make_lr_scheduler(opt, optim), torch.Generator().manual_seed(0)
+    schedule = DIFF.schedule_config().build()
+    for _ in range(optim.steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        train_step(model, opt, sched, x[idx], y[idx], schedule, optim, ema=ema, null_class=10,
+                   generator=g)
+    ema.copy_to(model)
+    base = tmp_path_factory.mktemp("models")
+    trained = _save(model.eval(), base / "trained", manifest["class_names"]).parent
+    torch.manual_seed(1)
+    untrained = _save(UNet(UNET).eval(), base / "untrained", manifest["class_names"]).parent
+    return {"trained": str(trained), "untrained": str(untrained), "cfg": cfg}
+
+
+def run(models, which, ecfg=FAST, **kw):
+    cfg = models["cfg"]
+    lines = []
+    res = evaluate(models[which], cfg.data, ecfg, cfg.runtime, echo=lines.append, **kw)
+    return res, lines
+
+
+def test_metrics_frontier_default_and_floor(models):
+    res, lines = run(models, "trained")
+    m = res["metrics"]
+    assert res["features"]["kind"] == "reference" and len(res["features"]["sha256"]) == 64
+    assert {"fd", "fd_floor", "fd_best", "nll_bpd", "nll_bpd_se", "memorization",
+            "memorization_floor"} <= set(m)
+    assert 0 < m["fd_floor"] < m["fd"]  # real vs real is the floor
+    assert 0 < m["nll_bpd"] < 8 and m["nll_bpd_se"] > 0  # 8 bits/dim = a uniform model
+    assert [(f["sampler"], f["steps"]) for f in res["frontier"]] == [
+        ("ddim", 5), ("ddim", 20), ("dpmpp_2m", 10)]
+    assert all(f["images_per_s"] > 0 and f["nfe"] > 0 for f in res["frontier"])
+    # the default is the cheapest setting within the tolerance of the best
+    best = min(f["fd"] for f in res["frontier"])
+    ok = [f for f in res["frontier"] if f["fd"] <= best * (1 + FAST.tolerance)]
+    cheapest = min(ok, key=lambda f: f["nfe"])
+    assert res["default_sampler"] == {"name": cheapest["sampler"], "steps": cheapest["steps"]}
+    assert m["fd"] == cheapest["fd"] and m["fd_best"] == best
+    assert any("reference network" in s for s in lines)
+    json.dumps(res)  # JSON-safe
+
+
+def test_trained_model_beats_an_untrained_one_on_the_same_key(models):
+    good, _ = run(models, "trained")
+    bad, _ = run(models, "untrained")
+    assert good["eval_key"] == bad["eval_key"]  # same set, seeds and feature network
+    assert good["metrics"]["fd"] < bad["metrics"]["fd"]
+    assert good["metrics"]["nll_bpd"] < bad["metrics"]["nll_bpd"]
+
+
+def test_second_evaluation_is_read_from_the_cache(models):
+    first, _ = run(models, "trained")
+    again, lines = run(models, "trained")
+    assert any("reusing it" in s for s in lines)
+    assert again["metrics"] == first["metrics"]
+    other_seed, _ = run(models, "trained", FAST.model_copy(update={"seed": 7}))
+    assert other_seed["eval_key"] != first["eval_key"]
+
+
+def test_samples_do_not_depend_on_the_batch_size(models):
+    a, _ = run(models, "trained", FAST.model_copy(update={"batch_size": 120}), use_cache=False)
+    b, _ = run(models, "trained", FAST.model_copy(update={"batch_size": 7}), use_cache=False)
+    assert a["eval_key"] == b["eval_key"]
+    assert [f["fd"] for f in a["frontier"]] == pytest.approx([f["fd"] for f in b["frontier"]],
+                                                             rel=1e-6)
+
+
+def test_memorization_counts_copies_of_training_images():
+    train = np.random.default_rng(0).integers(0, 256, (50, 1, 8, 8), dtype=np.uint8)
+    copies = train[:10].copy()
+    copies[:, :, 0, 0] ^= 1  # one grey level off: still a copy
+    fresh = np.random.default_rng(1).integers(0, 256, (10, 1, 8, 8), dtype=np.uint8)
+    d = nearest_rms(np.concatenate([copies, fresh]), train, torch.device("cpu"), chunk=16)
+    assert (d[:10] < 0.01).all() and (d[10:] > 0.1).all()
+
+
+def test_tampered_weights_are_refused_before_use(models, tmp_path):
+    import shutil
+
+    dst = tmp_path / "tampered"
+    shutil.copytree(models["trained"], dst)
+    w = dst / "model" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match="SHA-256 mismatch"):
+        load_model_ref(str(dst), models["cfg"].runtime)
+
+
+def test_bad_inputs_are_clear_errors(models, tmp_path):
+    cfg = models["cfg"]
+    with pytest.raises(EvalError, match="neither a model directory"):
+        evaluate(str(tmp_path), cfg.data, FAST, cfg.runtime, echo=lambda s: None)
+    wrong = UNetConfig(resolution=16, in_channels=1, base_channels=8, channel_mult=(1,),
+                       num_res_blocks=1, attention_resolutions=(), num_classes=10)
+    save_model(tmp_path / "m16" / "model", UNet(wrong).state_dict(),
+               {"unet": wrong.to_dict(), "diffusion": DIFF.model_dump(mode="json")})
+    with pytest.raises(EvalError, match="1x16x16 images but dataset digits"):
+        evaluate(str(tmp_path / "m16"), cfg.data, FAST, cfg.runtime, echo=lambda s: None)
+    with pytest.raises(ValueError, match="sampler:steps"):
+        EvalConfig(frontier=["ddim"])
+    with pytest.raises(ValueError, match="nosuch"):
+        EvalConfig(frontier=["nosuch:10"])
