@@ -663,7 +663,7 @@ def run_training(
             resources_per_worker=resources, placement_strategy=train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=runs.path if root.is_local else runs.url,
+            storage_path=runs.path,  # a path within storage_filesystem (no scheme)
             storage_filesystem=_pyarrow_fs(root),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
