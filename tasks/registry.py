@@ -7,9 +7,9 @@
                      points the ``challenger`` alias at it
     promote          the challenger becomes ``champion`` only if it beats the current champion by
                      ``registry.margin`` on ``registry.metric``, judged on the same evaluation set
-                     and seeds (``eval.key``); the first champion only has to pass
-                     ``registry.thresholds``. The decision and its numbers become tags on both
-                     versions
+                     and seeds (``eval.key``), and passes ``registry.thresholds`` (the only
+                     gate for the first champion). The decision and its numbers become tags on
+                     both versions
     rollback         moves ``champion`` back to the previous holder
     resolve / load_version   ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` → the
                      version, or the UNet with its weights checked against the registered digest
@@ -21,12 +21,11 @@ minutes by default; around our calls its retries and timeouts are bounded by ``r
 and ``registry.timeout_s`` (MLflow reads ``MLFLOW_HTTP_REQUEST_*`` at every request), and an
 unreachable server becomes :class:`RegistryUnavailable` naming the URI.
 
-Why a lock file: MLflow has no compare-and-set on aliases or tags, so two promotions racing would
-both compare against the same champion and both move the alias, and the history tag would lose an
-entry. Promotions and rollbacks of one model therefore run under an exclusive lease: a file created
-with :func:`tasks.storage.commit_bytes` (hard link locally, ``If-None-Match`` on S3) in a lock
-directory every promoter shares (e.g. ``<root>/registry/locks``). The holder refreshes it while it
-works; a lease older than ``registry.lock_stale_s`` is broken with a warning. The champion
+Why a lease: MLflow has no compare-and-set on aliases or tags, so two promotions racing would both
+compare against the same champion and both move the alias, and the history tag would lose an
+entry. Promotions and rollbacks of one model therefore run under an exclusive lease
+(:class:`tasks.lease.Lease`: a lock file created only-if-absent in a directory every promoter
+shares, e.g. ``<root>/registry/locks``; refreshed while held, broken when stale). The champion
 history, a JSON list of versions on the registered model (tag ``champion.history``, newest last),
 is only written under the lease; the ``champion`` alias is the source of truth and the history is
 reconciled with it before use.
@@ -44,8 +43,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -54,20 +51,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.storage import (
-    Location,
-    StorageError,
-    atomic_write_bytes,
-    call,
-    commit_bytes,
-    redact,
-    storage_options,
-)
-from tasks.storage import read_json as read_json_at
+from tasks.storage import StorageError, redact
+from tasks.tracking import EXPERIMENT
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "diffusion-pipeline"
 CHALLENGER, CHAMPION = "challenger", "champion"
 WEIGHTS_TAG = "weights_sha256"
 EVAL_KEY_TAG = "eval.key"
@@ -192,8 +180,9 @@ def _http_bounds(cfg: RegistryConfig) -> Iterator[None]:
 
 
 def _is_unreachable(e: BaseException) -> bool:
+    """Connection refused, timeouts, exhausted HTTP retries, a locked SQLite file: transient."""
     text = str(e)
-    return (isinstance(e, (ConnectionError, TimeoutError))
+    return (isinstance(e, ConnectionError | TimeoutError)
             or type(e).__module__.startswith(("requests", "urllib3"))
             or "Max retries exceeded" in text or "Connection refused" in text
             or "timed out" in text or "timeout exception" in text
@@ -212,24 +201,21 @@ def _mlflow(uri: str, cfg: RegistryConfig, what: str) -> Iterator[Any]:
     from mlflow.exceptions import MlflowException
 
     where = redact(uri)
+    unreachable = (f"cannot reach MLflow at {where} to {what} (gave up after {cfg.retries} "
+                   f"retries, {cfg.timeout_s:g} s timeout each)")
+    hint = "check runtime.mlflow_uri / MLFLOW_TRACKING_URI and that the server is up"
     with _http_bounds(cfg):
         try:
             yield MlflowClient(tracking_uri=uri, registry_uri=uri)
         except RegistryError:
             raise
-        except (MlflowException, OSError) as e:
-            if isinstance(e, OSError) or _is_unreachable(e):
-                raise RegistryUnavailable(
-                    f"cannot reach MLflow at {where} to {what} (gave up after {cfg.retries} "
-                    f"retries, {cfg.timeout_s:g} s timeout each): {_first_line(e)}; check "
-                    "runtime.mlflow_uri / MLFLOW_TRACKING_URI and that the server is up") from e
-            raise RegistryError(
-                f"MLflow at {where} refused to {what}: {_first_line(e)}") from e
+        except MlflowException as e:
+            if _is_unreachable(e):
+                raise RegistryUnavailable(f"{unreachable}: {_first_line(e)}; {hint}") from e
+            raise RegistryError(f"MLflow at {where} refused to {what}: {_first_line(e)}") from e
         except Exception as e:
             if _is_unreachable(e):
-                raise RegistryUnavailable(
-                    f"cannot reach MLflow at {where} to {what}: {_first_line(e)}; check "
-                    "runtime.mlflow_uri / MLFLOW_TRACKING_URI and that the server is up") from e
+                raise RegistryUnavailable(f"{unreachable}: {_first_line(e)}; {hint}") from e
             raise
 
 
@@ -442,7 +428,11 @@ def register_model(
     defaults: dict,
 ) -> dict:
     """Log ``model_dir`` as a pyfunc into ``run_id`` (a new run if None), register a version with
-    tags, and point ``challenger`` at it last. Idempotent per (weights digest, run)."""
+    tags, and point ``challenger`` at it last.
+
+    Idempotent per (weights digest, run): a second call returns the version the first made,
+    unchanged, and finishes its last steps if the first call died before them.
+    """
     from tasks.pyfunc_model import serving_document
 
     if not MODEL_NAME_RE.match(model_name or ""):
@@ -490,9 +480,14 @@ def register_model(
                 mv = client.create_model_version(
                     model_name, source=info.model_uri, run_id=run_id, tags=tags,
                     await_creation_for=0, model_id=info.model_id)
-        client.log_dict(run_id, evaluation, f"registry/{model_name}-v{mv.version}.evaluation.json")
         if fresh or _unfinished(client, model_name, mv.version):
+            client.log_dict(run_id, evaluation,
+                            f"registry/{model_name}-v{mv.version}.evaluation.json")
             client.set_registered_model_alias(model_name, CHALLENGER, mv.version)  # last
+        elif mv.tags.get(EVAL_KEY_TAG) != tags[EVAL_KEY_TAG]:
+            log.warning("%s v%s already holds these weights from run %s; its recorded evaluation "
+                        "(eval.key %s) stands", model_name, mv.version, run_id,
+                        mv.tags.get(EVAL_KEY_TAG))
     return {"name": model_name, "version": str(mv.version),
             "model_uri": f"models:/{model_name}/{mv.version}", "weights_sha256": digest,
             "run_id": run_id}
@@ -639,87 +634,19 @@ def load_version(
         return model, config, serving["defaults"]
 
 
-# --------------------------------------------------------------------------------------------
-# The promotion lease
-# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _lease(lock_dir: str, model_name: str, cfg: RegistryConfig) -> Iterator[None]:
+    """The model's promotion lease (:class:`tasks.lease.Lease`), failures as registry errors."""
+    from tasks.lease import Lease, LeaseBusy
 
-
-class _Lease:
-    """An exclusive lock file for one model's champion, refreshed while held (see the module
-    docstring). Entering waits up to ``wait_s``; a lease older than ``stale_s`` is broken."""
-
-    def __init__(self, lock_dir: str, model_name: str, *, stale_s: float, wait_s: float):
-        base = Location.of(lock_dir, storage_options(lock_dir))
-        self.loc = base.child(re.sub(r"[^A-Za-z0-9._-]", "_", model_name) + ".lock")
-        self.stale_s, self.wait_s = stale_s, wait_s
-        self.token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _payload(self) -> bytes:
-        import socket
-
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "at": time.time()}).encode()
-
-    def _holder(self) -> dict | None:
-        try:
-            return read_json_at(self.loc)
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError):
-            return {"at": 0.0}  # unreadable: nobody writes that through commit_bytes; break it
-
-    def __enter__(self) -> _Lease:
-        deadline = time.monotonic() + self.wait_s
-        delay = 0.05
-        try:
-            while not commit_bytes(self.loc, self._payload()):
-                holder = self._holder()
-                if holder is None:
-                    continue  # released between our attempt and the read
-                age = time.time() - float(holder.get("at", 0.0))
-                if age > self.stale_s:
-                    log.warning("breaking the stale promotion lease %s (held by %s pid %s, not "
-                                "refreshed for %.0f s)", self.loc.describe(), holder.get("host"),
-                                holder.get("pid"), age)
-                    with contextlib.suppress(FileNotFoundError):
-                        call(self.loc, self.loc.fs.rm, self.loc.path)
-                    continue
-                if time.monotonic() > deadline:
-                    raise RegistryError(
-                        f"the promotion lease {self.loc.describe()} is held by "
-                        f"{holder.get('host')} pid {holder.get('pid')} (refreshed {age:.0f} s "
-                        "ago); another promotion or rollback is running; retry later (a lease is "
-                        "broken after "
-                        f"{self.stale_s:.0f} s without refresh)")
-                time.sleep(delay)
-                delay = min(2 * delay, 1.0)
-        except StorageError as e:
-            raise RegistryUnavailable(f"cannot take the promotion lease: {e}") from e
-        self._thread = threading.Thread(target=self._refresh, daemon=True, name="registry-lease")
-        self._thread.start()
-        return self
-
-    def _refresh(self) -> None:
-        while not self._stop.wait(max(self.stale_s / 4, 0.05)):
-            holder = self._holder()
-            if not holder or holder.get("token") != self.token:
-                log.warning("the promotion lease %s was taken over", self.loc.describe())
-                return
-            with contextlib.suppress(Exception):
-                atomic_write_bytes(self.loc, self._payload())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        holder = self._holder()
-        if holder and holder.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                call(self.loc, self.loc.fs.rm, self.loc.path)
-        else:
-            log.warning("the promotion lease %s was broken while held", self.loc.describe())
+    try:
+        with Lease(lock_dir, model_name, stale_s=cfg.lock_stale_s, wait_s=cfg.lock_wait_s):
+            yield
+    except LeaseBusy as e:
+        raise RegistryError(f"another promotion or rollback of {model_name} is running: {e}") \
+            from e
+    except StorageError as e:
+        raise RegistryUnavailable(f"cannot take the promotion lease of {model_name}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,7 +717,7 @@ def promote(
     """
     metric = cfg.metric
     with _mlflow(tracking_uri, cfg, f"promote {model_name}") as client, \
-            _Lease(lock_dir, model_name, stale_s=cfg.lock_stale_s, wait_s=cfg.lock_wait_s):
+            _lease(lock_dir, model_name, cfg):
         rm = _registered_model(client, model_name)
         if version is None:
             version = _aliases(rm).get(CHALLENGER)
@@ -885,7 +812,7 @@ def rollback(model_name: str, *, tracking_uri: str, lock_dir: str,
     """Move ``champion`` back to its previous holder (the history's second-to-last entry)."""
     cfg = cfg or RegistryConfig()
     with _mlflow(tracking_uri, cfg, f"roll back {model_name}") as client, \
-            _Lease(lock_dir, model_name, stale_s=cfg.lock_stale_s, wait_s=cfg.lock_wait_s):
+            _lease(lock_dir, model_name, cfg):
         rm = _registered_model(client, model_name)
         current = _aliases(rm).get(CHAMPION)
         if current is None:

@@ -29,6 +29,7 @@ from diffusion.pixels import unit_to_uint8
 from diffusion.samplers import SamplerConfig, sample
 from diffusion.serialization import WeightsIntegrityError, load_model
 from tasks import registry
+from tasks.lease import Lease
 from tasks.pyfunc_model import decode_pixels, schedule_of
 from tasks.registry import (
     RegistryConfig,
@@ -359,7 +360,6 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, mo
         t.start()
     for t in threads:
         t.join()
-    assert max(overlaps) == 1  # the promotions ran one after the other
     champion = aliases(store, name)["champion"]
     hist = history(store, name)
     promoted = [r for r in results.values() if r["promoted"]]
@@ -367,6 +367,7 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, mo
     assert len(hist) == len(set(hist)) == 1 + len(promoted)
     for r in promoted:  # each promotion saw the champion the history says it replaced
         assert hist[hist.index(r["champion"]) - 1] == r["previous"]
+    assert max(overlaps) == 1  # the promotions ran one after the other
     assert not list(Path(store["locks"]).iterdir())  # the lease is gone
 
 
@@ -374,9 +375,10 @@ def test_a_held_lease_makes_a_promotion_wait_then_fail_and_a_stale_one_is_broken
     name = unique_name()
     reg(store, models[0], name, fd=10.0)
     quick = RegistryConfig(lock_wait_s=0.5, lock_stale_s=60)
-    with registry._Lease(store["locks"], name, stale_s=60, wait_s=1):
+    with Lease(store["locks"], name, stale_s=60, wait_s=1):
         t0 = time.monotonic()
-        with pytest.raises(RegistryError, match=r"promotion lease .* is held by"):
+        with pytest.raises(RegistryError, match=rf"another promotion or rollback of {name} is "
+                           r"running: the lease .* is held by"):
             promote(name, tracking_uri=store["uri"], cfg=quick, lock_dir=store["locks"])
         assert time.monotonic() - t0 < 5
     lock = Path(store["locks"]) / f"{name}.lock"
@@ -465,6 +467,16 @@ def test_prefect_retries_only_transient_failures():
     assert registry.retry_transient(None, None, state(RegistryUnavailable("down")))
     assert not registry.retry_transient(None, None, state(RegistryError("no such model")))
     assert not registry.retry_transient(None, None, state(WeightsIntegrityError("tampered")))
+
+
+def test_inside_a_flow_run_the_version_records_it(store, models, monkeypatch):
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b5e1d2c-flow-run")  # what a flow run's env holds
+    name = unique_name()
+    out = registry.register_task.fn(  # the Prefect task's body, without a Prefect server
+        str(models[0]), tracking_uri=store["uri"], run_id=None, cfg={}, model_name=name,
+        evaluation=evaluation(1.0), lineage=lineage(), defaults=DEFAULTS)
+    tags = resolve(out["model_uri"], store["uri"])["tags"]
+    assert tags["prefect.flow_run_id"] == "0b5e1d2c-flow-run"
 
 
 def test_missing_lineage_is_refused(store, models):

@@ -1,0 +1,64 @@
+"""The exclusive lease: one holder at a time, locally and on S3; stale leases are broken, live
+ones are kept alive by their refresh."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.lease import Lease, LeaseBusy
+
+
+def test_one_holder_at_a_time_and_released_on_exit(tmp_path):
+    held, overlaps, guard = [0], [], threading.Lock()
+
+    def work():
+        with Lease(str(tmp_path), "m", stale_s=30, wait_s=10):
+            with guard:
+                held[0] += 1
+                overlaps.append(held[0])
+            time.sleep(0.2)
+            with guard:
+                held[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1, 1, 1, 1]
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_busy_lease_names_its_holder_and_a_stale_one_is_broken(tmp_path):
+    with (Lease(str(tmp_path), "m", stale_s=30, wait_s=1),
+          pytest.raises(LeaseBusy, match=r"m\.lock is held by .* pid \d+"),
+          Lease(str(tmp_path), "m", stale_s=30, wait_s=0.3)):
+        pass
+    (tmp_path / "m.lock").write_text(json.dumps({"token": "x", "host": "h", "pid": 1, "at": 0}))
+    with Lease(str(tmp_path), "m", stale_s=30, wait_s=1) as lease:
+        assert lease.holder()["token"] == lease.token
+
+
+def test_a_live_holder_refreshes_past_the_stale_age(tmp_path):
+    with Lease(str(tmp_path), "m", stale_s=0.4, wait_s=1):
+        time.sleep(1.0)  # longer than stale_s: only the refresh keeps it
+        with pytest.raises(LeaseBusy), Lease(str(tmp_path), "m", stale_s=0.4, wait_s=0.5):
+            pass
+    assert not (Path(tmp_path) / "m.lock").exists()
+
+
+@pytest.mark.integration
+def test_exclusive_on_s3(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    url = f"s3://{s3.bucket()}/registry/locks"
+    with (Lease(url, "m", stale_s=30, wait_s=1), pytest.raises(LeaseBusy),
+          Lease(url, "m", stale_s=30, wait_s=0.3)):
+        pass
+    with Lease(url, "m", stale_s=30, wait_s=1):
+        pass
+    assert not s3.client.exists(url.split("://")[1] + "/m.lock")
