@@ -32,3 +32,19 @@ def test_cli_train_prints_run_and_checkpoint(ray_local, prefect_harness, tmp_pat
     bad = invoke(["train", "--root", str(tmp_path), *sets(*TINY, "model.resolution=16")])
     assert bad.exit_code == 1 and "model.resolution=16 does not match" in bad.output
     assert "Traceback" not in bad.output
+
+    # evaluate finds the finished run the same config names, prints the table; a second call
+    # reads the stored evaluation
+    EVAL = ["evaluate.num_samples=20", "evaluate.frontier=[ddim:5,ddim:10]",
+            "evaluate.nll_images=4", "evaluate.reference_steps=20"]
+    ev = invoke(["evaluate", "--root", str(tmp_path), *sets(*TINY, *EVAL)])
+    assert ev.exit_code == 0, ev.output
+    assert "| FD (reference net) at default sampler |" in ev.output
+    assert "NLL bits/dim" in ev.output and "| ddim | 10 |" in ev.output
+    assert f"stored: {tmp_path}/evaluations/" in ev.output
+    again = invoke(["evaluate", "--root", str(tmp_path), *sets(*TINY, *EVAL)])
+    assert again.exit_code == 0 and "(reused)" in again.output
+
+    none = invoke(["evaluate", "--root", str(tmp_path), *sets(*TINY, *EVAL, "train.steps=5")])
+    assert none.exit_code == 1 and "does not exist" in none.output
+    assert "diffusion-pipeline train" in none.output and "Traceback" not in none.output
