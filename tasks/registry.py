@@ -211,12 +211,19 @@ def _mlflow(uri: str, cfg: RegistryConfig, what: str) -> Iterator[Any]:
             raise
         except MlflowException as e:
             if _is_unreachable(e):
-                raise RegistryUnavailable(f"{unreachable}: {_first_line(e)}; {hint}") from e
+                raise RegistryUnavailable(f"{unreachable}: {_cause(e)}; {hint}") from e
             raise RegistryError(f"MLflow at {where} refused to {what}: {_first_line(e)}") from e
         except Exception as e:
             if _is_unreachable(e):
-                raise RegistryUnavailable(f"{unreachable}: {_first_line(e)}; {hint}") from e
+                raise RegistryUnavailable(f"{unreachable}: {_cause(e)}; {hint}") from e
             raise
+
+
+def _cause(e: BaseException) -> str:
+    """The short reason inside urllib3's long connection errors ("[Errno 111] Connection
+    refused", "Read timed out"), else the first line of the message."""
+    m = re.search(r"\[Errno -?\d+\][^\"')\]]*|Read timed out|timed out|database is locked", str(e))
+    return m.group(0).strip() if m else _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
@@ -654,7 +661,7 @@ def _lease(lock_dir: str, model_name: str, cfg: RegistryConfig) -> Iterator[None
 # --------------------------------------------------------------------------------------------
 
 
-def _history(client, rm) -> list[str]:
+def _history(rm) -> list[str]:
     """The champion history, reconciled with the ``champion`` alias (the source of truth)."""
     try:
         history = [str(v) for v in json.loads((rm.tags or {}).get(HISTORY_TAG, "[]"))]
@@ -730,7 +737,7 @@ def promote(
             raise RegistryError(f"{model_name} v{chall.version} has no eval.{metric} tag; "
                                 "register it with an evaluation that has this metric or change "
                                 "registry.metric")
-        history = _history(client, rm)
+        history = _history(rm)
         previous = _aliases(rm).get(CHAMPION)
         result = {"promoted": False, "reason": "", "champion": previous, "previous": previous,
                   "challenger": str(chall.version), "metric": metric,
@@ -738,10 +745,11 @@ def promote(
                   "improvement": None}
         if previous is not None and str(previous) == str(chall.version):
             return result | {"reason": f"v{chall.version} is already the champion"}
+        champ = _version(client, model_name, str(previous)) if previous is not None else None
         ok, reason = _gate(chall, cfg)
-        champ = None
-        if ok and previous is not None:
-            champ = _version(client, model_name, str(previous))
+        if not math.isfinite(chall_value):
+            ok, reason = False, f"v{chall.version} {metric} is {chall_value}, not a number to judge"
+        if ok and champ is not None:
             champ_value = _champion_value(model_name, chall, champ, metric, evaluate)
             gain = improvement(chall_value, champ_value, metric)
             result |= {"champion_value": champ_value, "improvement": gain}
@@ -818,7 +826,7 @@ def rollback(model_name: str, *, tracking_uri: str, lock_dir: str,
         if current is None:
             raise RegistryError(f"{model_name} has no @{CHAMPION} to roll back (it has "
                                 f"{_aliases_text(rm)}); promote a version first")
-        history = _history(client, rm)
+        history = _history(rm)
         if len(history) < 2:
             raise RegistryError(f"{model_name} has no previous champion to roll back to "
                                 f"(champion history: {history}); promote another version instead")

@@ -30,7 +30,7 @@ from diffusion.samplers import SamplerConfig, sample
 from diffusion.serialization import WeightsIntegrityError, load_model
 from tasks import registry
 from tasks.lease import Lease
-from tasks.pyfunc_model import decode_pixels, schedule_of
+from tasks.pyfunc_model import decode_pixels, generate, schedule_of
 from tasks.registry import (
     RegistryConfig,
     RegistryError,
@@ -189,6 +189,9 @@ def test_pyfunc_predict_matches_local_sampling_whatever_the_batch(store, models)
     assert alone["pixels"][0] == out["pixels"][1]
     rev = pyfunc.predict(table.iloc[::-1].reset_index(drop=True))
     assert rev["pixels"].tolist() == out["pixels"].tolist()[::-1]
+    _, _, defaults = load_version(f"models:/{name}/1", store["uri"])
+    ones = generate(model, config, defaults, table, batch_size=1)  # chunks of one row
+    assert ones["pixels"].tolist() == out["pixels"].tolist()
     # per-row settings, and a bad request is a clear error
     custom = pyfunc.predict(pd.DataFrame({"seed": [11], "sampler": ["ddpm"], "steps": [3.0]}))
     assert custom["sampler"][0] == "ddpm" and custom["steps"][0] == 3
@@ -266,6 +269,12 @@ def test_first_promotion_passes_the_absolute_thresholds(store, models):
     assert res["promoted"] and res["champion"] == "2" and res["previous"] is None
     assert aliases(store, name) == {"champion": "2"}  # challenger consumed
     assert history(store, name) == ["2"]
+    # a later candidate must pass the thresholds too, and a NaN is never promoted
+    reg(store, models[2], name, fd=float("nan"))
+    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert not res["promoted"] and res["champion"] == "2"
+    champ = resolve(f"models:/{name}/2", store["uri"])["tags"]
+    assert json.loads(champ["promotion.challenge.v3"])["decision"] == "rejected"
 
 
 def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
@@ -407,9 +416,22 @@ def test_an_unreachable_server_fails_within_bounded_retries(models, monkeypatch)
         times[retries] = time.monotonic() - t0
     # the bound takes effect: no retry is immediate, two retries back off 2 s (urllib3: 0, 2)
     assert times[0] < 1.5 and 1.5 < times[2] < 30
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
-    with pytest.raises(RegistryUnavailable):
-        resolve("models:/never@champion", uri)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"  # the caller's value is back
+
+
+def test_a_server_that_never_answers_times_out(models):
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (backlog) but never responds
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(RegistryUnavailable, match=r"1 s timeout each\): .*timed out"):
+            register_model(str(models[0]), tracking_uri=uri, run_id=None,
+                           cfg=RegistryConfig(retries=1, timeout_s=1), model_name="never",
+                           evaluation=evaluation(1.0), lineage=lineage(), defaults=DEFAULTS)
+        assert time.monotonic() - t0 < 10  # MLflow's own default would wait 120 s per attempt
 
 
 def test_a_registration_that_fails_before_its_last_step_leaves_no_challenger(store, models,
