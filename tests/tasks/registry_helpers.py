@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -69,3 +71,34 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> No
             pass
         time.sleep(0.3)
     raise AssertionError(f"{url} did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+class Occupancy:
+    """How many threads are inside ``hold()`` at once: ``most`` is the peak, ``entries`` the
+    count. A block that should be exclusive must show ``most == 1``."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._inside = self.most = self.entries = 0
+
+    @contextlib.contextmanager
+    def hold(self, seconds: float):
+        with self._guard:
+            self._inside += 1
+            self.entries += 1
+            self.most = max(self.most, self._inside)
+        try:
+            time.sleep(seconds)  # widens the window in which an unguarded block would overlap
+            yield
+        finally:
+            with self._guard:
+                self._inside -= 1
+
+
+def run_together(fn, args: list) -> None:
+    """``fn(a)`` for every ``a`` in ``args``, each on its own thread, all started at once."""
+    threads = [threading.Thread(target=fn, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -4,33 +4,24 @@ ones are kept alive by their refresh."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from registry_helpers import Occupancy, run_together
 
 from tasks.lease import Lease, LeaseBusy
 
 
 def test_one_holder_at_a_time_and_released_on_exit(tmp_path):
-    held, overlaps, guard = [0], [], threading.Lock()
+    occupancy = Occupancy()
 
-    def work():
-        with Lease(str(tmp_path), "m", stale_s=30, wait_s=10):
-            with guard:
-                held[0] += 1
-                overlaps.append(held[0])
-            time.sleep(0.2)
-            with guard:
-                held[0] -= 1
+    def work(_):
+        with Lease(str(tmp_path), "m", stale_s=30, wait_s=10), occupancy.hold(0.2):
+            pass
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert overlaps == [1, 1, 1, 1]
+    run_together(work, range(4))
+    assert occupancy.most == 1 and occupancy.entries == 4
     assert not list(tmp_path.iterdir())
 
 

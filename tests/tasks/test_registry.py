@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,8 +16,10 @@ import torch
 from registry_helpers import (
     DEFAULTS,
     UNET,
+    Occupancy,
     evaluation,
     lineage,
+    run_together,
     save_tiny_model,
     unique_name,
 )
@@ -346,17 +347,11 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, mo
     promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
     reg(store, models[1], name, fd=8.0, key="2" * 16)
     reg(store, models[2], name, fd=6.0, key="2" * 16)
-    inside, overlaps = [0], []
-    guard = threading.Lock()
+    occupancy = Occupancy()
 
-    def slow_evaluate(ref):  # widens the window in which an unlocked promotion would race
-        with guard:
-            inside[0] += 1
-            overlaps.append(inside[0])
-        time.sleep(0.5)
-        with guard:
-            inside[0] -= 1
-        return evaluation(10.0, key="2" * 16)
+    def slow_evaluate(ref):
+        with occupancy.hold(0.5):
+            return evaluation(10.0, key="2" * 16)
 
     results: dict[str, dict] = {}
 
@@ -364,11 +359,7 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, mo
         results[version] = promote(name, version, tracking_uri=store["uri"], cfg=CFG,
                                    lock_dir=store["locks"], evaluate=slow_evaluate)
 
-    threads = [threading.Thread(target=run, args=(v,)) for v in ("2", "3")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together(run, ["2", "3"])
     champion = aliases(store, name)["champion"]
     hist = history(store, name)
     promoted = [r for r in results.values() if r["promoted"]]
@@ -376,7 +367,7 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, mo
     assert len(hist) == len(set(hist)) == 1 + len(promoted)
     for r in promoted:  # each promotion saw the champion the history says it replaced
         assert hist[hist.index(r["champion"]) - 1] == r["previous"]
-    assert max(overlaps) == 1  # the promotions ran one after the other
+    assert occupancy.most == 1  # the promotions ran one after the other
     assert not list(Path(store["locks"]).iterdir())  # the lease is gone
 
 
