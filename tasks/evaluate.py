@@ -214,16 +214,17 @@ class Features:
     sha256: str
     net: Any
     device: Any
+    batch_size: int = 500
 
-    def __call__(self, images_uint8: np.ndarray, batch_size: int = 500):
+    def __call__(self, images_uint8: np.ndarray):
         import torch
 
         from diffusion.pixels import uint8_to_unit
 
         out = []
         with torch.no_grad():
-            for i in range(0, len(images_uint8), batch_size):
-                x = uint8_to_unit(torch.from_numpy(images_uint8[i:i + batch_size]))
+            for i in range(0, len(images_uint8), self.batch_size):
+                x = uint8_to_unit(torch.from_numpy(images_uint8[i:i + self.batch_size]))
                 out.append(self.net.features(x.to(self.device)).float().cpu())
         return torch.cat(out).double()
 
@@ -300,7 +301,7 @@ def fid_features(path: str, device, echo) -> Features:
                         "file (see README: FID)") from None
     net = load_fid_inception(path).eval().to(device)
     echo(f"FID Inception-v3 from {path} (sha256 {digest[:12]})")
-    return Features("fid", digest, net, device)
+    return Features("fid", digest, net, device, batch_size=50)  # 299×299 activations are big
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +346,10 @@ def floor_images(train_x: np.ndarray, train_y: np.ndarray, val_y: np.ndarray, n:
         return train_x[rng.permutation(rows)[:n]]
     pools = {c: list(rng.permutation(rows[train_y[rows] == c])) for c in np.unique(labels)}
     picked = [pools[c].pop() for c in labels if pools.get(c)]
+    if len(picked) < len(labels):  # a class ran out of held-out rows: fill with any others
+        taken = set(picked)
+        rest = [r for r in rng.permutation(rows) if r not in taken]
+        picked += rest[:len(labels) - len(picked)]
     return train_x[np.array(picked, dtype=np.int64)]
 
 
@@ -446,7 +451,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     num_classes = unet.get("num_classes")
     labels = sample_labels(val_y, cfg.num_samples, cfg.seed, num_classes)
     floor_x = floor_images(train_x, train_y, val_y, cfg.num_samples, cfg.seed)
-    fd_floor = frechet_distance(*feature_statistics(features(floor_x)), *real_stats)
+    fd_floor = (frechet_distance(*feature_statistics(features(floor_x)), *real_stats)
+                if len(floor_x) >= 2 else None)  # None: too few train rows to hold out
     frontier, samples_at = [], {}
     for item in cfg.frontier:
         name, steps = _setting(item)
@@ -507,9 +513,13 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     }
     atomic_write_bytes(cache, json.dumps(result, indent=2).encode())
     echo(f"FD {default['fd']:.3f} at {default['sampler']}:{default['steps']} (floor "
-         f"{fd_floor:.3f}, best {best:.3f}); memorization {memorization:.1%} (floor "
+         f"{_num(fd_floor)}, best {best:.3f}); memorization {memorization:.1%} (floor "
          f"{memorization_floor:.1%}); stored {cache.describe()}")
     return result | {"stored_at": cache.describe(), "reused": False}
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def table(result: dict) -> str:
@@ -522,7 +532,7 @@ def table(result: dict) -> str:
         "",
         "| metric | value | floor |",
         "|---|---:|---:|",
-        f"| {kind} at default sampler | {m['fd']:.3f} | {m['fd_floor']:.3f} |",
+        f"| {kind} at default sampler | {m['fd']:.3f} | {_num(m['fd_floor'])} |",
     ]
     if "nll_bpd" in m:
         lines.append(f"| NLL bits/dim | {m['nll_bpd']:.3f} ± {m['nll_bpd_se']:.3f} | |")

@@ -158,3 +158,24 @@ def test_bad_inputs_are_clear_errors(models, tmp_path):
         EvalConfig(frontier=["ddim"])
     with pytest.raises(ValueError, match="nosuch"):
         EvalConfig(frontier=["nosuch:10"])
+
+
+def test_configured_inception_weights_make_it_fid(models, tmp_path):
+    """With evaluate.inception_weights the features are the FID Inception's (random weights
+    here: the real file cannot be downloaded in CI) and the table says FID."""
+    import safetensors.torch
+
+    from diffusion.inception import FIDInceptionV3
+    from tasks.evaluate import table
+
+    torch.manual_seed(0)
+    path = tmp_path / "fid_inception.safetensors"
+    safetensors.torch.save_file(FIDInceptionV3().state_dict(), str(path))
+    ecfg = FAST.model_copy(update={"inception_weights": str(path), "num_samples": 6,
+                                   "max_real_images": 6, "frontier": ["ddim:5"],
+                                   "nll_images": 0})
+    res, lines = run(models, "trained", ecfg)
+    assert res["features"]["kind"] == "fid" and any("FID Inception-v3" in s for s in lines)
+    assert "nll_bpd" not in res["metrics"] and "| FID at default sampler |" in table(res)
+    with pytest.raises(EvalError, match="inception_weights"):
+        run(models, "trained", ecfg.model_copy(update={"inception_weights": str(tmp_path / "x")}))
