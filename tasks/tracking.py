@@ -121,6 +121,15 @@ class RunLogger:
                     lambda: self._c().log_artifact(self.run_id, path, artifact_path))
 
 
+def log_json(uri: str, run_id: str, obj: Any, artifact_file: str) -> None:
+    """Write ``obj`` as JSON to ``artifact_file`` in the run's artifacts (replacing it)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri).log_text(run_id, json.dumps(obj, indent=2), artifact_file)
+
+
 def finish_run(uri: str, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 

@@ -642,6 +642,7 @@ def run_training(
               "dataset.manifest": ref.manifest_uri,
               "config.sha256": hashlib.sha256(json.dumps(job["train"] | job["model"],
                                               sort_keys=True).encode()).hexdigest()})
+    tracking.log_json(uri, run_id, manifest, "dataset/_manifest.json")
     job |= {"mlflow_uri": uri, "mlflow_run_id": run_id}
     echo(f"MLflow run {run_id} at {uri}")
 

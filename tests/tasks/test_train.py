@@ -73,6 +73,9 @@ def test_trains_checkpoints_and_a_rerun_is_a_no_op(digits_root):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4, 8]
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert arts == ["samples/step0000008.png"]
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id,
+                                                       "dataset/_manifest.json")).read_text())
+    assert logged["version"] == state["dataset"]["version"]
 
     again = train(cfg)  # same config → same run name → already finished
     assert again.run_name == res.run_name and again.metrics["resumed_from"] == 8
