@@ -65,8 +65,7 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Metrics the gate may use and their direction (True: lower is better).
 LOWER_IS_BETTER: dict[str, bool] = {"fd": True, "nll_bpd": True, "memorization": True}
 
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-DIFFUSION_DIR = Path(__file__).resolve().parents[1] / "diffusion"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # logged as the model's code
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -350,6 +349,7 @@ def _log_pyfunc(uri: str, client, run_id: str, files: dict[str, str]):
     """
     import mlflow
 
+    import diffusion
     from tasks.pyfunc_model import signature
 
     status = client.get_run(run_id).info.status
@@ -364,7 +364,7 @@ def _log_pyfunc(uri: str, client, run_id: str, files: dict[str, str]):
                 warnings.filterwarnings("ignore", message=".*input example was not provided")
                 return mlflow.pyfunc.log_model(
                     name="model", python_model=str(PYFUNC_FILE), artifacts=files,
-                    code_paths=[str(DIFFUSION_DIR)], signature=signature(),
+                    code_paths=[str(Path(diffusion.__file__).parent)], signature=signature(),
                     pip_requirements=_pip_requirements())
         finally:
             if own:

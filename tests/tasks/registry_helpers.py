@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from diffusion.denoiser import Denoiser, classifier_free_guidance
+from diffusion.noise import SampleNoise
+from diffusion.pixels import unit_to_uint8
+from diffusion.samplers import SamplerConfig, sample
 from diffusion.serialization import save_model
 from diffusion.unet import UNet, UNetConfig
 from tasks.train import DiffusionConfig
@@ -32,6 +36,20 @@ def save_tiny_model(directory: Path, seed: int) -> Path:
     torch.nn.init.normal_(model.conv_out.weight, std=0.1)
     return save_model(directory, model.state_dict(),
                       {"unet": UNET.to_dict(), "diffusion": DIFFUSION, "class_names": CLASS_NAMES})
+
+
+def local_images(model, config, rows) -> list:
+    """Each (seed, label) row sampled alone with the diffusion package, as ``DEFAULTS`` say
+    (DDIM 4 steps, guidance 2): the reference the pyfunc's images must equal."""
+    out = []
+    for seed, label in rows:
+        labels = torch.tensor([UNET.num_classes if label is None else label])
+        net = model if label is None else classifier_free_guidance(model, 2.0, UNET.num_classes)
+        schedule = DiffusionConfig.model_validate(config["diffusion"]).schedule_config().build()
+        den = Denoiser(net, schedule, "eps", labels=labels)
+        x = sample(den, (1, 8, 8), SampleNoise(seed, [0]), SamplerConfig("ddim", steps=4))
+        out.append(unit_to_uint8(x)[0].numpy())
+    return out
 
 
 def evaluation(fd: float, key: str = "a" * 16, **metrics) -> dict:

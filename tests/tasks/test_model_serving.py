@@ -19,6 +19,7 @@ from registry_helpers import (
     evaluation,
     free_port,
     lineage,
+    local_images,
     save_tiny_model,
     unique_name,
     wait_http,
@@ -91,8 +92,6 @@ def test_register_promote_and_load_through_an_mlflow_server(tmp_path, models):
 
 
 def test_models_serve_answers_image_requests_like_a_local_load(tmp_path, models):
-    from test_registry import local_images
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     name = unique_name("serve")
     register_model(str(models[0]), tracking_uri=uri, run_id=None, cfg=RegistryConfig(),

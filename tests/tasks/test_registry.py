@@ -15,23 +15,19 @@ import pytest
 import torch
 from registry_helpers import (
     DEFAULTS,
-    UNET,
     Occupancy,
     evaluation,
     lineage,
+    local_images,
     run_together,
     save_tiny_model,
     unique_name,
 )
 
-from diffusion.denoiser import Denoiser, classifier_free_guidance
-from diffusion.noise import SampleNoise
-from diffusion.pixels import unit_to_uint8
-from diffusion.samplers import SamplerConfig, sample
 from diffusion.serialization import WeightsIntegrityError, load_model
 from tasks import registry
 from tasks.lease import Lease
-from tasks.pyfunc_model import decode_pixels, generate, schedule_of
+from tasks.pyfunc_model import decode_pixels, generate
 from tasks.registry import (
     RegistryConfig,
     RegistryError,
@@ -151,18 +147,6 @@ def test_load_version_gives_the_registered_weights_and_defaults(store, models, t
     assert defaults["sampler"]["name"] == "ddim" and defaults["sampler"]["steps"] == 4
     assert defaults["guidance_scale"] == 2.0
     assert (tmp_path / "dl" / "artifacts" / "model.safetensors").is_file()
-
-
-def local_images(model, config, rows) -> list:
-    """Sample each row alone with the diffusion package (no pyfunc code): the reference."""
-    out = []
-    for seed, label in rows:
-        labels = torch.tensor([UNET.num_classes if label is None else label])
-        net = model if label is None else classifier_free_guidance(model, 2.0, UNET.num_classes)
-        den = Denoiser(net, schedule_of(config), "eps", labels=labels)
-        x = sample(den, (1, 8, 8), SampleNoise(seed, [0]), SamplerConfig("ddim", steps=4))
-        out.append(unit_to_uint8(x)[0].numpy())
-    return out
 
 
 def test_pyfunc_predict_matches_local_sampling_whatever_the_batch(store, models):
