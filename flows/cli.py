@@ -48,7 +48,8 @@ def _fail(e: BaseException, debug: bool) -> None:
 
 _EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound",
              "TrainConfigError", "TrainingDiverged", "RunNotFound", "EvalError",
-             "WeightsIntegrityError", "RegistryError", "TrackingError")
+             "WeightsIntegrityError", "RegistryError", "RegistryUnavailable", "TrackingError",
+             "LeaseBusy")
 
 
 def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, debug: bool,
@@ -64,6 +65,12 @@ def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, de
             from flows.train import train_flow as stage_flow
         elif flow_name == "evaluate":
             from flows.evaluate import evaluate_flow as stage_flow
+        elif flow_name == "register":
+            from flows.registry import register_flow as stage_flow
+        elif flow_name == "promote":
+            from flows.registry import promote_flow as stage_flow
+        elif flow_name == "rollback":
+            from flows.registry import rollback_flow as stage_flow
         else:
             raise ValueError(f"unknown stage {flow_name}")
         return stage_flow(cfg.to_json_dict(), **kwargs)
@@ -128,6 +135,57 @@ def evaluate(
     res = _run_stage(config, set_, root, debug, "evaluate", model=model)
     typer.echo(table(res))
     typer.echo(f"stored: {res['stored_at']}" + (" (reused)" if res["reused"] else ""))
+
+
+@app.command()
+def register(
+    model: str = typer.Option(None, "--model", "-m", help="A training checkpoint URI. Default: "
+                              "the finished training run the config names."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Evaluate a trained model (reusing a stored evaluation) and register it in MLflow as a new
+    version of registry.model_name with the `challenger` alias."""
+    res = _run_stage(config, set_, root, debug, "register", model=model)
+    ev = res["evaluation"]
+    d = ev["default_sampler"]
+    typer.echo(f"registered {res['name']} version {res['version']} (@challenger): "
+               f"{res['model_uri']}")
+    typer.echo(f"  fd {ev['metrics']['fd']:.3f} at {d['name']}:{d['steps']} (the model's default "
+               f"sampler); weights sha256 {res['weights_sha256'][:16]}")
+    typer.echo(f"  tracking: {res['tracking_uri']}")
+
+
+@app.command()
+def promote(
+    version: str = typer.Option(None, "--version", "-v", help="The version to promote. "
+                                "Default: the one with the `challenger` alias."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Move `champion` to the challenger if it beats the champion by registry.margin on
+    registry.metric (the first champion must pass registry.thresholds)."""
+    res = _run_stage(config, set_, root, debug, "promote", version=version)
+    verdict = "promoted" if res["promoted"] else "not promoted"
+    typer.echo(f"{res['name']} v{res['challenger']} {verdict}: {res['reason']}")
+    typer.echo(f"  champion: v{res['champion']}" if res["champion"] else "  champion: none")
+
+
+@app.command()
+def rollback(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Move `champion` back to the version that held it before."""
+    res = _run_stage(config, set_, root, debug, "rollback")
+    typer.echo(f"{res['name']}: champion moved back from v{res['previous']} to "
+               f"v{res['champion']}")
 
 
 @app.callback()

@@ -133,8 +133,11 @@ def load_model_ref(ref: str, runtime: RuntimeConfig) -> LoadedModel:
 
         uri = tracking.tracking_uri(runtime, runtime.root_location())
         model, config, _defaults = registry.load_version(ref, uri)
-        info = registry.resolve(ref, uri)
-        return LoadedModel(model, config, info["tags"].get("weights_sha256", ""), ref)
+        tags = registry.resolve(ref, uri)["tags"]
+        if "dataset.name" in tags and "dataset.version" in tags:
+            config.setdefault("dataset", {"name": tags["dataset.name"],
+                                          "version": tags["dataset.version"]})
+        return LoadedModel(model, config, tags.get("weights_sha256", ""), ref)
     loc = Location.of(ref, _options(ref, runtime))
     checkpoint_state: dict = {}
     if not exists(loc.child(CONFIG_FILE)) and exists(loc.child("model", CONFIG_FILE)):
@@ -158,6 +161,30 @@ def load_model_ref(ref: str, runtime: RuntimeConfig) -> LoadedModel:
     model = UNet(UNetConfig.from_dict(config["unet"]))
     model.load_state_dict(state, strict=True)
     return LoadedModel(model.eval(), config, sha256_hex(weights), loc.describe())
+
+
+def fetch_model_dir(ref: str, runtime: RuntimeConfig, dst: str) -> str:
+    """Copy the model directory (``model.safetensors`` + ``config.json``) of a training
+    checkpoint or saved model at ``ref`` (local or object storage) into ``dst``; returns ``dst``.
+    The copy is verified against the recorded digest."""
+    import os
+
+    from diffusion.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model_bytes
+
+    loc = Location.of(ref, _options(ref, runtime))
+    if not exists(loc.child(CONFIG_FILE)) and exists(loc.child("model", CONFIG_FILE)):
+        loc = loc.child("model")
+    if not exists(loc.child(CONFIG_FILE)):
+        raise EvalError(f"{loc.describe()} holds no model ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    os.makedirs(dst, exist_ok=True)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        data = call(loc, loc.fs.cat_file, loc.child(name).path)
+        with open(os.path.join(dst, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(dst, WEIGHTS_FILE), "rb") as w, \
+            open(os.path.join(dst, CONFIG_FILE), "rb") as c:
+        load_model_bytes(w.read(), c.read(), name=loc.child(WEIGHTS_FILE).describe())
+    return dst
 
 
 def _options(url: str, runtime: RuntimeConfig) -> dict:

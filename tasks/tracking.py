@@ -121,6 +121,20 @@ class RunLogger:
                     lambda: self._c().log_artifact(self.run_id, path, artifact_path))
 
 
+def find_run(uri: str, run_name: str, experiment: str = EXPERIMENT) -> str | None:
+    """The MLflow run id of the training run ``run_name``, or None."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id],
+                               filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def log_json(uri: str, run_id: str, obj: Any, artifact_file: str) -> None:
     """Write ``obj`` as JSON to ``artifact_file`` in the run's artifacts (replacing it)."""
     import json

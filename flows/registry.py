@@ -1,0 +1,89 @@
+"""The registry flows: ``register`` (evaluate → log and register a version as ``challenger``),
+``promote`` (the gate: ``challenger`` → ``champion``) and ``rollback``."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from tasks.evaluate import evaluate, evaluate_task, fetch_model_dir
+from tasks.registry import (
+    RegistryError,
+    default_lock_dir,
+    lineage_from,
+    model_name_for,
+    promote_task,
+    register_task,
+    resolve,
+    rollback_task,
+)
+
+
+def _context(config: dict):
+    from tasks import tracking
+
+    cfg = PipelineConfig.model_validate(config)
+    root = cfg.runtime.root_location()
+    uri = tracking.tracking_uri(cfg.runtime, root)
+    return cfg, root, uri, model_name_for(cfg.registry, cfg.data.name)
+
+
+@flow(name="register", log_prints=True)
+def register_flow(config: dict, model: str | None = None) -> dict:
+    """Evaluate ``model`` (default: the finished training run ``config`` names; a stored
+    evaluation is reused) and register it as a new version with the ``challenger`` alias."""
+    from diffusion.samplers import SamplerConfig
+    from tasks import tracking
+    from tasks.train import finished_run
+
+    cfg, _root, uri, name = _context(config)
+    if model is None:
+        run = finished_run(cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.runtime)
+    else:
+        if model.startswith("models:/"):
+            raise RegistryError(f"{model} is already registered; register takes a training "
+                             "checkpoint (or the config's finished run)")
+        run = {"checkpoint_uri": model}
+    evaluation = evaluate_task(run["checkpoint_uri"], cfg.to_json_dict())
+    run_id = tracking.find_run(uri, run["run_name"]) if run.get("run_name") else None
+    lineage = lineage_from({"dataset": evaluation["dataset"], "run_name": run.get("run_name"),
+                            "checkpoint_uri": run["checkpoint_uri"], "mlflow_run_id": run_id},
+                           cfg.fingerprint())
+    d = evaluation["default_sampler"]
+    defaults = {"sampler": dataclasses.asdict(SamplerConfig(d["name"], steps=d["steps"])),
+                "guidance_scale": evaluation["guidance_scale"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = fetch_model_dir(run["checkpoint_uri"], cfg.runtime, f"{tmp}/model")
+        res = register_task(local, tracking_uri=uri, run_id=run_id,
+                            cfg=cfg.registry.model_dump(mode="json"), model_name=name,
+                            evaluation=evaluation, lineage=lineage, defaults=defaults)
+    return res | {"evaluation": evaluation, "tracking_uri": uri}
+
+
+@flow(name="promote", log_prints=True)
+def promote_flow(config: dict, version: str | None = None) -> dict:
+    """Promote ``version`` (default: the ``challenger``) to ``champion`` if it passes the gate.
+    A champion evaluated on another set or seeds is re-evaluated on the challenger's."""
+    cfg, root, uri, name = _context(config)
+
+    def reevaluate(champion_ref: str) -> dict:
+        ref = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"
+        challenger = resolve(ref, uri)["tags"]
+        return evaluate(champion_ref, cfg.data, cfg.evaluate, cfg.runtime,
+                        dataset_version=challenger.get("dataset.version"))
+
+    res = promote_task(name, version, tracking_uri=uri, cfg=cfg.registry.model_dump(mode="json"),
+                       lock_dir=default_lock_dir(root.url), evaluate=reevaluate)
+    return res | {"name": name, "tracking_uri": uri}
+
+
+@flow(name="rollback", log_prints=True)
+def rollback_flow(config: dict) -> dict:
+    """Move ``champion`` back to its previous holder."""
+    cfg, root, uri, name = _context(config)
+    res = rollback_task(name, tracking_uri=uri, lock_dir=default_lock_dir(root.url),
+                        cfg=cfg.registry.model_dump(mode="json"))
+    return res | {"name": name, "tracking_uri": uri}
