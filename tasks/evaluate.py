@@ -490,7 +490,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
         frontier.append({"sampler": name, "steps": steps, "fd": fd, "images_per_s": ips,
                          "nfe": nfe * (2 if guided else 1)})
         samples_at[item] = images
-        echo(f"  {name:>10} {steps:>4} steps: FD {fd:8.3f}  {ips:8.1f} img/s  (NFE {nfe})")
+        echo(f"  {name:>10} {steps:>4} steps: FD {fd:8.3f}  {ips:8.1f} img/s  "
+             f"(NFE {frontier[-1]['nfe']})")
     best = min(f["fd"] for f in frontier)
     ok = [f for f in frontier if f["fd"] <= best * (1 + cfg.tolerance)]
     default = min(ok, key=lambda f: (f["nfe"], f["fd"]))
@@ -526,7 +527,7 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
         "eval_key": key,
         "model": {"source": loaded.source, "weights_sha256": loaded.weights_sha256},
         "dataset": {"name": ref.name, "version": ref.version, "val_images": len(val_x),
-                    "train_images": len(train_x)},
+                    "train_images": len(train_x), "floor_images": len(floor_x)},
         "features": {"kind": features.kind, "sha256": features.sha256},
         "metrics": {
             "fd": default["fd"], "fd_floor": fd_floor, "fd_best": best, **nll,
@@ -559,7 +560,9 @@ def table(result: dict) -> str:
         "",
         "| metric | value | floor |",
         "|---|---:|---:|",
-        f"| {kind} at default sampler | {m['fd']:.3f} | {_num(m['fd_floor'])} |",
+        f"| {kind} at default sampler ({result['config']['num_samples']} samples) | "
+        f"{m['fd']:.3f} | {_num(m['fd_floor'])} ({result['dataset'].get('floor_images', '?')} "
+        "held-out real) |",
     ]
     if "nll_bpd" in m:
         lines.append(f"| NLL bits/dim | {m['nll_bpd']:.3f} ± {m['nll_bpd_se']:.3f} | |")

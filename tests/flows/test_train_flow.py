@@ -39,7 +39,7 @@ def test_cli_train_prints_run_and_checkpoint(ray_local, prefect_harness, tmp_pat
             "evaluate.nll_images=4", "evaluate.reference_steps=20"]
     ev = invoke(["evaluate", "--root", str(tmp_path), *sets(*TINY, *EVAL)])
     assert ev.exit_code == 0, ev.output
-    assert "| FD (reference net) at default sampler |" in ev.output
+    assert "| FD (reference net) at default sampler (20 samples) |" in ev.output
     assert "NLL bits/dim" in ev.output and "| ddim | 10 |" in ev.output
     assert f"stored: {tmp_path}/evaluations/" in ev.output
     again = invoke(["evaluate", "--root", str(tmp_path), *sets(*TINY, *EVAL)])
