@@ -52,7 +52,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.storage import StorageError, redact
-from tasks.tracking import EXPERIMENT
+from tasks.tracking import EXPERIMENT, artifact_root
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +228,6 @@ def _cause(e: BaseException) -> str:
 def _first_line(e: BaseException) -> str:
     msg = getattr(e, "message", None) or str(e)
     return f"{type(e).__name__}: {msg.strip().splitlines()[0] if msg.strip() else ''}"[:500]
-
-
-def _default_artifact_root(uri: str) -> str | None:
-    """For SQLite tracking: artifacts beside the database (as tasks.tracking does for the root)."""
-    if uri.startswith("sqlite:///"):
-        return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +410,7 @@ def _ensure_registered_model(client, name: str) -> None:
 def _new_run(client, uri: str, model_name: str, tags: dict[str, str]) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        EXPERIMENT, artifact_location=_default_artifact_root(uri))
+        EXPERIMENT, artifact_location=artifact_root(uri))
     run = client.create_run(exp_id, run_name=f"register-{model_name}", tags=tags)
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id

@@ -34,9 +34,12 @@ def tracking_uri(runtime, root) -> str:
     return f"sqlite:///{os.path.join(root.path, 'mlflow.db')}"
 
 
-def _artifact_root(uri: str, root) -> str | None:
-    if uri.startswith("sqlite:") and root.is_local:
-        return "file://" + os.path.join(root.path, "mlartifacts")
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: for a SQLite store, ``mlartifacts/`` beside
+    the database (MLflow's default would be ``./mlruns`` in whatever directory the process runs
+    in); for a server, its own default."""
+    if uri.startswith("sqlite:///"):
+        return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
     return None
 
 
@@ -61,7 +64,7 @@ def ensure_run(uri: str, root, run_name: str, *, params: dict[str, str], tags: d
     try:
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(
-            experiment, artifact_location=_artifact_root(uri, root))
+            experiment, artifact_location=artifact_root(uri))
         found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                    max_results=1)
         if found:

@@ -31,6 +31,8 @@ def test_train_resume_and_evaluate_on_s3(ray_local, s3, tmp_path):
                          echo=lambda s: None)
     assert first.checkpoint_uri.startswith(f"s3://{bucket}/pipe/runs/s3run/checkpoint_")
     assert s3.client.exists(first.checkpoint_uri.removeprefix("s3://") + "/state.json")
+    # MLflow artifacts beside the SQLite database, not in ./mlruns of the working directory
+    assert (tmp_path / "mlartifacts").is_dir()
 
     # a longer run of the same name resumes from the checkpoint in the bucket
     cfg = load_config(sets=[*sets, "train.steps=8"], root=f"s3://{bucket}/pipe")
