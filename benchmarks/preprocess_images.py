@@ -44,6 +44,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import CpuMeter, git_revision, settle, wait_quiet
 
 from tasks.datasets import DataConfig
 from tasks.decode import decode_image
@@ -129,74 +132,9 @@ def ensure_images(root: Path, n: int) -> dict:
 # CPU accounting: this process tree (the driver and the Ray processes it started) vs the rest
 # --------------------------------------------------------------------------------------------
 
-TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_table() -> dict[int, tuple[int, float, str]]:
-    """{pid: (ppid, user+system CPU seconds, name)} of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        name = raw[raw.find("(") + 1: raw.rfind(")")]
-        fields = raw[raw.rfind(")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TCK, name)
-    return table
-
-
-def _tree(table: dict, root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-class CpuMeter:
-    """CPU seconds spent during a block by this process ("driver"), by its descendants
-    ("children": Ray's GCS, raylet and workers, the ceiling's pool) and by everything else on
-    the machine ("foreign": other users' jobs). A foreign load near a whole core means the run
-    shared the machine and is not clean."""
-
-    def __enter__(self) -> CpuMeter:
-        self.t0, self.before = time.perf_counter(), _proc_table()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        after = _proc_table()
-        self.wall = time.perf_counter() - self.t0
-        mine = _tree(after, os.getpid()) | _tree(self.before, os.getpid())
-        d = {"driver": 0.0, "children": 0.0, "foreign": 0.0}
-        for pid, (_, cpu, _) in after.items():
-            prev = self.before.get(pid, (0, 0.0, ""))[1]
-            k = "driver" if pid == os.getpid() else "children" if pid in mine else "foreign"
-            d[k] += max(cpu - prev, 0.0)
-        self.cpu = {k: round(v, 3) for k, v in d.items()}
-        self.foreign_load = d["foreign"] / self.wall if self.wall else 0.0
-
-
-def wait_quiet(threshold: float, max_wait: float, window: float = 1.0) -> dict:
-    """Wait until other processes use < ``threshold`` cores (measured over ``window`` s)."""
-    t0 = time.perf_counter()
-    while True:
-        with CpuMeter() as m:
-            time.sleep(window)
-        waited = time.perf_counter() - t0
-        if m.foreign_load < threshold or waited >= max_wait:
-            if waited > 2 * window:
-                print(f"  (waited {waited:.0f} s for other jobs to finish; foreign load now "
-                      f"{m.foreign_load:.2f} cores)")
-            return {"waited_s": round(waited, 1), "foreign_load": round(m.foreign_load, 3),
-                    "quiet": m.foreign_load < threshold}
+# "foreign" = the CPU of the other processes /proc shows; the process table is read at the two
+# ends of a block only (no sampling thread beside the single-process baseline).
+METER = {"every": None, "machine_wide": False, "reaped": False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,20 +277,6 @@ def check_same_pixels(baseline_file: Path, root: Path, name: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _git() -> str:
-    import subprocess
-
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "tasks"], cwd=repo, text=True,
-                               capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" (tasks/ modified)" if dirty else "")
-
-
 def environment() -> dict:
     import fsspec
     import PIL
@@ -366,7 +290,7 @@ def environment() -> dict:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ray_cpus": ray.cluster_resources().get("CPU") if ray.is_initialized() else None,
         "loadavg_1m_5m_15m": list(os.getloadavg()),
-        "git": _git(),
+        "git": git_revision(),
         "versions": {"ray": ray.__version__, "pyarrow": pyarrow.__version__,
                      "pillow": PIL.__version__, "numpy": np.__version__,
                      "fsspec": fsspec.__version__},
@@ -459,21 +383,10 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def settle(max_wait: float = 60.0) -> float:
-    """After Ray starts, wait until its processes are idle (workers import for a while)."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait:
-        with CpuMeter() as m:
-            time.sleep(1.0)
-        if m.cpu["children"] < 0.1:
-            break
-    return time.perf_counter() - t0
-
-
 def timed(fn, *a, threshold: float, max_wait: float) -> dict:
     """Wait for a quiet machine, run ``fn``, add CPU accounting to its result."""
-    quiet = wait_quiet(threshold, max_wait)
-    with CpuMeter() as m:
+    quiet = wait_quiet(threshold, max_wait, **METER)
+    with CpuMeter(**METER) as m:
         r = fn(*a)
     r.update(cpu=m.cpu, cpu_s=m.cpu["driver"] + m.cpu["children"],
              foreign_load=m.foreign_load, quiet_before=quiet)
@@ -520,12 +433,12 @@ def main() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().print_on_execution_start = False
-    quiet = wait_quiet(**wait)
+    quiet = wait_quiet(**wait, **METER)
     t = time.perf_counter()
     ray_init_s = ensure_ray(RuntimeConfig())
     print(f"ray: started in {ray_init_s:.2f} s (measured {time.perf_counter() - t:.2f} s), "
           f"{ray.cluster_resources().get('CPU')} CPUs")
-    print(f"ray: idle after {settle():.0f} s more")
+    print(f"ray: idle after {settle(window=1.0, idle=0.1, **METER):.0f} s more")
     print(f"images: page cache warmed in {warm_page_cache(src):.1f} s")
     rows_per_file = args.rows_per_file or DataConfig().rows_per_file
 

@@ -57,7 +57,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from preprocess_images import TCK, _git, ensure_images
+import _machine
+from _machine import CpuMeter, cpu_during, cpu_snapshot, git_revision, settle, wait_quiet
+from preprocess_images import ensure_images
 
 from flows.config import load_config
 from tasks.preprocess import preprocess
@@ -124,126 +126,8 @@ class Tap:
 
 
 # --------------------------------------------------------------------------------------------
-# CPU accounting (preprocess_images.py's, plus the CPU of processes that exit meanwhile)
+# Ray
 # --------------------------------------------------------------------------------------------
-
-
-def _proc_table() -> dict[int, tuple[int, float, float, str]]:
-    """{pid: (ppid, own CPU s, CPU s of its reaped children, name)} of every process."""
-    table = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        v = raw[raw.rfind(")") + 2:].split()
-        table[int(entry)] = (int(v[1]), (int(v[11]) + int(v[12])) / TCK,
-                             (int(v[13]) + int(v[14])) / TCK, raw[raw.find("(") + 1:raw.rfind(")")])
-    return table
-
-
-def _tree(table: dict, root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, row in table.items():
-        children.setdefault(row[0], []).append(pid)
-    out, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def machine_busy_s() -> float | None:
-    """CPU seconds the whole machine has been busy (all but idle and iowait), from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return None
-    return (sum(v) - v[3] - v[4]) / TCK
-
-
-class CpuMeter:
-    """CPU seconds spent during a block by this process ("driver") and its descendants
-    ("children": Ray's processes), and by everything else on the machine ("foreign" = the
-    machine's busy time from /proc/stat minus ours: processes this /proc does not show, or that
-    come and go, count too). The process table is re-read every ``every`` seconds, so a process
-    of ours that exits meanwhile (a Ray Train worker: raylet does not collect its children's
-    times) counts with the CPU it had at its last sighting."""
-
-    def __init__(self, every: float = 1.0):
-        self.every = every
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.every):
-            table = _proc_table()
-            with self._lock:
-                self.seen.update(table)
-
-    def __enter__(self) -> CpuMeter:
-        self.t0, self.before, self.busy0 = time.perf_counter(), _proc_table(), machine_busy_s()
-        self.seen = dict(self.before)
-        self._stop, self._lock = threading.Event(), threading.Lock()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        after, busy1 = _proc_table(), machine_busy_s()
-        self.wall = time.perf_counter() - self.t0
-        last = {**self.seen, **after}
-        me = os.getpid()
-        mine = _tree(last, me) | _tree(self.before, me)
-        d = {"driver": 0.0, "children": 0.0, "visible_foreign": 0.0}
-        by_child: dict[str, float] = {}
-        for pid, (_, cpu, reaped, name) in last.items():
-            _, cpu0, reaped0, _ = self.before.get(pid, (0, 0.0, 0.0, ""))
-            k = "driver" if pid == me else "children" if pid in mine else "visible_foreign"
-            used = max(cpu - cpu0, 0.0) + max(reaped - reaped0, 0.0)
-            d[k] += used
-            if k == "children" and used > 0:
-                by_child[name] = by_child.get(name, 0.0) + used
-        self.children = {k: round(v, 2) for k, v in sorted(by_child.items(),
-                                                           key=lambda kv: -kv[1])[:8]}
-        if busy1 is not None and self.busy0 is not None:
-            d["machine"] = busy1 - self.busy0
-            d["foreign"] = max(d["machine"] - d["driver"] - d["children"], 0.0)
-        else:
-            d["foreign"] = d["visible_foreign"]
-        self.cpu = {k: round(v, 3) for k, v in d.items()}
-        self.foreign_load = d["foreign"] / self.wall if self.wall else 0.0
-
-
-def wait_quiet(threshold: float, max_wait: float, window: float = 1.0) -> dict:
-    """Wait until other processes use < ``threshold`` cores (measured over ``window`` s)."""
-    t0 = time.perf_counter()
-    while True:
-        with CpuMeter() as m:
-            time.sleep(window)
-        waited = time.perf_counter() - t0
-        if m.foreign_load < threshold or waited >= max_wait:
-            if waited > 2 * window:
-                print(f"  (waited {waited:.0f} s for other jobs; foreign load now "
-                      f"{m.foreign_load:.2f} cores)")
-            return {"waited_s": round(waited, 1), "foreign_load": round(m.foreign_load, 3),
-                    "quiet": m.foreign_load < threshold}
-
-
-def settle(max_wait: float = 60.0) -> float:
-    """Wait until this process's Ray processes are idle (after start-up, after a run)."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait:
-        with CpuMeter() as m:
-            time.sleep(0.5)
-        if m.cpu["children"] < 0.05:
-            break
-    return time.perf_counter() - t0
 
 
 def start_ray(runtime: RuntimeConfig) -> float:
@@ -301,44 +185,6 @@ def instrument() -> None:
 # --------------------------------------------------------------------------------------------
 # Step clock inside the worker: the stage's own loop, observed
 # --------------------------------------------------------------------------------------------
-
-
-def cpu_snapshot() -> dict:
-    """CPU seconds of each thread of this process (by name) and of the whole machine."""
-    tck = os.sysconf("SC_CLK_TCK")
-    threads = {}
-    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2:].split()
-        threads[tid] = [raw[raw.find("(") + 1: raw.rfind(")")],
-                        (int(fields[11]) + int(fields[12])) / tck]
-    busy = None
-    if os.path.exists("/proc/stat"):
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        busy = (sum(v) - v[3] - v[4]) / tck  # all but idle and iowait
-    return {"t": time.perf_counter(), "threads": threads, "machine_busy_s": busy}
-
-
-def cpu_during(a: dict, b: dict) -> dict:
-    """Cores used between two snapshots: by thread name in this process, and machine-wide."""
-    span = b["t"] - a["t"]
-    by_name: dict[str, float] = {}
-    for tid, (name, cpu) in b["threads"].items():
-        by_name[name] = by_name.get(name, 0.0) + cpu - a["threads"].get(tid, [name, 0.0])[1]
-    out = {"process_cores": sum(by_name.values()) / span,
-           "threads_cores": {k: round(v / span, 3) for k, v in
-                             sorted(by_name.items(), key=lambda kv: -kv[1]) if v > 0},
-           "busiest_threads": sorted(
-               ((round((cpu - a["threads"].get(tid, [name, 0.0])[1]) / span, 3), name)
-                for tid, (name, cpu) in b["threads"].items()), reverse=True)[:6]}
-    if a["machine_busy_s"] is not None:
-        out["machine_cores"] = (b["machine_busy_s"] - a["machine_busy_s"]) / span
-    return out
 
 
 def _timed_loop(cfg: dict) -> None:
@@ -844,7 +690,7 @@ def environment() -> dict:
         "driver_torch_threads_default": DRIVER_THREADS,
         "driver_OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "loadavg_1m_5m_15m": list(os.getloadavg()),
-        "git": _git(),
+        "git": git_revision(),
         "versions": {"torch": torch.__version__, "ray": ray.__version__,
                      "pyarrow": pyarrow.__version__, "numpy": np.__version__},
     }
@@ -1087,6 +933,9 @@ def main() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     instrument()
+    # _timed_loop, shipped to the Ray Train worker by value (it is in __main__), calls
+    # cpu_snapshot: ship _machine's functions by value too, so workers never import benchmarks/.
+    ray.cloudpickle.register_pickle_by_value(_machine)
     quiet = wait_quiet(**wait)
     result: dict = {"command": command, "tag": args.tag, "note": args.note,
                     "quiet_threshold": args.quiet_threshold, "quiet_before_ray_init": quiet}
