@@ -60,6 +60,10 @@ def register_flow(config: dict, model: str | None = None) -> dict:
         res = register_task(local, tracking_uri=uri, run_id=run_id,
                             cfg=cfg.registry.model_dump(mode="json"), model_name=name,
                             evaluation=evaluation, lineage=lineage, defaults=defaults)
+    if run_id:
+        from tasks.evaluate import table
+
+        tracking.log_evaluation(uri, run_id, evaluation, table(evaluation))
     return res | {"evaluation": evaluation, "tracking_uri": uri}
 
 

@@ -147,6 +147,20 @@ def log_json(uri: str, run_id: str, obj: Any, artifact_file: str) -> None:
     MlflowClient(tracking_uri=uri).log_text(run_id, json.dumps(obj, indent=2), artifact_file)
 
 
+def log_evaluation(uri: str, run_id: str, evaluation: dict, table_md: str) -> None:
+    """The evaluation on the training run: ``eval.<metric>`` metrics and the table as
+    ``evaluation/<eval key>.md``."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=uri)
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[
+        Metric(f"eval.{k}", float(v), ts, 0) for k, v in evaluation["metrics"].items()
+        if isinstance(v, int | float)])
+    client.log_text(run_id, table_md, f"evaluation/{evaluation['eval_key']}.md")
+
+
 def finish_run(uri: str, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 

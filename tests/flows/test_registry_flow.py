@@ -36,6 +36,19 @@ def test_register_promote_rollback_and_load_the_champion(ray_local, prefect_harn
     assert reg.exit_code == 0, reg.output
     assert "registered digits-diffusion version 1 (@challenger): models:/digits-diffusion/1" \
         in reg.output
+    # the training run now holds the evaluation (metrics and table) beside its curves
+    from mlflow import MlflowClient
+
+    from tasks.registry import resolve
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tags = resolve("models:/digits-diffusion/1", uri)["tags"]
+    run = MlflowClient(uri).get_run(tags["training.mlflow_run_id"])
+    assert "eval.fd" in run.data.metrics and "eval.nll_bpd" in run.data.metrics
+    assert tags["dataset.version"] and tags["checkpoint.uri"].startswith(str(tmp_path))
+    arts = [a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "evaluation")]
+    assert arts == [f"evaluation/{tags['eval.key']}.md"]
+
     first = invoke(["promote", *root, *weak])
     assert first.exit_code == 0, first.output
     assert "v1 promoted: first champion" in first.output and "champion: v1" in first.output
