@@ -49,7 +49,7 @@ def _fail(e: BaseException, debug: bool) -> None:
 _EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound",
              "TrainConfigError", "TrainingDiverged", "RunNotFound", "EvalError",
              "WeightsIntegrityError", "RegistryError", "RegistryUnavailable", "TrackingError",
-             "LeaseBusy")
+             "LeaseBusy", "GenerateError")
 
 
 def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, debug: bool,
@@ -71,6 +71,8 @@ def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, de
             from flows.registry import promote_flow as stage_flow
         elif flow_name == "rollback":
             from flows.registry import rollback_flow as stage_flow
+        elif flow_name == "generate":
+            from flows.generate import generate_flow as stage_flow
         else:
             raise ValueError(f"unknown stage {flow_name}")
         return stage_flow(cfg.to_json_dict(), **kwargs)
@@ -186,6 +188,25 @@ def rollback(
     res = _run_stage(config, set_, root, debug, "rollback")
     typer.echo(f"{res['name']}: champion moved back from v{res['previous']} to "
                f"v{res['champion']}")
+
+
+@app.command()
+def generate(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    debug: bool = DebugOpt,
+) -> None:
+    """Generate generate.num_samples samples from generate.model (default: the registry's
+    champion) on Ray Data into generate.output; a killed job resumes, a complete one is reused."""
+    res = _run_stage(config, set_, root, debug, "generate")
+    state = "already complete, reused" if res["reused"] else (
+        f"{res['shards_written']} shard(s) written")
+    rate = f", {res['images_per_s']:.1f} images/s" if res.get("images_per_s") else ""
+    typer.echo(f"generation job {res['job_id']} ({state}): {res['num_samples']} samples of "
+               f"{res['model_ref']} with {res['sampler']['name']}:{res['sampler']['steps']} in "
+               f"{res['shards']} shard(s){rate}")
+    typer.echo(f"manifest: {res['manifest_uri']}")
 
 
 @app.callback()

@@ -21,6 +21,7 @@ from diffusion.unet import UNetConfig
 from tasks.datasets import DataConfig
 from tasks.digits import DIGITS_UNET
 from tasks.evaluate import EvalConfig
+from tasks.generate import GenerateConfig
 from tasks.registry import RegistryConfig
 from tasks.runtime import RuntimeConfig
 from tasks.train import DiffusionConfig, TrainConfig
@@ -39,6 +40,7 @@ class PipelineConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def to_json_dict(self) -> dict[str, Any]:

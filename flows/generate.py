@@ -1,0 +1,21 @@
+"""The ``generate`` flow: a batch generation job on Ray Data (see :mod:`tasks.generate`)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from tasks.generate import generate_task
+from tasks.registry import model_name_for
+
+
+@flow(name="generate", log_prints=True)
+def generate_flow(config: dict) -> dict:
+    """Generate ``generate.num_samples`` samples from ``generate.model`` (default: the
+    ``champion`` of ``registry.model_name``); resumes a killed job, returns a complete one.
+
+    ``config`` is a :class:`~flows.config.PipelineConfig` as JSON, validated here first.
+    """
+    cfg = PipelineConfig.model_validate(config)
+    default = f"models:/{model_name_for(cfg.registry, cfg.data.name)}@champion"
+    return generate_task(cfg.to_json_dict(), default_model=default)

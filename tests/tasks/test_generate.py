@@ -1,0 +1,179 @@
+"""Batch generation on Ray Data with tiny models: determinism, resume, reuse, bad input, S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from diffusion import UNet, UNetConfig
+from diffusion.serialization import save_model
+from tasks.generate import (
+    GenerateConfig,
+    GenerateError,
+    generate,
+    labels_for,
+    read_samples,
+    resolve_job,
+    sample_indices,
+)
+from tasks.runtime import RuntimeConfig
+
+pytestmark = [pytest.mark.integration]
+REPO = Path(__file__).resolve().parents[2]
+DIFF = {"schedule": "linear", "T": 50, "beta_start": 1e-4, "beta_end": 0.02, "prediction": "eps",
+        "min_snr_gamma": None}
+
+
+def tiny(path: Path, num_classes: int | None) -> str:
+    cfg = UNetConfig(resolution=8, in_channels=1, base_channels=8, channel_mult=(1,),
+                     num_res_blocks=1, attention_resolutions=(), num_classes=num_classes)
+    torch.manual_seed(0)
+    save_model(path / "model", UNet(cfg).state_dict(),
+               {"unet": cfg.to_dict(), "diffusion": DIFF,
+                "class_names": [f"c{i}" for i in range(num_classes or 0)]})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gen-models")
+    return {"cond": tiny(base / "cond", 3), "uncond": tiny(base / "uncond", None)}
+
+
+def job(models, tmp_path, **kw) -> GenerateConfig:
+    settings = {"model": models["cond"], "num_samples": 30, "sampler": "ddim", "steps": 5,
+                "shard_size": 8, "batch_size": 4, "guidance_scale": 2.0} | kw
+    return GenerateConfig(**settings)
+
+
+def rt(tmp_path) -> RuntimeConfig:
+    return RuntimeConfig(root=str(tmp_path / "root"))
+
+
+def test_output_is_what_in_process_sampling_gives_whatever_the_batching(ray_local, models,
+                                                                        tmp_path):
+    cfg = job(models, tmp_path, num_actors=2)
+    res = generate(cfg, rt(tmp_path), echo=lambda s: None)
+    m = res.manifest
+    assert not res.reused and res.shards_written == 4 and m["num_samples"] == 30
+    assert [s["rows"] for s in m["shards"]] == [8, 8, 8, 6] and m["shape"] == [1, 8, 8]
+    assert res.output == str(tmp_path / "root" / "generations" / m["job_id"])
+    x, y, _ = read_samples(res.output, rt(tmp_path))
+    assert x.shape == (30, 1, 8, 8) and x.dtype == np.uint8 and set(y) <= {0, 1, 2}
+
+    # in-process, one batch of 30: the same images and labels
+    j, model = resolve_job(cfg, rt(tmp_path), echo=lambda s: None)
+    ref_x, ref_y = sample_indices(model, j, np.arange(30), 30, torch.device("cpu"))
+    assert np.array_equal(x, ref_x) and np.array_equal(y, ref_y)
+
+    # another batch size, one actor, another output: identical
+    other = generate(cfg.model_copy(update={"batch_size": 7, "num_actors": 1,
+                                            "output": str(tmp_path / "other")}),
+                     rt(tmp_path), echo=lambda s: None)
+    assert other.manifest["job_id"] == m["job_id"]
+    assert np.array_equal(read_samples(other.output, rt(tmp_path))[0], x)
+
+    # the same job again: nothing to do, Ray not needed
+    again = generate(cfg, rt(tmp_path), echo=lambda s: None)
+    assert again.reused and again.shards_written == 0 and again.manifest == m
+
+
+def test_labels_follow_the_weights_and_a_fixed_label(models, tmp_path):
+    j, _ = resolve_job(job(models, tmp_path, labels=[1.0, 0.0, 3.0], num_samples=4000),
+                       rt(tmp_path), echo=lambda s: None)
+    y = labels_for(j, np.arange(4000))
+    assert 1 not in y and abs((y == 2).mean() - 0.75) < 0.03
+    j, _ = resolve_job(job(models, tmp_path, labels=1), rt(tmp_path), echo=lambda s: None)
+    assert set(labels_for(j, np.arange(10))) == {1}
+
+
+def test_a_different_job_in_the_output_is_refused(ray_local, models, tmp_path):
+    out = str(tmp_path / "out")
+    generate(job(models, tmp_path, num_samples=5, output=out), rt(tmp_path), echo=lambda s: None)
+    with pytest.raises(GenerateError, match=r"already holds generation job .*choose another"):
+        generate(job(models, tmp_path, num_samples=5, seed=1, output=out), rt(tmp_path),
+                 echo=lambda s: None)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"sampler": "nosuch"}, "generate.sampler/steps nosuch:5"),
+    ({"steps": 51}, "between 1 and T=50"),
+    ({"model": "uncond", "labels": "uniform"}, "is unconditional"),
+    ({"model": "uncond", "labels": 1}, "is unconditional"),
+    ({"model": "uncond", "labels": "auto", "guidance_scale": 3.0}, "needs class labels"),
+    ({"labels": 3}, "has classes 0..2"),
+    ({"labels": [1.0, 1.0]}, "has 2 weights but"),
+])
+def test_bad_settings_fail_before_any_work(models, tmp_path, kw, message):
+    if kw.get("model") == "uncond":
+        kw = kw | {"model": models["uncond"]}
+    with pytest.raises(GenerateError, match=message):
+        generate(job(models, tmp_path, **kw), rt(tmp_path), echo=lambda s: None)
+    assert not (tmp_path / "root" / "generations").exists()
+
+
+def test_config_errors():
+    with pytest.raises(ValidationError, match="num_samples"):
+        GenerateConfig(num_samples=0)
+    with pytest.raises(ValidationError, match=r"generate\.labels must be"):
+        GenerateConfig(labels="most")
+
+
+def test_killed_job_resumes_and_writes_only_missing_shards(models, tmp_path):
+    out = tmp_path / "killed"
+    cfg = job(models, tmp_path, num_samples=40, output=str(out))
+    env = {**os.environ, "DIFFUSION_PIPELINE_FAULT": "generate-after-2-shards",
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    code = ("from tasks.generate import GenerateConfig, generate;"
+            "from tasks.runtime import RuntimeConfig;"
+            f"generate(GenerateConfig.model_validate_json({cfg.model_dump_json()!r}),"
+            f" RuntimeConfig(root={str(tmp_path / 'root')!r}, ray_num_cpus=1))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the local Ray it started
+    assert proc.returncode == -9, output[-3000:]
+    assert not (out / "_manifest.json").exists() and (out / "_job.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    assert 2 <= len(before) < 5
+
+    res = generate(cfg, rt(tmp_path), echo=lambda s: None)
+    assert res.shards_written == 5 - len(before)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}
+    assert all(after[k] == v for k, v in before.items())  # finished shards were not rewritten
+    x, _, m = read_samples(str(out), rt(tmp_path))
+    assert len(x) == 40 and [s["rows"] for s in m["shards"]] == [8] * 5
+    j, model = resolve_job(cfg, rt(tmp_path), echo=lambda s: None)
+    ref_x, _ = sample_indices(model, j, np.arange(40), 40, torch.device("cpu"))
+    assert np.array_equal(x, ref_x)  # identical to an uninterrupted run
+
+
+def test_png_files_and_an_s3_output(ray_local, models, tmp_path, s3):
+    bucket = s3.bucket()
+    runtime = RuntimeConfig(root=str(tmp_path / "root"), s3_endpoint_url=s3.endpoint)
+    cfg = job(models, tmp_path, num_samples=6, format="parquet+png",
+              output=f"s3://{bucket}/gen")
+    res = generate(cfg, runtime, echo=lambda s: None)
+    assert res.output == f"s3://{bucket}/gen"
+    assert s3.client.exists(f"{bucket}/gen/_manifest.json")
+    pngs = sorted(s3.client.ls(f"{bucket}/gen/png"))
+    assert [p.rsplit("/", 1)[-1] for p in pngs] == [f"{i:09d}.png" for i in range(6)]
+    x, _, _ = read_samples(res.output, runtime)
+    from io import BytesIO
+
+    from PIL import Image
+
+    img = np.asarray(Image.open(BytesIO(s3.client.cat(pngs[3]))))
+    assert np.array_equal(img, x[3, 0])
