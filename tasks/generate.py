@@ -335,11 +335,20 @@ def _complete_shards(out: Location, job: Job) -> set[int]:
     exists is whole; the checks catch a file from something else)."""
     import pyarrow.parquet as pq
 
+    from tasks.storage import call
+
+    shards_dir = out.child("shards")
+    try:  # one listing, not one request per shard (a 2M-sample job has hundreds)
+        present = {p.rstrip("/").rsplit("/", 1)[-1]
+                   for p in call(shards_dir, shards_dir.fs.ls, shards_dir.path, detail=False)}
+    except FileNotFoundError:
+        present = set()
     done: set[int] = set()
     for k, start, end in job.shards():
-        loc = out.child(f"shards/shard-{k:06d}.parquet")
-        if not exists(loc):
+        name = f"shard-{k:06d}.parquet"
+        if name not in present:
             continue
+        loc = shards_dir.child(name)
         try:
             with loc.fs.open(loc.path, "rb") as f:
                 meta = pq.read_metadata(f)
