@@ -10,7 +10,8 @@ In one process, same model, sampler, steps, guidance, labels, seed and batch siz
       on the CPU, at each torch thread count of ``--plain-threads`` (default: the thread count
       measured inside the stage's Sampler actor, and every core);
   (b) **stage**: ``tasks.generate.generate`` with ``num_actors=1`` (Ray Data ``from_items(shards)
-      → map_batches(Sampler actor)``), a fresh output directory each time.
+      → map_batches(Sampler actor)``) and ``cpus_per_actor`` = every core (``--cpus-per-actor``;
+      the actor runs torch on that many threads), a fresh output directory each time.
 
 The model is the pipeline's default digits UNet (``tasks.digits.DIGITS_UNET``, 0.76M parameters,
 class-conditional, 8×8), briefly trained on the embedded digits (its output convolution starts
@@ -655,6 +656,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=1.5)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
+    ap.add_argument("--cpus-per-actor", type=float, default=None,
+                    help="the stage's generate.cpus_per_actor (its actor's torch threads); "
+                    "default: every core, the resources of the plain loop on every core")
     ap.add_argument("--plain-threads", type=int, nargs="*", default=None,
                     help="torch thread counts of the plain loop (default: the Sampler actor's, "
                     "measured, and every core)")
@@ -721,7 +725,7 @@ def main() -> None:
         gen = GenerateConfig(model=path, num_samples=args.num_samples, sampler=args.sampler,
                              steps=args.steps, guidance_scale=args.guidance,
                              batch_size=args.batch_size, shard_size=args.shard_size,
-                             num_actors=1)
+                             num_actors=1, cpus_per_actor=args.cpus_per_actor or cores)
         if args.num_samples // args.shard_size < 6:
             print(f"warning: {args.num_samples // args.shard_size} shards; the steady state "
                   "rests on few shards")

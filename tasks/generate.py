@@ -70,9 +70,12 @@ class GenerateConfig(BaseModel):
     shard_size: int = Field(4096, ge=1, description="Samples per output file.")
     output: str | None = Field(None, description="Default: ROOT/generations/<job id>.")
     format: Literal["parquet", "parquet+png"] = "parquet"
-    num_actors: int = Field(1, ge=1, description="Sampler actors (model copies).")
+    num_actors: int | None = Field(
+        None, ge=1, description="Sampler actors (model copies). Default: as many as the "
+        "cluster's GPUs (or CPUs, for CPU actors) allow, at most one per shard.")
     gpus_per_actor: float = Field(0.0, ge=0)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor; a CPU actor runs "
+                                  "torch on this many threads.")
     bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: on with GPUs.")
 
     @field_validator("labels")
@@ -287,7 +290,7 @@ class Sampler:
     shards and returns one row of statistics per shard."""
 
     def __init__(self, job: dict, weights_ref, output: str, options: dict, batch_size: int,
-                 bf16: str):
+                 bf16: str, cpus: float = 1.0):
         import ray
         import safetensors.torch
         import torch
@@ -299,6 +302,8 @@ class Sampler:
         model = UNet(UNetConfig.from_dict(self.job.config["unet"]))
         model.load_state_dict(safetensors.torch.load(weights), strict=True)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":  # as many threads as the CPUs Ray reserved for us
+            torch.set_num_threads(max(1, int(cpus)))
         self.model = model.eval().to(self.device)
         on_gpu = self.device.type == "cuda"
         self.autocast = torch.bfloat16 if bf16 == "on" or (bf16 == "auto" and on_gpu) else None
@@ -328,6 +333,17 @@ class Sampler:
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
+
+
+def auto_actors(cfg: GenerateConfig, shards: int) -> int:
+    """As many actors as the cluster's GPUs (GPU actors) or CPUs (CPU actors) hold, at most one
+    per shard to write; at least one."""
+    import ray
+
+    res = ray.cluster_resources()
+    fit = res.get("GPU", 0) / cfg.gpus_per_actor if cfg.gpus_per_actor else \
+        res.get("CPU", 1) / cfg.cpus_per_actor
+    return max(1, min(shards, int(fit)))
 
 
 def _complete_shards(out: Location, job: Job) -> set[int]:
@@ -434,19 +450,25 @@ def generate(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: str 
         weights_ref = ray.put(weights)
         ds = ray.data.from_items([{"shard": k, "start": s, "end": e} for k, s, e in todo],
                                  override_num_blocks=len(todo))
+        actors = cfg.num_actors or auto_actors(cfg, len(todo))
+        echo(f"  {len(todo)} shard(s) on {actors} sampler actor(s) ({cfg.cpus_per_actor:g} CPU"
+             + (f", {cfg.gpus_per_actor:g} GPU" if cfg.gpus_per_actor else "") + " each)")
         ds = ds.map_batches(
-            Sampler, batch_size=1, concurrency=cfg.num_actors, num_gpus=cfg.gpus_per_actor,
-            num_cpus=cfg.cpus_per_actor,
+            Sampler, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs={
                 "job": asdict(job), "weights_ref": [weights_ref], "output": out.url,
                 "options": storage_options(out.url, runtime), "batch_size": cfg.batch_size,
-                "bf16": cfg.bf16})
+                "bf16": cfg.bf16, "cpus": cfg.cpus_per_actor})
         t_run = time.perf_counter()
         last = 0.0
-        for row in ds.iter_rows():
-            stats[int(row["shard"])] = {"rows": int(row["rows"]), "seconds": row["seconds"]}
-            have += int(row["rows"])
-            maybe_die(f"generate-after-{len(stats)}-shards")
+        # iter_batches without prefetching hands over each shard's row as its actor call ends
+        # (iter_rows delivers it one shard late, so progress would lag by a shard)
+        for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
+            for k, rows in zip(batch["shard"], batch["rows"], strict=True):
+                stats[int(k)] = {"rows": int(rows)}
+                have += int(rows)
+                maybe_die(f"generate-after-{len(stats)}-shards")
             now = time.perf_counter()
             if now - last > 5 or have == total:
                 rate = sum(v["rows"] for v in stats.values()) / max(now - t_run, 1e-9)
