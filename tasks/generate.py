@@ -133,21 +133,6 @@ class Job:
         return [(k, k * s, min(n, (k + 1) * s)) for k in range((n + s - 1) // s)]
 
 
-def _load(ref: str, runtime: RuntimeConfig) -> tuple[Any, dict, dict | None, str, str | None]:
-    """(model, config, recorded defaults or None, weights sha256, registry version or None)."""
-    if ref.startswith("models:/"):
-        from tasks import registry, tracking
-
-        uri = tracking.tracking_uri(runtime, runtime.root_location())
-        model, config, defaults = registry.load_version(ref, uri)
-        info = registry.resolve(ref, uri)
-        return model, config, defaults, info["tags"]["weights_sha256"], str(info["version"])
-    from tasks.evaluate import load_model_ref
-
-    loaded = load_model_ref(ref, runtime)
-    return loaded.model, loaded.config, None, loaded.weights_sha256, None
-
-
 def resolve_job(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: str | None = None,
                 echo=print) -> tuple[Job, Any]:
     """Load the model and check every setting against it; returns (job, model)."""
@@ -157,7 +142,10 @@ def resolve_job(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: s
     if not ref:
         raise GenerateError("generate.model is not set; give models:/<name>@champion, "
                             "models:/<name>/<version> or a checkpoint URI")
-    model, config, defaults, digest, version = _load(ref, runtime)
+    from tasks.evaluate import load_model_ref
+
+    loaded = load_model_ref(ref, runtime)
+    model, config, defaults = loaded.model, loaded.config, loaded.defaults
     unet, T = config["unet"], config["diffusion"]["T"]
     conditional = unet.get("num_classes") is not None
     recorded = (defaults or {}).get("sampler") or {}
@@ -200,7 +188,8 @@ def resolve_job(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: s
     else:
         scale = cfg.guidance_scale if cfg.guidance_scale is not None else \
             float((defaults or {}).get("guidance_scale", 1.0))
-    job = Job(model_ref=ref, model_version=version, weights_sha256=digest, config=config,
+    job = Job(model_ref=ref, model_version=loaded.version, weights_sha256=loaded.weights_sha256,
+              config={k: config[k] for k in ("unet", "diffusion", "class_names") if k in config},
               sampler=asdict(sampler), guidance_scale=scale, labels=labels, seed=cfg.seed,
               num_samples=cfg.num_samples, shard_size=cfg.shard_size, format=cfg.format)
     return job, model
@@ -515,22 +504,14 @@ def generate(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: str 
 
 def read_samples(output: str, runtime: RuntimeConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """All samples of a complete job in index order: (uint8 [N, C, H, W], labels, manifest)."""
-    import pyarrow.parquet as pq
-
+    from tasks.evaluate import read_pixel_files
     from tasks.storage import storage_options
 
     out = Location.of(output, storage_options(output, runtime))
     manifest = read_json(out.child(MANIFEST))
-    xs, ys = [], []
-    for shard in manifest["shards"]:
-        loc = out.child(shard["path"])
-        with loc.fs.open(loc.path, "rb") as f:
-            t = pq.read_table(f)
-        px = t.column("pixels").combine_chunks()
-        xs.append(np.frombuffer(px.buffers()[1], np.uint8)[:len(px) * px.type.byte_width]
-                  .reshape(len(px), *manifest["shape"]))
-        ys.append(t.column("label").to_numpy())
-    return np.concatenate(xs), np.concatenate(ys), manifest
+    x, y = read_pixel_files(out.fs, [out.child(s["path"]).path for s in manifest["shards"]],
+                            manifest["shape"])
+    return x, y, manifest
 
 
 def _prefect_task():
