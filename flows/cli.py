@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -52,6 +53,18 @@ _EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound"
              "LeaseBusy", "GenerateError")
 
 
+# sub-command → its Prefect flow
+_FLOWS = {
+    "preprocess": "flows.preprocess:preprocess_flow",
+    "train": "flows.train:train_flow",
+    "evaluate": "flows.evaluate:evaluate_flow",
+    "register": "flows.registry:register_flow",
+    "promote": "flows.registry:promote_flow",
+    "rollback": "flows.registry:rollback_flow",
+    "generate": "flows.generate:generate_flow",
+}
+
+
 def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, debug: bool,
                flow_name: str, **kwargs):
     """Load the config and run one stage's flow; expected errors become one red line."""
@@ -59,22 +72,8 @@ def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, de
         from flows.config import load_config
 
         cfg = load_config(config, sets or [], root)
-        if flow_name == "preprocess":
-            from flows.preprocess import preprocess_flow as stage_flow
-        elif flow_name == "train":
-            from flows.train import train_flow as stage_flow
-        elif flow_name == "evaluate":
-            from flows.evaluate import evaluate_flow as stage_flow
-        elif flow_name == "register":
-            from flows.registry import register_flow as stage_flow
-        elif flow_name == "promote":
-            from flows.registry import promote_flow as stage_flow
-        elif flow_name == "rollback":
-            from flows.registry import rollback_flow as stage_flow
-        elif flow_name == "generate":
-            from flows.generate import generate_flow as stage_flow
-        else:
-            raise ValueError(f"unknown stage {flow_name}")
+        module, name = _FLOWS[flow_name].split(":")
+        stage_flow = getattr(importlib.import_module(module), name)  # imported when used
         return stage_flow(cfg.to_json_dict(), **kwargs)
     except Exception as e:
         if type(e).__name__ not in _EXPECTED and not debug:
