@@ -15,7 +15,6 @@ from diffusion.training import OptimConfig, make_lr_scheduler, make_optimizer, t
 from flows.config import load_config
 from tasks.datasets import open_dataset
 from tasks.evaluate import EvalConfig, EvalError, evaluate, load_model_ref, nearest_rms, read_split
-from tasks.preprocess import preprocess
 from tasks.train import DiffusionConfig
 
 pytestmark = [pytest.mark.integration]
@@ -27,14 +26,6 @@ FAST = EvalConfig(num_samples=120, frontier=["ddim:5", "ddim:20", "dpmpp_2m:10"]
                   reference_steps=150, batch_size=60)
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("eval-root")
-    cfg = load_config(root=str(root))
-    preprocess(cfg.data, cfg.runtime, echo=lambda s: None)
-    return root
-
-
 def _save(model, path, class_names):
     return save_model(path / "model", model.state_dict(),
                       {"unet": UNET.to_dict(), "diffusion": DIFF.model_dump(mode="json"),
@@ -42,10 +33,10 @@ def _save(model, path, class_names):
 
 
 @pytest.fixture(scope="module")
-def models(root, tmp_path_factory):
+def models(digits_root, tmp_path_factory):
     """Two models in checkpoint layout (<dir>/model/...): one trained for 300 steps on the
     digits, one untrained."""
-    cfg = load_config(root=str(root))
+    cfg = load_config(root=str(digits_root))
     rt = cfg.runtime.root_location()
     _, manifest = open_dataset(rt, "digits")
     x, y = read_split(rt, manifest, "train", 10_000)

@@ -17,7 +17,6 @@ from diffusion.serialization import build_unet
 from flows.config import load_config
 from tasks.checkpoints import verify
 from tasks.datasets import DatasetNotFound
-from tasks.preprocess import preprocess
 from tasks.train import TrainConfigError, TrainingDiverged, run_training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,14 +27,6 @@ TINY = [
     "model.attention_resolutions=[]", "train.batch_size=16", "train.warmup_steps=2",
     "train.checkpoint_every=4", "train.log_every=4", "diffusion.T=100",
 ]
-
-
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory, ray_local):
-    root = tmp_path_factory.mktemp("train-root")
-    cfg = load_config(root=str(root))
-    preprocess(cfg.data, cfg.runtime, echo=lambda s: None)
-    return root
 
 
 def cfg_for(root, *sets):
