@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -55,6 +57,7 @@ _EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound"
 
 # sub-command → its Prefect flow
 _FLOWS = {
+    "run": "flows.retrain:retrain_flow",
     "preprocess": "flows.preprocess:preprocess_flow",
     "train": "flows.train:train_flow",
     "evaluate": "flows.evaluate:evaluate_flow",
@@ -63,6 +66,36 @@ _FLOWS = {
     "rollback": "flows.registry:rollback_flow",
     "generate": "flows.generate:generate_flow",
 }
+
+
+class _OneLineErrors(logging.Formatter):
+    """Wraps a console formatter: log records keep their traceback for Prefect's API (the UI
+    shows it), while the terminal shows the message alone; ``--debug`` shows everything."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _quiet_console() -> None:
+    """No tracebacks on the terminal from Prefect's console handlers, and no Ray Data progress
+    tables (each stage reports its own progress)."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+               if n.startswith("prefect")] + [logging.root]
+    for lg in loggers:
+        for h in getattr(lg, "handlers", []):
+            if type(h).__name__ == "PrefectConsoleHandler" and not isinstance(
+                    h.formatter, _OneLineErrors):
+                h.setFormatter(_OneLineErrors(h.formatter))
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, debug: bool,
@@ -74,13 +107,84 @@ def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, de
         cfg = load_config(config, sets or [], root)
         module, name = _FLOWS[flow_name].split(":")
         stage_flow = getattr(importlib.import_module(module), name)  # imported when used
-        return stage_flow(cfg.to_json_dict(), **kwargs)
+        if not debug:
+            _quiet_console()
+        return stage_flow(cfg, **kwargs)
     except Exception as e:
         if type(e).__name__ not in _EXPECTED and not debug:
             typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
                         fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from None
         _fail(e, debug)
+
+
+@app.command()
+def run(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    generate: bool = typer.Option(True, "--generate/--no-generate",
+                                  help="Generate samples from the champion at the end."),
+    summary_json: Path = typer.Option(None, "--summary-json",
+                                      help="Also write the run's summary as JSON here."),
+    debug: bool = DebugOpt,
+) -> None:
+    """The whole pipeline (the `retrain` flow): preprocess → train → evaluate → register →
+    promote → generate. Stages whose inputs did not change are skipped; a run that died
+    continues where it stopped. With no options: the embedded digits under ./pipeline-data."""
+    import json
+
+    started = time.time()
+    res = _run_stage(config, set_, root, debug, "run", generate=generate)
+    res["prefect_start_s"] = round(res["started_at"] - started, 1)
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(res, indent=2, default=str))
+    typer.echo("")
+    typer.echo(where_everything_is(res))
+
+
+def where_everything_is(res: dict) -> str:
+    """The end of ``run``: stage times, where each output lives, how to open the UIs."""
+    import shutil
+    import sys
+
+    from tasks.storage import redact
+
+    lines = [f"retrain finished in {res['seconds']:.0f} s:"]
+    lines += [f"  {r['stage']:<10} {r['status']:<8} {r['seconds']:>6.1f} s" for r in res["stages"]]
+    ds, run = res["dataset"], res["train"]
+    lines += ["", "outputs:",
+              f"  dataset      {ds['manifest_uri'].rsplit('/', 1)[0]}/",
+              f"  checkpoint   {run['checkpoint_uri']}",
+              f"  model        {res['registered']['model_uri']}"
+              + (" (@champion)" if res["promotion"].get("champion") == res["registered"]["version"]
+                 else f" (champion: v{res['promotion'].get('champion')})")]
+    gen = res.get("generation")
+    if gen:
+        lines += [f"  samples      {gen['output']}/ ({gen['num_samples']})",
+                  f"  sample grid  {gen['grid']}"]
+    uri = res["tracking_uri"]
+    bindir = Path(sys.executable).parent
+
+    def tool(name: str) -> str:
+        return shutil.which(name) or str(bindir / name)
+
+    lines += ["", "open the UIs:"]
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        lines += [f"  MLflow   {tool('mlflow')} ui --backend-store-uri {uri} --port 5000"
+                  "   → http://127.0.0.1:5000",
+                  f"           (tracking database {db}, artifacts beside it in mlartifacts/)"]
+    else:
+        lines += [f"  MLflow   {redact(uri)}"]
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        lines += [f"  Prefect  {redact(api).removesuffix('/').removesuffix('/api')}"]
+    else:
+        lines += [f"  Prefect  {tool('prefect')} server start   → http://127.0.0.1:4200 "
+                  "(the runs are in its local database)"]
+    return "\n".join(lines)
 
 
 @app.command()

@@ -9,12 +9,13 @@ from tasks.evaluate import evaluate_task
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(config: dict, model: str | None = None,
+def evaluate_flow(config: PipelineConfig, model: str | None = None,
                   dataset_version: str | None = None) -> dict:
     """Evaluate ``model`` (``models:/...``, a checkpoint or model URI; default: the finished
     training run that ``config`` names) with ``config['evaluate']``.
 
-    ``config`` is a :class:`~flows.config.PipelineConfig` as JSON, validated here first.
+    ``config`` is the pipeline config; Prefect validates a mapping (a deployment's
+    parameters) into :class:`~flows.config.PipelineConfig` before the flow starts.
     """
     cfg = PipelineConfig.model_validate(config)
     if model is None:

@@ -10,11 +10,12 @@ from tasks.registry import model_name_for
 
 
 @flow(name="generate", log_prints=True)
-def generate_flow(config: dict) -> dict:
+def generate_flow(config: PipelineConfig) -> dict:
     """Generate ``generate.num_samples`` samples from ``generate.model`` (default: the
     ``champion`` of ``registry.model_name``); resumes a killed job, returns a complete one.
 
-    ``config`` is a :class:`~flows.config.PipelineConfig` as JSON, validated here first.
+    ``config`` is the pipeline config; Prefect validates a mapping (a deployment's
+    parameters) into :class:`~flows.config.PipelineConfig` before the flow starts.
     """
     cfg = PipelineConfig.model_validate(config)
     default = f"models:/{model_name_for(cfg.registry, cfg.data.name)}@champion"

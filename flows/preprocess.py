@@ -9,11 +9,12 @@ from tasks.preprocess import preprocess_task
 
 
 @flow(name="preprocess", log_prints=True)
-def preprocess_flow(config: dict) -> dict:
-    """Preprocess ``config['data']`` under ``config['runtime']``; returns the dataset reference.
+def preprocess_flow(config: PipelineConfig) -> dict:
+    """Preprocess ``config.data`` under ``config.runtime``; returns the dataset reference.
 
-    ``config`` is a :class:`~flows.config.PipelineConfig` as JSON (what the CLI and deployments
-    pass); it is validated again here so a deployment run with bad parameters fails at once.
+    ``config`` is the pipeline config; Prefect validates a mapping (a deployment's parameters)
+    into :class:`~flows.config.PipelineConfig` before the flow starts, so bad parameters fail at
+    once.
     """
     cfg = PipelineConfig.model_validate(config)
     return preprocess_task(cfg.data.model_dump(mode="json"), cfg.runtime.model_dump(mode="json"))

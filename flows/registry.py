@@ -22,7 +22,7 @@ from tasks.registry import (
 )
 
 
-def _context(config: dict):
+def _context(config: PipelineConfig | dict):
     from tasks import tracking
 
     cfg = PipelineConfig.model_validate(config)
@@ -32,7 +32,7 @@ def _context(config: dict):
 
 
 @flow(name="register", log_prints=True)
-def register_flow(config: dict, model: str | None = None) -> dict:
+def register_flow(config: PipelineConfig, model: str | None = None) -> dict:
     """Evaluate ``model`` (default: the finished training run ``config`` names; a stored
     evaluation is reused) and register it as a new version with the ``challenger`` alias."""
     from diffusion.samplers import SamplerConfig
@@ -68,7 +68,7 @@ def register_flow(config: dict, model: str | None = None) -> dict:
 
 
 @flow(name="promote", log_prints=True)
-def promote_flow(config: dict, version: str | None = None) -> dict:
+def promote_flow(config: PipelineConfig, version: str | None = None) -> dict:
     """Promote ``version`` (default: the ``challenger``) to ``champion`` if it passes the gate.
     A champion evaluated on another set or seeds is re-evaluated on the challenger's."""
     cfg, root, uri, name = _context(config)
@@ -85,7 +85,7 @@ def promote_flow(config: dict, version: str | None = None) -> dict:
 
 
 @flow(name="rollback", log_prints=True)
-def rollback_flow(config: dict) -> dict:
+def rollback_flow(config: PipelineConfig) -> dict:
     """Move ``champion`` back to its previous holder."""
     cfg, root, uri, name = _context(config)
     res = rollback_task(name, tracking_uri=uri, lock_dir=default_lock_dir(root.url),

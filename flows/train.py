@@ -9,11 +9,12 @@ from tasks.train import train_task
 
 
 @flow(name="train", log_prints=True)
-def train_flow(config: dict) -> dict:
+def train_flow(config: PipelineConfig) -> dict:
     """Train on ``config['data']['name']`` (latest committed version unless data.version).
 
-    ``config`` is a :class:`~flows.config.PipelineConfig` as JSON; it is validated here first,
-    so a deployment run with bad parameters fails before Ray is touched.
+    ``config`` is the pipeline config; Prefect validates a mapping (a deployment's parameters)
+    into :class:`~flows.config.PipelineConfig` before the flow starts, so a run with bad
+    parameters fails before Ray is touched.
     """
     cfg = PipelineConfig.model_validate(config)
     return train_task(cfg.to_json_dict())

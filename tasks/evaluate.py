@@ -591,7 +591,9 @@ def table(result: dict) -> str:
 def _prefect_task():
     from prefect import task
 
-    @task(name="evaluate", task_run_name="evaluate {model_ref}")
+    from tasks.retry import transient_retries
+
+    @task(name="evaluate", task_run_name="evaluate {model_ref}", **transient_retries())
     def evaluate_task(model_ref: str, config: dict, dataset_version: str | None = None) -> dict:
         """Evaluate ``model_ref`` with the ``evaluate`` section of ``config`` (PipelineConfig)."""
         from prefect.logging import get_run_logger

@@ -514,10 +514,47 @@ def read_samples(output: str, runtime: RuntimeConfig) -> tuple[np.ndarray, np.nd
     return x, y, manifest
 
 
+GRID_FILE = "grid.png"
+
+
+def grid_images(x: np.ndarray, y: np.ndarray, num_classes: int, per_class: int = 10,
+                max_images: int = 100) -> tuple[np.ndarray, int]:
+    """The images of a sample grid and its row length: for labelled samples one row per class
+    (its first ``per_class`` samples in index order), else the first ``max_images``."""
+    if num_classes and (y >= 0).any():
+        rows = [x[np.flatnonzero(y == c)[:per_class]] for c in range(num_classes)]
+        rows = [np.concatenate([r, np.zeros((per_class - len(r), *x.shape[1:]), np.uint8)])
+                for r in rows if len(r)]  # a class with too few samples is padded with black
+        return np.concatenate(rows), per_class
+    return x[:max_images], per_class
+
+
+def write_grid(output: str, runtime: RuntimeConfig, *, per_class: int = 10) -> str:
+    """Draw ``grid.png`` beside a complete job's shards from its first shard (at most
+    ``shard_size`` samples are read, whatever the job's size); returns its URI. Derived from
+    the committed samples, so it is redrawn, byte for byte the same, whenever it is missing."""
+    from tasks.evaluate import read_pixel_files
+    from tasks.images import grid_png
+    from tasks.storage import atomic_write_bytes, storage_options
+
+    out = Location.of(output, storage_options(output, runtime))
+    manifest = read_json(out.child(MANIFEST))
+    x, y = read_pixel_files(out.fs, [out.child(manifest["shards"][0]["path"]).path],
+                            manifest["shape"])
+    images, nrow = grid_images(x, y, len(manifest.get("class_names") or []), per_class)
+    scale = max(1, 48 // manifest["shape"][-1])  # small images drawn at least 48 px wide
+    loc = out.child(GRID_FILE)
+    atomic_write_bytes(loc, grid_png(images, nrow=nrow, scale=scale))
+    return loc.describe()
+
+
 def _prefect_task():
     from prefect import task
 
-    @task(name="generate", task_run_name="generate {config[generate][num_samples]} samples")
+    from tasks.retry import transient_retries
+
+    @task(name="generate", task_run_name="generate {config[generate][num_samples]} samples",
+          **transient_retries())
     def generate_task(config: dict, default_model: str | None = None) -> dict:
         """Run the generation job of ``config`` (a PipelineConfig as JSON)."""
         from prefect.logging import get_run_logger

@@ -28,15 +28,24 @@ def grid(
     return out
 
 
-def save_grid_png(images: np.ndarray, path: str | Path, nrow: int, scale: int = 4) -> Path:
-    """Write a PNG grid of [N, C, H, W] uint8 images; returns the path."""
+def grid_png(images: np.ndarray, nrow: int, scale: int = 4) -> bytes:
+    """A PNG grid of [N, C, H, W] uint8 images, as bytes."""
+    import io
+
     from PIL import Image
 
     tiled = grid(images, nrow=nrow, scale=scale, pad=max(2, scale))
     mode = "L" if tiled.shape[2] == 1 else "RGB"
+    buf = io.BytesIO()
+    Image.fromarray(tiled[..., 0] if mode == "L" else tiled, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid_png(images: np.ndarray, path: str | Path, nrow: int, scale: int = 4) -> Path:
+    """Write a PNG grid of [N, C, H, W] uint8 images; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    Image.fromarray(tiled[..., 0] if mode == "L" else tiled, mode=mode).save(tmp, format="PNG")
+    tmp.write_bytes(grid_png(images, nrow=nrow, scale=scale))
     tmp.replace(path)
     return path

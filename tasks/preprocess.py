@@ -496,7 +496,9 @@ def preprocess(cfg: DataConfig, runtime: RuntimeConfig, *, echo: Echo = print) -
 def _prefect_task():
     from prefect import task
 
-    @task(name="preprocess", task_run_name="preprocess {data[name]}")
+    from tasks.retry import transient_retries
+
+    @task(name="preprocess", task_run_name="preprocess {data[name]}", **transient_retries())
     def preprocess_task(data: dict, runtime: dict) -> dict:
         """Preprocess ``data`` (a DataConfig as a dict); returns the dataset reference."""
         from prefect.logging import get_run_logger

@@ -51,6 +51,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.retry import transient_retries
 from tasks.storage import StorageError, redact
 from tasks.tracking import EXPERIMENT, artifact_root
 
@@ -490,7 +491,7 @@ def register_model(
                         mv.tags.get(EVAL_KEY_TAG))
     return {"name": model_name, "version": str(mv.version),
             "model_uri": f"models:/{model_name}/{mv.version}", "weights_sha256": digest,
-            "run_id": run_id}
+            "run_id": run_id, "new": fresh}
 
 
 def _unfinished(client, name: str, version: str) -> bool:
@@ -841,26 +842,12 @@ def rollback(model_name: str, *, tracking_uri: str, lock_dir: str,
 # --------------------------------------------------------------------------------------------
 
 
-def retry_transient(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry only when MLflow or the lock storage was unreachable
-    (:class:`RegistryUnavailable`, :class:`StorageError`). Every other failure (a missing
-    model, a refused gate, tampered weights, a bug) would fail the same way again."""
-    exc = state.data if isinstance(state.data, BaseException) else None
-    if exc is None:
-        try:
-            state.result()
-        except BaseException as e:
-            exc = e
-    return isinstance(exc, RegistryUnavailable | StorageError)
-
-
 def _prefect_tasks():
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
     # Registry calls change shared state: never answered from a cache.
-    retry = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": retry_transient,
-             "cache_policy": NO_CACHE}
+    retry = transient_retries() | {"cache_policy": NO_CACHE}
 
     @task(name="register", task_run_name="register {model_name}", **retry)
     def register_task(model_dir: str, *, tracking_uri: str, run_id: str | None, cfg: dict,

@@ -17,6 +17,10 @@ from tasks.storage import Location, StorageConfig, storage_options
 
 log = logging.getLogger(__name__)
 
+# Seconds the last ensure_ray() of this process spent starting or joining Ray (None: it did
+# not); the retrain flow reports it as fixed overhead.
+ray_start_seconds: float | None = None
+
 
 class RuntimeConfig(StorageConfig):
     """The ``runtime`` section of the pipeline config."""
@@ -50,6 +54,7 @@ class RuntimeConfig(StorageConfig):
 
 def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
     """Connect to (or start) Ray unless this process already did. Returns the seconds it took."""
+    global ray_start_seconds
     import ray
 
     if ray.is_initialized():
@@ -67,4 +72,5 @@ def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
         # address="local": always a new single-node Ray, never one that happens to run on this
         # machine already (a bare ray.init() would join it).
         ray.init(address="local", num_cpus=cfg.ray_num_cpus, **kwargs)
-    return time.perf_counter() - t0
+    ray_start_seconds = time.perf_counter() - t0
+    return ray_start_seconds

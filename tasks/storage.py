@@ -32,6 +32,11 @@ class StorageError(RuntimeError):
     """Storage unreachable, bucket missing, permission denied: something to fix outside."""
 
 
+class StorageUnavailable(StorageError):
+    """The storage endpoint did not answer (after botocore's bounded retries): transient, worth
+    retrying later (:mod:`tasks.retry`), unlike a missing bucket or denied access."""
+
+
 class StorageConfig(BaseModel):
     """How to reach object storage (the ``runtime.*`` storage keys)."""
 
@@ -129,7 +134,7 @@ def explain(e: BaseException, where: Location | str) -> StorageError:
     msg = str(e)
     if "EndpointConnectionError" in name or "ConnectTimeout" in name or "Could not connect" in msg:
         endpoint = getattr(getattr(where, "fs", None), "endpoint_url", None) or "the S3 endpoint"
-        return StorageError(
+        return StorageUnavailable(
             f"cannot reach {endpoint} for {where_s} (gave up after bounded retries): {msg}. "
             "Check runtime.s3_endpoint_url / AWS_ENDPOINT_URL and the network."
         )

@@ -11,9 +11,12 @@ in Ray's checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
+
+from tasks.storage import redact
 
 EXPERIMENT = "diffusion-pipeline"
 RUN_NAME_TAG = "pipeline.run_name"
@@ -21,6 +24,10 @@ RUN_NAME_TAG = "pipeline.run_name"
 
 class TrackingError(RuntimeError):
     """MLflow cannot be reached or refuses; names the URI and what to set."""
+
+
+class TrackingUnavailable(TrackingError):
+    """MLflow could not be reached: transient, worth retrying later (:mod:`tasks.retry`)."""
 
 
 def tracking_uri(runtime, root) -> str:
@@ -54,17 +61,30 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _experiment_id(client, uri: str, experiment: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    return exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_root(uri))
+
+
+def ensure_experiment(uri: str, experiment: str = EXPERIMENT) -> str:
+    """Open the tracking store (creating a SQLite one, and the pipeline's experiment, on first
+    use) and return the experiment id: a cheap check, before hours of work, that MLflow is
+    there. Raises :class:`TrackingUnavailable` / :class:`TrackingError`."""
+    from mlflow import MlflowClient
+
+    with explained(uri):
+        return _experiment_id(MlflowClient(tracking_uri=uri), uri, experiment)
+
+
 def ensure_run(uri: str, root, run_name: str, *, params: dict[str, str], tags: dict[str, str],
                experiment: str = EXPERIMENT) -> str:
     """The MLflow run id for ``run_name`` (created with params and tags on first use)."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=uri)
-    try:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            experiment, artifact_location=artifact_root(uri))
+    with explained(uri):
+        exp_id = _experiment_id(client, uri, experiment)
         found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                    max_results=1)
         if found:
@@ -79,11 +99,35 @@ def ensure_run(uri: str, root, run_name: str, *, params: dict[str, str], tags: d
             client.log_batch(run.info.run_id,
                              params=[Param(k, v) for k, v in items[i:i + 100]])
         return run.info.run_id
-    except MlflowException as e:
-        raise TrackingError(f"MLflow at {uri} refused or failed: {e}") from e
-    except OSError as e:
-        raise TrackingError(f"cannot reach MLflow at {uri}: {e}; check runtime.mlflow_uri / "
-                            "MLFLOW_TRACKING_URI") from e
+
+
+@contextlib.contextmanager
+def explained(uri: str):
+    """MLflow and connection failures inside become :class:`TrackingUnavailable` (transient) or
+    :class:`TrackingError`, naming the (redacted) URI."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as e:
+        raise _explain(e, uri) from e
+
+
+def _explain(e: Exception, uri: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, OSError) or (isinstance(e, MlflowException) and _unreachable(e)):
+        return TrackingUnavailable(f"cannot reach MLflow at {redact(uri)}: {e}; check "
+                                   "runtime.mlflow_uri / MLFLOW_TRACKING_URI")
+    if isinstance(e, MlflowException):
+        return TrackingError(f"MLflow at {redact(uri)} refused or failed: {e}")
+    return e
+
+
+def _unreachable(e: BaseException) -> bool:
+    text = str(e)
+    return ("Max retries exceeded" in text or "Connection refused" in text
+            or "timed out" in text or "database is locked" in text)
 
 
 class RunLogger:

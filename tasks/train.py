@@ -125,18 +125,26 @@ def optim_config(t: TrainConfig, d: DiffusionConfig):
 # --------------------------------------------------------------------------------------------
 
 
-def validate(model: Any, train: TrainConfig, manifest: dict,
-             diffusion: DiffusionConfig | None = None) -> None:
-    """Raise TrainConfigError (naming the field) for anything a worker would trip over."""
-    diffusion = diffusion or DiffusionConfig()
+def check_config(train: TrainConfig, diffusion: DiffusionConfig) -> None:
+    """The checks that need no dataset (the retrain flow runs them before any work)."""
     if train.warmup_steps > train.steps:
         raise TrainConfigError(
             f"train.warmup_steps={train.warmup_steps} exceeds train.steps={train.steps}")
+    if train.batch_size % train.num_workers:
+        raise TrainConfigError(
+            f"train.batch_size={train.batch_size} is not divisible by train.num_workers="
+            f"{train.num_workers}; each worker takes an equal share")
     try:
         optim_config(train, diffusion)
         diffusion.schedule_config()
     except ValueError as e:
         raise TrainConfigError(f"invalid train/diffusion config: {e}") from None
+
+
+def validate(model: Any, train: TrainConfig, manifest: dict,
+             diffusion: DiffusionConfig | None = None) -> None:
+    """Raise TrainConfigError (naming the field) for anything a worker would trip over."""
+    check_config(train, diffusion or DiffusionConfig())
     c, h, w = manifest["shape"]
     if model.resolution != h:
         raise TrainConfigError(
@@ -157,10 +165,6 @@ def validate(model: Any, train: TrainConfig, manifest: dict,
         raise TrainConfigError(
             f"train.batch_size={train.batch_size} is larger than the dataset's train split "
             f"({rows} rows); lower train.batch_size")
-    if train.batch_size % train.num_workers:
-        raise TrainConfigError(
-            f"train.batch_size={train.batch_size} is not divisible by train.num_workers="
-            f"{train.num_workers}; each worker takes an equal share")
 
 
 # How a run is executed and observed, not what it computes: left out of the default run name,
@@ -547,12 +551,13 @@ class TrainResult:
     seconds: float
     mlflow_run_id: str | None = None
     mlflow_uri: str | None = None
+    reused: bool = False  # the run had already finished: nothing was trained
 
     def summary(self) -> dict:
         return {"run_name": self.run_name, "checkpoint_uri": self.checkpoint_uri,
                 "metrics": self.metrics, "dataset": self.dataset,
                 "seconds": round(self.seconds, 1), "mlflow_run_id": self.mlflow_run_id,
-                "mlflow_uri": self.mlflow_uri}
+                "mlflow_uri": self.mlflow_uri, "reused": self.reused}
 
 
 def _identity(model: Any, diffusion: DiffusionConfig, train: TrainConfig) -> dict:
@@ -573,30 +578,39 @@ def finished_run(data: DataConfig, model: Any, diffusion: DiffusionConfig, train
     root = runtime.root_location()
     ref, manifest = open_dataset(root, data.name, data.version)
     run_name = train.run_name or default_run_name(manifest, _identity(model, diffusion, train))
+    found = _finished(root, run_name, train.steps)
+    if isinstance(found, str):
+        raise RunNotFound(
+            f"training run {run_name} (for dataset {ref.name}@{ref.version} and this config) "
+            f"{found}; run `diffusion-pipeline train` with the same config first, or pass the "
+            "model explicitly")
+    return found | {"run_name": run_name, "dataset": ref.to_dict()}
+
+
+def _finished(root, run_name: str, steps: int) -> dict | str:
+    """``{"checkpoint_uri", "metrics"}`` of run ``run_name`` if it finished at ``steps`` or
+    later, else the reason it does not count as finished."""
+    from tasks.checkpoints import STATE_FILE
+
     run_dir = root.child("runs", run_name)
     status_loc = run_dir.child(STATUS_FILE)
     status = read_json(status_loc) if exists(status_loc) else {}
     if status.get("status") != "finished":
         state = f"is {status['status']}" if status else "does not exist"
-        raise RunNotFound(
-            f"training run {run_name} (for dataset {ref.name}@{ref.version} and this config) "
-            f"{state} under {root.child('runs').describe()}; run `diffusion-pipeline train` "
-            "with the same config first, or pass the model explicitly")
-    from tasks.checkpoints import STATE_FILE
-
+        return f"{state} under {root.child('runs').describe()}"
+    if status.get("step", 0) < steps:
+        return f"finished at step {status.get('step')}, before train.steps={steps}"
     found = []
     for path in call(run_dir, run_dir.fs.ls, run_dir.path, detail=False):
         name = path.rstrip("/").split("/")[-1]
         state_loc = run_dir.child(name, STATE_FILE)
-        if name.startswith("checkpoint_") and exists(state_loc):
-            step = read_json(state_loc).get("step")
-            if step == status["step"]:
-                found.append(name)
+        if (name.startswith("checkpoint_") and exists(state_loc)
+                and read_json(state_loc).get("step") == status["step"]):
+            found.append(name)
     if not found:
-        raise RunNotFound(f"training run {run_name} finished at step {status['step']} but no "
-                          f"checkpoint of that step is left in {run_dir.describe()}")
-    return {"run_name": run_name, "checkpoint_uri": run_dir.child(max(found)).url,
-            "metrics": status, "dataset": ref.to_dict()}
+        return (f"finished at step {status['step']} but no checkpoint of that step is left in "
+                f"{run_dir.describe()}")
+    return {"checkpoint_uri": run_dir.child(max(found)).url, "metrics": status}
 
 
 def run_training(
@@ -634,6 +648,13 @@ def run_training(
     from tasks import tracking
 
     uri = tracking.tracking_uri(runtime, root)
+    done = _finished(root, run_name, train.steps)
+    if isinstance(done, dict):  # an unchanged rerun: no Ray, no new MLflow run
+        echo(f"run {run_name} already finished at step {done['metrics']['step']}; nothing to "
+             f"train (checkpoint {done['checkpoint_uri']})")
+        return TrainResult(run_name, done["checkpoint_uri"], done["metrics"], ref.to_dict(),
+                           time.perf_counter() - t0, tracking.find_run(uri, run_name), uri,
+                           reused=True)
     run_id = tracking.ensure_run(
         uri, root, run_name,
         params=tracking.flatten({k: v for k, v in (pipeline or job).items()
@@ -702,7 +723,10 @@ def run_training(
 def _prefect_task():
     from prefect import task
 
-    @task(name="train", task_run_name="train {config[data][name]}")
+    from tasks.retry import transient_retries
+
+    # A retry after a lost cluster connection resumes the run from its latest checkpoint.
+    @task(name="train", task_run_name="train {config[data][name]}", **transient_retries())
     def train_task(config: dict) -> dict:
         """Train on the dataset named in ``config`` (a PipelineConfig as JSON)."""
         from prefect.logging import get_run_logger

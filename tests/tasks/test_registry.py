@@ -455,17 +455,6 @@ def test_registry_config_validation_and_model_name():
     assert registry.improvement(9.0, 10.0, "fd") == pytest.approx(0.1)
 
 
-def test_prefect_retries_only_transient_failures():
-    from prefect.states import Failed
-
-    def state(e):
-        return Failed(data=e)
-
-    assert registry.retry_transient(None, None, state(RegistryUnavailable("down")))
-    assert not registry.retry_transient(None, None, state(RegistryError("no such model")))
-    assert not registry.retry_transient(None, None, state(WeightsIntegrityError("tampered")))
-
-
 def test_inside_a_flow_run_the_version_records_it(store, models, monkeypatch):
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b5e1d2c-flow-run")  # what a flow run's env holds
     name = unique_name()

@@ -68,8 +68,10 @@ def test_trains_checkpoints_and_a_rerun_is_a_no_op(digits_root):
                                                        "dataset/_manifest.json")).read_text())
     assert logged["version"] == state["dataset"]["version"]
 
-    again = train(cfg)  # same config → same run name → already finished
-    assert again.run_name == res.run_name and again.metrics["resumed_from"] == 8
+    again = train(cfg)  # same config → same run name → already finished: no Ray, no training
+    assert again.reused and not res.reused
+    assert again.run_name == res.run_name and again.metrics == res.metrics
+    assert again.checkpoint_uri == res.checkpoint_uri
     assert again.mlflow_run_id == res.mlflow_run_id
 
 
