@@ -1,0 +1,279 @@
+"""`diffusion-pipeline run` (the `retrain` flow) end to end, as separate processes against
+Prefect's test server:
+
+- killed (SIGKILL of the whole process group) during training, then rerun: it resumes from the
+  last checkpoint and completes; run again: every stage is skipped and Ray is never started;
+- with the storage root on the loopback S3 server and MLflow behind a real `mlflow server`
+  with its basic-auth app and S3 artifacts: it completes, and no credential appears in any
+  output, log, MLflow param or tag, Prefect artifact or stored file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
+from registry_helpers import free_port, wait_http
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "model": {"base_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+              "attention_resolutions": []},
+    "diffusion": {"T": 100},
+    # a checkpoint costs ~2 s here (a synchronous Ray Train report): few, far apart
+    "train": {"steps": 300, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 100,
+              "log_every": 100},
+    "evaluate": {"num_samples": 100, "frontier": ["ddim:10"], "nll_images": 8,
+                 "reference_steps": 100, "batch_size": 100},
+    "generate": {"num_samples": 120, "shard_size": 60},
+    "runtime": {"ray_num_cpus": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_env(prefect_harness) -> dict[str, str]:
+    """The environment of a CLI process that reports to the test session's Prefect server."""
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "PREFECT_API_URL": str(get_current_settings().api.url)}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DIFFUSION_PIPELINE_FAULT"):
+        env.pop(k, None)
+    return env
+
+
+def config_file(tmp_path: Path, **sections) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "diffusion-pipeline"), "run", *args], cwd=REPO, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def stages(summary: dict) -> dict[str, str]:
+    return {r["stage"]: r["status"] for r in summary["stages"]}
+
+
+def latest_artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert found, f"no Prefect artifact {key!r}"
+    return found[0].data
+
+
+def test_run_killed_during_training_resumes_and_an_unchanged_rerun_skips_every_stage(
+        prefect_env, tmp_path):
+    root = tmp_path / "root"
+    cfg = config_file(tmp_path)
+    args = ["--config", str(cfg), "--root", str(root)]
+
+    # 1. killed once the first checkpoint exists: no summary, the run is left unfinished
+    log1 = tmp_path / "run1.log"
+    proc = run_cli([*args, "--summary-json", str(tmp_path / "s1.json")], prefect_env, log1)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(root.glob("runs/*/checkpoint_*/state.json")):
+            assert proc.poll() is None, log1.read_text()[-5000:]
+            time.sleep(0.3)
+        assert list(root.glob("runs/*/checkpoint_*/state.json")), log1.read_text()[-5000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "s1.json").exists()
+    status = json.loads(next(root.glob("runs/*/_status.json")).read_text()) if list(
+        root.glob("runs/*/_status.json")) else {}
+    assert status.get("status") != "finished"
+
+    # 2. rerun: the dataset is reused, training resumes from a checkpoint and the rest runs
+    log2 = tmp_path / "run2.log"
+    out2 = finish(run_cli([*args, "--summary-json", str(tmp_path / "s2.json")], prefect_env,
+                          log2), log2)
+    s2 = json.loads((tmp_path / "s2.json").read_text())
+    assert stages(s2) == {"preflight": "done", "preprocess": "reused", "train": "done",
+                          "evaluate": "done", "register": "done", "promote": "promoted",
+                          "generate": "done"}, out2[-3000:]
+    m = s2["train"]["metrics"]
+    assert m["step"] == 300 and m["status"] == "finished" and 100 <= m["resumed_from"] < 300
+    assert "[3/7] train done" in out2 and f"(resumed from step {m['resumed_from']})" in out2
+    assert s2["promotion"]["champion"] == "1" and s2["registered"]["model_uri"] == \
+        "models:/digits-diffusion/1"
+    grid = Path(s2["generation"]["grid"])
+    assert grid.is_file() and grid.parent == Path(s2["generation"]["output"])
+    from PIL import Image
+
+    img = np.asarray(Image.open(grid))
+    assert img.ndim == 2 and img.shape[0] > 10 * 8 * 6  # ten rows (classes) of 8x8 at 6x
+    # the end of the output says where everything is and how to open the UIs
+    for text in ("retrain finished in", "sample grid", str(grid), "mlflow ui --backend-store-uri "
+                 f"sqlite:///{root}/mlflow.db", "open the UIs", "Prefect  "):
+        assert text in out2, text
+
+    # Prefect artifacts of the run: the markdown summary and the sample grid
+    summary_md = latest_artifact("retrain-summary")
+    assert s2["dataset"]["version"] in summary_md and "promoted to @champion" in summary_md
+    assert "| ddim | 10 |" in summary_md  # the evaluation table
+    assert "data:image/png;base64," in latest_artifact("retrain-samples")
+    # MLflow: the training run holds the grid; version 1 is the champion
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run_id = s2["train"]["mlflow_run_id"]
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == \
+        ["samples/generated-grid.png"]
+    assert str(client.get_model_version_by_alias("digits-diffusion", "champion").version) == "1"
+
+    # 3. unchanged rerun: every stage skipped, Ray never started, the same outputs
+    log3 = tmp_path / "run3.log"
+    finish(run_cli([*args, "--summary-json", str(tmp_path / "s3.json")], prefect_env, log3),
+           log3)
+    s3 = json.loads((tmp_path / "s3.json").read_text())
+    assert stages(s3) == {"preflight": "done", "preprocess": "reused", "train": "reused",
+                          "evaluate": "reused", "register": "reused", "promote": "reused",
+                          "generate": "reused"}
+    assert s3["ray_start_s"] == 0
+    assert s3["train"]["checkpoint_uri"] == s2["train"]["checkpoint_uri"]
+    assert s3["generation"]["output"] == s2["generation"]["output"]
+    assert len(client.search_model_versions("name='digits-diffusion'")) == 1
+
+
+def test_run_on_s3_with_an_authenticated_mlflow_server_leaks_no_credential(
+        prefect_env, s3, tmp_path):
+    bucket = s3.bucket()
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIDPIPELINE" + uuid.uuid4().hex[:8].upper(),
+               "AWS_SECRET_ACCESS_KEY": "s3secret-" + uuid.uuid4().hex,
+               "MLFLOW_TRACKING_PASSWORD": "mlflowpw-" + uuid.uuid4().hex}
+    server_env = {**prefect_env, **secrets, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
+                  "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+                  "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["MLFLOW_TRACKING_PASSWORD"],
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
+    ini = tmp_path / "auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    server_env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    server_env.pop("MLFLOW_TRACKING_PASSWORD")
+    port = free_port()
+    slog = tmp_path / "mlflow-server.log"
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+         "--artifacts-destination", f"s3://{bucket}/mlflow", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=server_env, stdout=slog.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_http(f"{uri}/health", server, timeout=120, log=slog)
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no credentials, no entry
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+        assert refused.value.code == 401
+
+        env = {**prefect_env, **secrets, "MLFLOW_TRACKING_USERNAME": "admin",
+               "MLFLOW_TRACKING_URI": uri, "AWS_ENDPOINT_URL": s3.endpoint}
+        cfg = config_file(tmp_path, train={"steps": 40, "checkpoint_every": 40})
+        log = tmp_path / "run.log"
+        out = finish(run_cli(["--config", str(cfg), "--root", f"s3://{bucket}/pipeline",
+                              "--summary-json", str(tmp_path / "s.json")], env, log), log)
+        summary_text = (tmp_path / "s.json").read_text()
+        s = json.loads(summary_text)
+        assert stages(s)["generate"] == "done" and s["promotion"]["champion"] == "1", out[-3000:]
+        assert s["generation"]["grid"].startswith(f"s3://{bucket}/pipeline/generations/")
+        assert f"MLflow   {uri}" in out
+
+        # everything landed in the bucket: dataset, run, samples, grid, MLflow's artifacts
+        keys = s3.client.find(bucket)
+        for part in ("pipeline/datasets/digits/", "pipeline/runs/", "pipeline/generations/",
+                     "mlflow/"):
+            assert any(k.startswith(f"{bucket}/{part}") for k in keys), part
+        assert any(k.endswith("/grid.png") for k in keys)
+        assert any(k.endswith("model.safetensors") and "/mlflow/" in k for k in keys)
+
+        # no credential anywhere: CLI output, summary, MLflow params/tags, Prefect logs and
+        # artifacts, stored JSON files
+        from mlflow import MlflowClient
+
+        os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = secrets["MLFLOW_TRACKING_PASSWORD"]
+        try:
+            client = MlflowClient(uri)
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            versions = client.search_model_versions("name='digits-diffusion'")
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME")
+            os.environ.pop("MLFLOW_TRACKING_PASSWORD")
+        assert runs and versions
+        recorded = json.dumps([[r.data.params, r.data.tags] for r in runs]
+                              + [v.tags for v in versions])
+        stored = "".join(s3.client.cat_file(k).decode("utf-8", "replace") for k in keys
+                         if k.endswith((".json", ".yaml", ".txt", ".md", "MLmodel")))
+        texts = {"output": out, "summary": summary_text, "mlflow": recorded, "files": stored,
+                 "prefect": prefect_texts(s["started_at"])}
+        for name, value in secrets.items():
+            for where, text in texts.items():
+                assert value not in text, f"{name} leaked into {where}"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def prefect_texts(since: float) -> str:
+    """Every log line and artifact the Prefect server holds from flow runs since ``since``."""
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
+
+    after = datetime.fromtimestamp(since - 60, UTC)
+    with get_client(sync_client=True) as client:
+        logs, page = [], None
+        while page is None or len(page) == 200:  # the API's largest page
+            page = client.read_logs(
+                log_filter=LogFilter(timestamp=LogFilterTimestamp(after_=after)), limit=200,
+                offset=len(logs))
+            logs += page
+        arts = client.read_artifacts(limit=200)
+    assert logs
+    return "\n".join(l.message for l in logs) + "\n".join(str(a.data) for a in arts)
