@@ -1,5 +1,7 @@
 # Two commands do all set-up on a fresh machine with Python 3.11+:
-#   make demo   — create .venv if missing, install, train on the embedded digits, write a PNG grid
+#   make demo   — create .venv if missing, install, run the whole pipeline (diffusion-pipeline run)
+#                 on the embedded digits under ./pipeline-data: dataset, training, evaluation,
+#                 MLflow registry and promotion, generated samples and their PNG grid
 #   make test   — create .venv if missing, install with the dev extra, run the whole test suite
 #
 # TORCH_SPEC is the torch release we test against. On Linux, PyPI's wheel of it is the CUDA
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/diffusion-pipeline demo
+	$(BIN)/diffusion-pipeline run
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,7 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_digits.py
+	$(BIN)/python benchmarks/pipeline_run.py
 
 clean:
 	rm -rf $(VENV) pipeline-data .pytest_cache

@@ -56,7 +56,7 @@ class GenerateConfig(BaseModel):
     model: str | None = Field(
         None, description="models:/<name>@<alias>, models:/<name>/<version> or a checkpoint / "
         "model directory URI. Default: models:/<registry model name>@champion.")
-    num_samples: int = Field(1000, ge=1, description="Samples in all.")
+    num_samples: int = Field(500, ge=1, description="Samples in all.")
     sampler: str | None = Field(None, description="Default: the model's recorded sampler.")
     steps: int | None = Field(None, ge=1, description="Default: the model's recorded steps.")
     guidance_scale: float | None = Field(

@@ -68,10 +68,10 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(1500, ge=1, description="Optimizer steps in total (not epochs).")
+    steps: int = Field(800, ge=1, description="Optimizer steps in total (not epochs).")
     batch_size: int = Field(128, ge=1, description="Global batch, split evenly over workers.")
     lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
