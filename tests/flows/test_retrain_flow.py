@@ -277,3 +277,16 @@ def prefect_texts(since: float) -> str:
         arts = client.read_artifacts(limit=200)
     assert logs
     return "\n".join(l.message for l in logs) + "\n".join(str(a.data) for a in arts)
+
+
+def test_cli_run_help_and_a_bad_config_fail_before_any_work(tmp_path):
+    from test_preprocess_flow import invoke
+
+    help_ = invoke(["run", "--help"])
+    assert help_.exit_code == 0
+    for opt in ("--config", "--set", "--root", "--no-generate", "--summary-json", "--debug"):
+        assert opt in help_.output
+    bad = invoke(["run", "--root", str(tmp_path), "--set", "train.steps=-1"])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines()[-1].startswith("error: invalid config: train.steps")
+    assert "Traceback" not in bad.output and not (tmp_path / "datasets").exists()
