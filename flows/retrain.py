@@ -34,6 +34,7 @@ from flows.preprocess import preprocess_flow
 from flows.registry import promote_flow, register_flow
 from flows.train import train_flow
 from tasks.retry import transient_retries
+from tasks.storage import redact
 
 STAGES = ("preflight", "preprocess", "train", "evaluate", "register", "promote", "generate")
 
@@ -89,12 +90,18 @@ def preflight_task(config: PipelineConfig) -> dict:
 
 
 @task(name="sample-grid", **transient_retries())
-def grid_task(output: str, config: PipelineConfig, mlflow_run_id: str | None,
+def grid_task(generation: dict, config: PipelineConfig, mlflow_run_id: str | None,
               tracking_uri: str) -> str:
-    """Draw ``grid.png`` beside the generated samples and attach it to the training run."""
+    """Draw ``grid.png`` beside the generated samples, attach it to the training run in MLflow
+    and to this flow run as the ``retrain-samples`` artifact; returns its URI."""
+    import io
+
+    from PIL import Image
+    from prefect.artifacts import create_markdown_artifact
+
     from tasks.generate import write_grid
 
-    uri = write_grid(output, config.runtime)
+    uri, png = write_grid(generation["output"], config.runtime)
     if mlflow_run_id:
         from mlflow import MlflowClient
 
@@ -102,23 +109,14 @@ def grid_task(output: str, config: PipelineConfig, mlflow_run_id: str | None,
 
         with explained(tracking_uri):
             MlflowClient(tracking_uri=tracking_uri).log_image(
-                mlflow_run_id, _grid_image(uri, config), "samples/generated-grid.png")
+                mlflow_run_id, Image.open(io.BytesIO(png)), "samples/generated-grid.png")
+    text = (f"{generation['num_samples']} samples of `{generation['model_ref']}`, one row per "
+            f"class. File: `{uri}`")
+    if len(png) < 2**20:  # small enough to carry inline
+        text = f"![samples](data:image/png;base64,{base64.b64encode(png).decode()})\n\n{text}"
+    create_markdown_artifact(key="retrain-samples", markdown=text,
+                             description="A grid of the generated samples")
     return uri
-
-
-def _grid_image(uri: str, config: PipelineConfig):
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(_read(uri, config)))
-
-
-def _read(uri: str, config: PipelineConfig) -> bytes:
-    from tasks.storage import Location, call, storage_options
-
-    loc = Location.of(uri, storage_options(uri, config.runtime))
-    return call(loc, loc.fs.cat_file, loc.path)
 
 
 @flow(name="retrain", log_prints=True)
@@ -139,7 +137,7 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), generate: bool = Tru
         pre = preflight_task(cfg)
         out |= {"root": pre["root"], "tracking_uri": pre["tracking_uri"],
                 "mlflow_start_s": pre["mlflow_start_s"]}
-        st["detail"] = f"storage root {pre['root']}, MLflow {_safe(pre['tracking_uri'])}"
+        st["detail"] = f"storage root {pre['root']}, MLflow {redact(pre['tracking_uri'])}"
 
     with stages.stage("preprocess") as st:
         ds = preprocess_flow(cfg)
@@ -183,15 +181,12 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), generate: bool = Tru
                         if pro.get("champion") == reg["version"] else "rejected")
         st["detail"] = pro["reason"]
 
-    if not generate:
-        pass
-    elif pro.get("champion") is None:
+    if generate and pro.get("champion") is None:
         stages.skip("generate", f"{reg['name']} has no champion to sample from")
-    else:
+    elif generate:
         with stages.stage("generate") as st:
             gen = generate_flow(pinned)
-            grid = grid_task(gen["output"], pinned, run.get("mlflow_run_id"),
-                             out["tracking_uri"])
+            grid = grid_task(gen, pinned, run.get("mlflow_run_id"), out["tracking_uri"])
             out["generation"] = gen | {"grid": grid}
             st["status"] = "reused" if gen["reused"] else "done"
             st["detail"] = f"{gen['num_samples']} samples → {gen['output']}; grid {grid}"
@@ -201,14 +196,11 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), generate: bool = Tru
     out["stages"] = stages.records
     out["ray_start_s"] = round(runtime.ray_start_seconds or 0.0, 2)
     out["seconds"] = round(time.time() - started, 1)
-    _artifacts(out, cfg)
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key="retrain-summary", markdown=summary_markdown(out),
+                             description="Dataset, training, evaluation, promotion, samples")
     return out
-
-
-def _safe(uri: str) -> str:
-    from tasks.storage import redact
-
-    return redact(uri)
 
 
 def summary_markdown(out: dict) -> str:
@@ -248,24 +240,5 @@ def summary_markdown(out: dict) -> str:
                   f"{gen['num_samples']} samples of `{gen['model_ref']}` with "
                   f"{gen['sampler']['name']}:{gen['sampler']['steps']} in `{gen['output']}`; "
                   f"grid `{gen['grid']}`."]
-    lines += ["", f"MLflow: `{_safe(out['tracking_uri'])}`. Total {out['seconds']:.1f} s."]
+    lines += ["", f"MLflow: `{redact(out['tracking_uri'])}`. Total {out['seconds']:.1f} s."]
     return "\n".join(lines)
-
-
-def _artifacts(out: dict, cfg: PipelineConfig) -> None:
-    """The run's Prefect artifacts: the summary and, when samples exist, their grid."""
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(key="retrain-summary", markdown=summary_markdown(out),
-                             description="Dataset, training, evaluation, promotion, samples")
-    gen = out.get("generation")
-    if gen:
-        png = _read(gen["grid"], cfg)
-        if len(png) < 2**20:  # small enough to carry inline
-            data = base64.b64encode(png).decode()
-            md = (f"![samples](data:image/png;base64,{data})\n\n{gen['num_samples']} samples "
-                  f"of `{gen['model_ref']}`; one row per class. File: `{gen['grid']}`")
-        else:
-            md = f"Sample grid: `{gen['grid']}`"
-        create_markdown_artifact(key="retrain-samples", markdown=md,
-                                 description="A grid of the generated samples")

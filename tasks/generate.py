@@ -529,10 +529,10 @@ def grid_images(x: np.ndarray, y: np.ndarray, num_classes: int, per_class: int =
     return x[:max_images], per_class
 
 
-def write_grid(output: str, runtime: RuntimeConfig, *, per_class: int = 10) -> str:
+def write_grid(output: str, runtime: RuntimeConfig, *, per_class: int = 10) -> tuple[str, bytes]:
     """Draw ``grid.png`` beside a complete job's shards from its first shard (at most
-    ``shard_size`` samples are read, whatever the job's size); returns its URI. Derived from
-    the committed samples, so it is redrawn, byte for byte the same, whenever it is missing."""
+    ``shard_size`` samples are read, whatever the job's size); returns its URI and the PNG.
+    Derived from the committed samples: a rerun redraws it byte for byte the same."""
     from tasks.evaluate import read_pixel_files
     from tasks.images import grid_png
     from tasks.storage import atomic_write_bytes, storage_options
@@ -544,8 +544,9 @@ def write_grid(output: str, runtime: RuntimeConfig, *, per_class: int = 10) -> s
     images, nrow = grid_images(x, y, len(manifest.get("class_names") or []), per_class)
     scale = max(1, 48 // manifest["shape"][-1])  # small images drawn at least 48 px wide
     loc = out.child(GRID_FILE)
-    atomic_write_bytes(loc, grid_png(images, nrow=nrow, scale=scale))
-    return loc.describe()
+    png = grid_png(images, nrow=nrow, scale=scale)
+    atomic_write_bytes(loc, png)
+    return loc.describe(), png
 
 
 def _prefect_task():
