@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.retry import transient_retries
 from tasks.storage import StorageError, redact
-from tasks.tracking import EXPERIMENT, artifact_root
+from tasks.tracking import EXPERIMENT, artifact_root, is_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +179,6 @@ def _http_bounds(cfg: RegistryConfig) -> Iterator[None]:
                         os.environ[k] = v
 
 
-def _is_unreachable(e: BaseException) -> bool:
-    """Connection refused, timeouts, exhausted HTTP retries, a locked SQLite file: transient."""
-    text = str(e)
-    return (isinstance(e, ConnectionError | TimeoutError)
-            or type(e).__module__.startswith(("requests", "urllib3"))
-            or "Max retries exceeded" in text or "Connection refused" in text
-            or "timed out" in text or "timeout exception" in text
-            or ("API request to" in text and "failed with" in text)
-            or "database is locked" in text)
-
-
 def _error_code(e: BaseException) -> str:
     return str(getattr(e, "error_code", ""))
 
@@ -210,11 +199,11 @@ def _mlflow(uri: str, cfg: RegistryConfig, what: str) -> Iterator[Any]:
         except RegistryError:
             raise
         except MlflowException as e:
-            if _is_unreachable(e):
+            if is_unreachable(e):
                 raise RegistryUnavailable(f"{unreachable}: {_cause(e)}; {hint}") from e
             raise RegistryError(f"MLflow at {where} refused to {what}: {_first_line(e)}") from e
         except Exception as e:
-            if _is_unreachable(e):
+            if is_unreachable(e):
                 raise RegistryUnavailable(f"{unreachable}: {_cause(e)}; {hint}") from e
             raise
 

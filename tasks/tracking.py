@@ -116,7 +116,7 @@ def explained(uri: str):
 def _explain(e: Exception, uri: str) -> Exception:
     from mlflow.exceptions import MlflowException
 
-    if isinstance(e, OSError) or (isinstance(e, MlflowException) and _unreachable(e)):
+    if isinstance(e, OSError) or (isinstance(e, MlflowException) and is_unreachable(e)):
         return TrackingUnavailable(f"cannot reach MLflow at {redact(uri)}: {e}; check "
                                    "runtime.mlflow_uri / MLFLOW_TRACKING_URI")
     if isinstance(e, MlflowException):
@@ -124,10 +124,16 @@ def _explain(e: Exception, uri: str) -> Exception:
     return e
 
 
-def _unreachable(e: BaseException) -> bool:
+def is_unreachable(e: BaseException) -> bool:
+    """Connection refused, timeouts, exhausted HTTP retries, a locked SQLite file: transient
+    (the tracking and registry calls share this test)."""
     text = str(e)
-    return ("Max retries exceeded" in text or "Connection refused" in text
-            or "timed out" in text or "database is locked" in text)
+    return (isinstance(e, ConnectionError | TimeoutError)
+            or type(e).__module__.startswith(("requests", "urllib3"))
+            or "Max retries exceeded" in text or "Connection refused" in text
+            or "timed out" in text or "timeout exception" in text
+            or ("API request to" in text and "failed with" in text)
+            or "database is locked" in text)
 
 
 class RunLogger:
