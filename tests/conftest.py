@@ -9,6 +9,7 @@ explicitly), and the previous setting is restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -30,6 +31,55 @@ def _single_torch_thread_for_diffusion(request):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes in session ``sid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while we looked
+            continue
+        # after "pid (comm)": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def kill_session():
+    """``kill_session(proc)``: SIGKILL every process in the session that ``proc`` leads
+    (started with ``start_new_session=True``) and wait until none is left.
+
+    ``os.killpg`` is not enough for a process that started Ray: Ray puts each worker in a
+    process group of its own, so its workers outlive the group kill and finish the task they
+    were running — a generation shard or a checkpoint written *after* the test looked. The
+    workers stay in the driver's session, so the session is what gets killed."""
+    import signal
+    import subprocess
+    import time
+
+    def kill(proc, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = _session_members(proc.pid)
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
+            if proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # retried until deadline
+                    proc.wait(timeout=1)
+            if not alive and proc.poll() is not None:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes {alive} of session {proc.pid} survived SIGKILL")
+            time.sleep(0.1)
+
+    return kill
 
 
 # --------------------------------------------------------------------------------------------

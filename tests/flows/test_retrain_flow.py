@@ -101,7 +101,7 @@ def latest_artifact(key: str) -> str:
 
 
 def test_run_killed_during_training_resumes_and_an_unchanged_rerun_skips_every_stage(
-        prefect_env, tmp_path):
+        prefect_env, tmp_path, kill_session):
     root = tmp_path / "root"
     cfg = config_file(tmp_path)
     args = ["--config", str(cfg), "--root", str(root)]
@@ -116,8 +116,7 @@ def test_run_killed_during_training_resumes_and_an_unchanged_rerun_skips_every_s
             time.sleep(0.3)
         assert list(root.glob("runs/*/checkpoint_*/state.json")), log1.read_text()[-5000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_session(proc)
     assert not (tmp_path / "s1.json").exists()
     status = json.loads(next(root.glob("runs/*/_status.json")).read_text()) if list(
         root.glob("runs/*/_status.json")) else {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +126,7 @@ def test_config_errors():
         GenerateConfig(labels="most")
 
 
-def test_killed_job_resumes_and_writes_only_missing_shards(models, tmp_path):
+def test_killed_job_resumes_and_writes_only_missing_shards(models, tmp_path, kill_session):
     out = tmp_path / "killed"
     cfg = job(models, tmp_path, num_samples=40, output=str(out))
     env = {**os.environ, "DIFFUSION_PIPELINE_FAULT": "generate-after-2-shards",
@@ -143,7 +142,7 @@ def test_killed_job_resumes_and_writes_only_missing_shards(models, tmp_path):
     try:
         output, _ = proc.communicate(timeout=300)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the local Ray it started
+        kill_session(proc)  # and the local Ray it started, workers included
     assert proc.returncode == -9, output[-3000:]
     assert not (out / "_manifest.json").exists() and (out / "_job.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.parquet")}

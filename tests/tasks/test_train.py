@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -121,7 +120,7 @@ def test_negative_steps_is_a_config_error():
         load_config(sets=["train.steps=-1"])
 
 
-def test_whole_job_killed_then_restarted_resumes(digits_root, tmp_path):
+def test_whole_job_killed_then_restarted_resumes(digits_root, tmp_path, kill_session):
     """SIGKILL the driver process (and its local Ray) once a checkpoint exists; rerun."""
     run_dir = digits_root / "runs" / "jobkill"
     # a checkpoint (a synchronous Ray Train report) costs ~2 s here: few, far apart
@@ -145,8 +144,7 @@ def test_whole_job_killed_then_restarted_resumes(digits_root, tmp_path):
             time.sleep(0.5)
         assert list(run_dir.glob("checkpoint_*/state.json")), "no checkpoint within 240 s"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_session(proc)
     cfg = cfg_for(digits_root, *JOB)
     res = train(cfg)
     assert res.metrics["step"] == 400 and res.metrics["resumed_from"] >= 100
