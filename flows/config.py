@@ -130,6 +130,18 @@ def load_config(
         raise ConfigError(_explain(e)) from None
 
 
+def with_overrides(config: PipelineConfig | dict, overrides: list[str] | None) -> PipelineConfig:
+    """``config`` with ``section.key=value`` overrides applied (the CLI's ``--set`` syntax).
+
+    This is what a deployment run should change: Prefect merges run-time parameters with a
+    deployment's by top-level name, so ``--param config=...`` would replace the deployment's
+    whole config, while ``--param overrides='["train.steps=1000"]'`` changes one key of it."""
+    cfg = PipelineConfig.model_validate(config)
+    if not overrides:
+        return cfg
+    return load_config(sets=list(overrides), base=cfg.to_json_dict())
+
+
 def _explain(e: ValidationError) -> str:
     msgs = []
     for err in e.errors():

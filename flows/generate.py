@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, with_overrides
 from tasks.generate import generate_task
 from tasks.registry import model_name_for
 
 
 @flow(name="generate", log_prints=True)
-def generate_flow(config: PipelineConfig) -> dict:
+def generate_flow(config: PipelineConfig, overrides: list[str] | None = None) -> dict:
     """Generate ``generate.num_samples`` samples from ``generate.model`` (default: the
     ``champion`` of ``registry.model_name``); resumes a killed job, returns a complete one.
 
     ``config`` is the pipeline config; Prefect validates a mapping (a deployment's
     parameters) into :class:`~flows.config.PipelineConfig` before the flow starts.
+    ``overrides`` (``section.key=value``) change single keys of it for one run, e.g.
+    ``["generate.num_samples=100000"]``.
     """
-    cfg = PipelineConfig.model_validate(config)
+    cfg = with_overrides(config, overrides)
     default = f"models:/{model_name_for(cfg.registry, cfg.data.name)}@champion"
     return generate_task(cfg.to_json_dict(), default_model=default)

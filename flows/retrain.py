@@ -27,7 +27,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, with_overrides
 from flows.evaluate import evaluate_flow
 from flows.generate import generate_flow
 from flows.preprocess import preprocess_flow
@@ -120,16 +120,22 @@ def grid_task(generation: dict, config: PipelineConfig, mlflow_run_id: str | Non
 
 
 @flow(name="retrain", log_prints=True)
-def retrain_flow(config: PipelineConfig = PipelineConfig(), generate: bool = True) -> dict:  # noqa: B008
+def retrain_flow(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008
+    generate: bool = True,
+    overrides: list[str] | None = None,
+) -> dict:
     """Preprocess → train → evaluate → register → promote → generate, skipping what is done.
 
     ``config`` is the whole pipeline config (:class:`~flows.config.PipelineConfig`; a partial
-    mapping takes the defaults for the rest). ``generate=False`` stops after the promotion.
-    Returns a summary: per-stage status and seconds, the dataset, the run, the evaluation, the
-    registered version and the promotion decision, the generation job and its grid.
+    mapping takes the defaults for the rest). ``overrides`` are ``section.key=value`` changes
+    applied on top of it: the way to change one setting of a deployment's config for one run.
+    ``generate=False`` stops after the promotion. Returns a summary: per-stage status and
+    seconds, the dataset, the run, the evaluation, the registered version and the promotion
+    decision, the generation job and its grid.
     """
     started = time.time()
-    cfg = PipelineConfig.model_validate(config)
+    cfg = with_overrides(config, overrides)
     stages = Stages(len(STAGES) if generate else len(STAGES) - 1)
     out: dict[str, Any] = {"started_at": started}
 

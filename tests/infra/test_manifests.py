@@ -172,6 +172,25 @@ def test_deployment_parameters_reject_unknown_keys():
         flow.validate_parameters({"config": {"generate": {"num_sample": 10}}})
 
 
+@pytest.mark.parametrize("name", ["retrain-weekly", "generate"])
+def test_a_run_time_override_changes_one_key_and_keeps_the_deployment_config(name):
+    """Prefect merges run-time parameters into a deployment's by top-level name (a dict
+    update), so ``overrides`` is how one run changes one key without losing the rest."""
+    from flows.config import ConfigError, with_overrides
+
+    dep = deployment(name)
+    flow = load_flow(dep["entrypoint"])
+    params = {**dep["parameters"], "overrides": ["train.steps=1000", "generate.num_samples=7"]}
+    validated = flow.validate_parameters(params)
+    cfg = with_overrides(validated["config"], validated["overrides"])
+    deployed = with_overrides(flow.validate_parameters(dep["parameters"])["config"], None)
+    assert (cfg.train.steps, cfg.generate.num_samples) == (1000, 7)
+    assert cfg.model_copy(update={"train": deployed.train, "generate": deployed.generate}) \
+        == deployed  # nothing else changed: root, data source, model all the deployment's
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.step'"):
+        with_overrides(validated["config"], ["train.step=5"])
+
+
 def test_weekly_retrain_is_the_documented_gpu_config():
     from flows.config import PipelineConfig, load_config
 
