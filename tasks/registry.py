@@ -728,6 +728,14 @@ def promote(
                   "improvement": None}
         if previous is not None and str(previous) == str(chall.version):
             return result | {"reason": f"v{chall.version} is already the champion"}
+        policy = json.dumps({"metric": metric, "margin": cfg.margin,
+                             "thresholds": dict(sorted(cfg.thresholds.items()))}, sort_keys=True)
+        earlier = _earlier_rejection(chall, previous, policy)
+        if earlier is not None:  # the same challenger, champion and policy: the same verdict
+            if earlier["champion_value"] is not None:
+                earlier["improvement"] = improvement(chall_value, earlier["champion_value"],
+                                                     metric)
+            return result | earlier
         champ = _version(client, model_name, str(previous)) if previous is not None else None
         ok, reason = _gate(chall, cfg)
         if not math.isfinite(chall_value):
@@ -755,6 +763,7 @@ def promote(
                      "promotion.champion_value": "none" if result["champion_value"] is None
                      else _tag_value(result["champion_value"]),
                      "promotion.margin": _tag_value(cfg.margin),
+                     "promotion.policy": policy,
                      "promotion.reason": reason[:4000]}.items():
             client.set_model_version_tag(model_name, chall.version, k, v)
         if champ is not None:
@@ -773,6 +782,23 @@ def promote(
                 client.delete_registered_model_alias(model_name, CHALLENGER)
         return result | {"promoted": ok, "reason": reason,
                          "champion": str(chall.version) if ok else previous}
+
+
+def _earlier_rejection(chall, champion: str | None, policy: str) -> dict | None:
+    """The recorded verdict when ``chall`` was already rejected against this same champion
+    under the same policy (metric, margin, thresholds): judging again would re-evaluate a
+    champion and rewrite the same tags for the same answer, on every unchanged scheduled run.
+    A new champion or a changed policy is judged afresh."""
+    tags = chall.tags or {}
+    if (tags.get("promotion.decision") != "rejected"
+            or tags.get("promotion.against") != (str(champion) if champion else "none")
+            or tags.get("promotion.policy") != policy):
+        return None
+    recorded = tags.get("promotion.champion_value", "none")
+    return {"reason": f"{tags.get('promotion.reason', 'rejected')} (decided at "
+                      f"{tags.get('promotion.at', '?')}; unchanged since)",
+            "champion_value": None if recorded == "none" else float(recorded),
+            "decided_at": tags.get("promotion.at"), "reused": True}
 
 
 def _champion_value(name: str, chall, champ, metric: str,

@@ -302,13 +302,41 @@ def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
         asked.append(ref)
         return evaluation(8.0, key="2" * 16)  # on the challenger's set the champion is better
 
+    with pytest.raises(RegistryError, match="must use the challenger's set"):
+        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                evaluate=lambda ref: evaluation(1.0, key="3" * 16))
     res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
                   evaluate=evaluate)
     assert asked == [f"models:/{name}/1"]
     assert not res["promoted"] and res["champion_value"] == 8.0
-    with pytest.raises(RegistryError, match="must use the challenger's set"):
-        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
-                evaluate=lambda ref: evaluation(1.0, key="3" * 16))
+    # judged once: an unchanged rerun does not evaluate the champion again
+    again = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                    evaluate=evaluate)
+    assert asked == [f"models:/{name}/1"] and again["reused"] and again["champion_value"] == 8.0
+
+
+def test_a_rejection_stands_until_the_champion_or_the_policy_changes(store, models):
+    name = unique_name()
+    cfg = RegistryConfig(margin=0.02)
+    reg(store, models[0], name, fd=10.0)
+    promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    reg(store, models[1], name, fd=9.9)  # 1% better: not enough
+    first = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    tags = resolve(f"models:/{name}/2", store["uri"])["tags"]
+    assert not first["promoted"] and not first.get("reused")
+    assert json.loads(tags["promotion.policy"]) == {"metric": "fd", "margin": 0.02,
+                                                    "thresholds": {}}
+
+    again = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert again["reused"] and not again["promoted"] and again["champion"] == "1"
+    assert again["reason"].startswith(first["reason"]) and "unchanged since" in again["reason"]
+    assert again["improvement"] == pytest.approx(first["improvement"])
+    assert again["decided_at"] == tags["promotion.at"]
+    assert resolve(f"models:/{name}/2", store["uri"])["tags"] == tags  # nothing rewritten
+
+    looser = RegistryConfig(margin=0.005)  # a changed policy is judged afresh
+    res = promote(name, tracking_uri=store["uri"], cfg=looser, lock_dir=store["locks"])
+    assert res["promoted"] and res["champion"] == "2" and not res.get("reused")
 
 
 def test_rollback_moves_the_champion_back_and_refuses_without_a_previous_one(store, models):
