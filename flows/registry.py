@@ -9,7 +9,7 @@ import tempfile
 from prefect import flow
 
 from flows.config import PipelineConfig
-from tasks.evaluate import evaluate, evaluate_task, fetch_model_dir
+from tasks.evaluate import evaluate_task, fetch_model_dir, run_evaluation
 from tasks.registry import (
     RegistryError,
     default_lock_dir,
@@ -76,8 +76,8 @@ def promote_flow(config: PipelineConfig, version: str | None = None) -> dict:
     def reevaluate(champion_ref: str) -> dict:
         ref = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"
         challenger = resolve(ref, uri)["tags"]
-        return evaluate(champion_ref, cfg.data, cfg.evaluate, cfg.runtime,
-                        dataset_version=challenger.get("dataset.version"))
+        return run_evaluation(champion_ref, cfg.data, cfg.evaluate, cfg.runtime,
+                              dataset_version=challenger.get("dataset.version"))
 
     res = promote_task(name, version, tracking_uri=uri, cfg=cfg.registry.model_dump(mode="json"),
                        lock_dir=default_lock_dir(root.url), evaluate=reevaluate)

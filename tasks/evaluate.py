@@ -34,12 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.datasets import DataConfig, open_dataset, part_files
 from tasks.runtime import RuntimeConfig
@@ -97,6 +98,19 @@ class EvalConfig(BaseModel):
     max_real_images: int = Field(10_000, ge=2, description="Cap on real images per split used.")
     batch_size: int = Field(250, ge=1, description="Images per sampling batch.")
     device: str = Field("auto", description="auto (CUDA when available), cpu or cuda[:N].")
+    on_ray: bool = Field(
+        False, description="Run the evaluation as one Ray task (on a GPU node with "
+        "ray_gpus: 1) instead of in the calling process, the flow run. A stored result is "
+        "still found without Ray.")
+    ray_gpus: float = Field(0, ge=0, description="GPUs the Ray evaluation task asks for.")
+    ray_cpus: float = Field(1, gt=0, description="CPUs the Ray evaluation task asks for.")
+
+    @model_validator(mode="after")
+    def _placement(self) -> EvalConfig:
+        if self.ray_gpus and not self.on_ray:
+            raise ValueError("evaluate.ray_gpus applies to an evaluation on Ray: set "
+                             "evaluate.on_ray: true as well (or ray_gpus: 0)")
+        return self
 
     @field_validator("frontier")
     @classmethod
@@ -265,11 +279,13 @@ class Features:
         return torch.cat(out).double()
 
 
-def reference_features(root: Location, manifest: dict, cfg: EvalConfig, device, echo) -> Features:
+def reference_features(root: Location, manifest: dict, cfg: EvalConfig, device, echo, *,
+                       stored_only: bool = False) -> Features | None:
     """The dataset version's reference network, trained on first use and stored under
     ``ROOT/reference/<name>/<version>/featurenet-<settings>/`` (safetensors + JSON, config
     last). Unlabelled datasets get the same architecture with a fixed random initialisation
-    (random-feature Fréchet distance), equally reproducible."""
+    (random-feature Fréchet distance), equally reproducible. ``stored_only``: None instead of
+    training one."""
     import torch
 
     from diffusion.metrics import FeatureNet, FeatureNetConfig, accuracy, train_feature_net
@@ -292,6 +308,8 @@ def reference_features(root: Location, manifest: dict, cfg: EvalConfig, device, 
         net.load_state_dict(state, strict=True)
         echo(f"reference network {where.describe()} (sha256 {sha256_hex(weights)[:12]})")
         return Features("reference", sha256_hex(weights), net.eval().to(device), device)
+    if stored_only:
+        return None
 
     t0 = time.perf_counter()
     if labelled:
@@ -441,10 +459,15 @@ def nearest_rms(queries: np.ndarray, reference: np.ndarray, device, chunk: int =
 
 
 def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: RuntimeConfig, *,
-             dataset_version: str | None = None, echo=print, use_cache: bool = True) -> dict:
+             dataset_version: str | None = None, echo=print, use_cache: bool = True,
+             stored_only: bool = False) -> dict | None:
     """Evaluate ``model_ref`` on ``data.name`` at ``dataset_version`` (default: the version the
     model was trained on when recorded, else ``data.version``/the latest). Returns the
-    evaluation dict (JSON-safe) also stored under ``ROOT/evaluations/``."""
+    evaluation dict (JSON-safe) also stored under ``ROOT/evaluations/``. In this process, on
+    ``evaluate.device``; :func:`run_evaluation` places it where ``evaluate.on_ray`` says.
+
+    ``stored_only``: return the stored result, or None where there is none (nothing is
+    computed; the reference network is not trained)."""
     import torch
 
     from diffusion import Denoiser, nll_bits_per_dim
@@ -470,14 +493,21 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     if len(val_x) < 2:
         raise EvalError(f"dataset {ref.name}@{ref.version} has {len(val_x)} val images; the "
                         "Fréchet distance needs at least 2 (raise data.val_fraction)")
+    if stored_only and cfg.inception_weights and not os.path.isfile(cfg.inception_weights):
+        return None  # the weights live where the evaluation runs (a Ray node), not here
     features = (fid_features(cfg.inception_weights, device, echo) if cfg.inception_weights
-                else reference_features(root, manifest, cfg, device, echo))
+                else reference_features(root, manifest, cfg, device, echo,
+                                        stored_only=stored_only))
+    if features is None:
+        return None
     key = eval_key(manifest, cfg, features, len(val_x))
     cache = root.child(EVALUATIONS_DIR, loaded.weights_sha256[:16], f"{key}.json")
     if use_cache and exists(cache):
         result = read_json(cache)
         echo(f"evaluation {key} of this model found at {cache.describe()}; reusing it")
         return result | {"stored_at": cache.describe(), "reused": True}
+    if stored_only:
+        return None
 
     echo(f"evaluating {loaded.source} on {ref.name}@{ref.version} ({len(val_x)} val images, "
          f"{cfg.num_samples} samples per setting, eval key {key})")
@@ -555,6 +585,48 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     return result | {"stored_at": cache.describe(), "reused": False}
 
 
+def run_evaluation(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: RuntimeConfig,
+                   *, dataset_version: str | None = None, echo=print) -> dict:
+    """:func:`evaluate`, where ``evaluate.on_ray`` puts it.
+
+    Off Ray (the default) it runs in this process. On Ray it is one task asking for
+    ``ray_gpus``/``ray_cpus``, so a flow run on a CPU-only pod evaluates on a GPU node; its
+    progress lines reach this process through Ray's worker-log forwarding. A stored result is
+    looked up here first, on the CPU, so an unchanged rerun neither starts nor joins Ray."""
+    if not cfg.on_ray:
+        return evaluate(model_ref, data, cfg, runtime, dataset_version=dataset_version,
+                        echo=echo)
+    found = evaluate(model_ref, data, cfg.model_copy(update={"device": "cpu"}), runtime,
+                     dataset_version=dataset_version, echo=echo, stored_only=True)
+    if found is not None:
+        return found
+    import ray
+
+    from tasks.runtime import ensure_ray
+
+    ensure_ray(runtime, echo=echo)
+    echo(f"evaluating {model_ref} as a Ray task ({cfg.ray_cpus:g} CPU"
+         + (f", {cfg.ray_gpus:g} GPU" if cfg.ray_gpus else "") + ")")
+    remote = ray.remote(num_cpus=cfg.ray_cpus, num_gpus=cfg.ray_gpus,
+                        max_retries=0)(_evaluate_on_worker)  # retried as a whole by the task
+    try:
+        return ray.get(remote.remote(model_ref, data, cfg, runtime, dataset_version))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Exception):  # EvalError & co., as if raised here (the retry
+            raise e.cause from None         # policy and the one-line CLI errors see them)
+        raise
+
+
+def _evaluate_on_worker(model_ref: str, data: DataConfig, cfg: EvalConfig,
+                        runtime: RuntimeConfig, dataset_version: str | None) -> dict:
+    import torch
+
+    if cfg.ray_gpus == 0 and cfg.ray_cpus >= 1:
+        torch.set_num_threads(int(cfg.ray_cpus))  # Ray sets 1 thread for a 1-CPU task
+    return evaluate(model_ref, data, cfg, runtime, dataset_version=dataset_version,
+                    echo=lambda m: print(f"[evaluate] {m}", flush=True))
+
+
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -600,10 +672,10 @@ def _prefect_task():
         from prefect.logging import get_run_logger
 
         logger = get_run_logger()
-        return evaluate(model_ref, DataConfig(**config["data"]),
-                        EvalConfig(**config.get("evaluate", {})),
-                        RuntimeConfig(**config["runtime"]), dataset_version=dataset_version,
-                        echo=logger.info)
+        return run_evaluation(model_ref, DataConfig(**config["data"]),
+                              EvalConfig(**config.get("evaluate", {})),
+                              RuntimeConfig(**config["runtime"]),
+                              dataset_version=dataset_version, echo=logger.info)
 
     return evaluate_task
 
@@ -611,4 +683,4 @@ def _prefect_task():
 evaluate_task = _prefect_task()
 
 __all__ = ["EvalConfig", "EvalError", "LoadedModel", "evaluate", "evaluate_task",
-           "load_model_ref", "read_split", "table"]
+           "load_model_ref", "read_split", "run_evaluation", "table"]

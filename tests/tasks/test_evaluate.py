@@ -171,3 +171,39 @@ def test_configured_inception_weights_make_it_fid(models, tmp_path):
     assert "| FID at default sampler (6 samples) |" in table(res)
     with pytest.raises(EvalError, match="inception_weights"):
         run(models, "trained", ecfg.model_copy(update={"inception_weights": str(tmp_path / "x")}))
+
+
+def test_on_ray_it_is_one_task_with_the_in_process_result(ray_local, models, monkeypatch):
+    """evaluate.on_ray: the evaluation runs as a Ray task and gives what the flow process
+    would; a stored result is then found without Ray; the worker's errors arrive as
+    themselves."""
+    import tasks.runtime
+    from tasks.evaluate import run_evaluation
+
+    cfg = models["cfg"]
+    ecfg = FAST.model_copy(update={"seed": 77, "num_samples": 40, "frontier": ["ddim:5"],
+                                   "nll_images": 4, "on_ray": True})
+    lines = []
+    res = run_evaluation(models["trained"], cfg.data, ecfg, cfg.runtime, echo=lines.append)
+    assert not res["reused"] and any("as a Ray task (1 CPU)" in s for s in lines)
+    local = evaluate(models["trained"], cfg.data, ecfg.model_copy(update={"on_ray": False}),
+                     cfg.runtime, echo=lambda s: None, use_cache=False)
+    assert res["eval_key"] == local["eval_key"]
+    assert res["metrics"]["fd"] == pytest.approx(local["metrics"]["fd"], rel=1e-4)
+    assert res["metrics"]["nll_bpd"] == pytest.approx(local["metrics"]["nll_bpd"], rel=1e-4)
+
+    def no_ray(*a, **k):
+        raise AssertionError("a stored evaluation must not need Ray")
+
+    monkeypatch.setattr(tasks.runtime, "ensure_ray", no_ray)
+    again = run_evaluation(models["trained"], cfg.data, ecfg, cfg.runtime, echo=lambda s: None)
+    assert again["reused"] and again["eval_key"] == res["eval_key"]
+    monkeypatch.undo()
+
+    # the lookup runs here on the CPU; the worker asks for CUDA it does not have
+    with pytest.raises(EvalError, match="CUDA is not available"):
+        run_evaluation(models["trained"], cfg.data,
+                       ecfg.model_copy(update={"seed": 78, "device": "cuda"}), cfg.runtime,
+                       echo=lambda s: None)
+    with pytest.raises(ValueError, match="set evaluate.on_ray: true"):
+        EvalConfig(ray_gpus=1)
