@@ -6,8 +6,10 @@ JSON file ``{"token", "host", "pid", "at"}`` published with :func:`tasks.storage
 which creates it only if it does not exist (hard link locally, ``If-None-Match: *`` on S3): of
 two processes racing for it, exactly one wins. While held, a thread rewrites ``at`` every
 ``stale_s / 4`` seconds; a lease whose ``at`` is older than ``stale_s`` belongs to a process
-that died, and the next taker breaks it with a warning. Waiters poll with a capped backoff and
-give up after ``wait_s`` with :class:`LeaseBusy` naming the holder.
+that died, and the next taker breaks it with a warning. A holder on this same host whose
+process no longer exists is known dead and is broken at once (a crashed run restarted on the
+same machine does not wait out ``stale_s``). Waiters poll with a capped backoff and give up after
+``wait_s`` with :class:`LeaseBusy` naming the holder.
 
 Limits, by design: breaking a stale lease is check-then-delete (two waiters breaking the same
 stale lease at the same instant could both win), so ``stale_s`` must be far longer than any
@@ -42,6 +44,24 @@ class LeaseBusy(RuntimeError):
     """Another process holds the lease and kept refreshing it for the whole wait."""
 
 
+def _gone_from_here(holder: dict) -> bool:
+    """The holder ran on this host and its process is gone (a pid cannot be checked elsewhere;
+    a reused pid only makes this miss, and then ``stale_s`` still applies)."""
+    try:
+        pid = int(holder.get("pid"))
+    except (TypeError, ValueError):
+        return False
+    if holder.get("host") != socket.gethostname() or pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it exists under another user
+        return False
+    return False
+
+
 class Lease:
     """``with Lease(dir, name, stale_s=..., wait_s=...):`` holds ``<dir>/<name>.lock``."""
 
@@ -74,10 +94,13 @@ class Lease:
             if holder is None:
                 continue  # released between our attempt and the read
             age = time.time() - float(holder.get("at", 0.0))
-            if age > self.stale_s:
-                log.warning("breaking the stale lease %s (held by %s pid %s, not refreshed for "
-                            "%.0f s)", self.loc.describe(), holder.get("host"), holder.get("pid"),
-                            age)
+            gone = _gone_from_here(holder)
+            if age > self.stale_s or gone:
+                log.warning("breaking the %s lease %s (held by %s pid %s, %s)",
+                            "dead holder's" if gone else "stale", self.loc.describe(),
+                            holder.get("host"), holder.get("pid"),
+                            "a process that no longer exists" if gone
+                            else f"not refreshed for {age:.0f} s")
                 if (self.holder() or {}).get("token") == holder.get("token"):
                     with contextlib.suppress(FileNotFoundError):
                         call(self.loc, self.loc.fs.rm, self.loc.path)

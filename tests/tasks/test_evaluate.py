@@ -205,5 +205,5 @@ def test_on_ray_it_is_one_task_with_the_in_process_result(ray_local, models, mon
         run_evaluation(models["trained"], cfg.data,
                        ecfg.model_copy(update={"seed": 78, "device": "cuda"}), cfg.runtime,
                        echo=lambda s: None)
-    with pytest.raises(ValueError, match="set evaluate.on_ray: true"):
+    with pytest.raises(ValueError, match=r"set evaluate\.on_ray: true"):
         EvalConfig(ray_gpus=1)

@@ -53,3 +53,22 @@ def test_exclusive_on_s3(s3, monkeypatch):
     with Lease(url, "m", stale_s=30, wait_s=1):
         pass
     assert not s3.client.exists(url.split("://")[1] + "/m.lock")
+
+
+def test_a_holder_on_this_host_whose_process_is_gone_is_broken_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists
+    (tmp_path / "m.lock").write_text(json.dumps(
+        {"token": "x", "host": socket.gethostname(), "pid": dead.pid, "at": time.time()}))
+    t0 = time.monotonic()
+    with Lease(str(tmp_path), "m", stale_s=600, wait_s=5) as lease:
+        assert lease.holder()["token"] == lease.token and time.monotonic() - t0 < 2
+    # a live holder elsewhere (another host's pid cannot be checked) is waited for
+    (tmp_path / "m.lock").write_text(json.dumps(
+        {"token": "y", "host": "elsewhere", "pid": dead.pid, "at": time.time()}))
+    with pytest.raises(LeaseBusy), Lease(str(tmp_path), "m", stale_s=600, wait_s=0.3):
+        pass
