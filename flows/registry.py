@@ -20,6 +20,7 @@ from tasks.registry import (
     resolve,
     rollback_task,
 )
+from tasks.storage import storage_options
 
 
 def _context(config: PipelineConfig | dict):
@@ -80,7 +81,8 @@ def promote_flow(config: PipelineConfig, version: str | None = None) -> dict:
                               dataset_version=challenger.get("dataset.version"))
 
     res = promote_task(name, version, tracking_uri=uri, cfg=cfg.registry.model_dump(mode="json"),
-                       lock_dir=default_lock_dir(root.url), evaluate=reevaluate)
+                       lock_dir=default_lock_dir(root.url), evaluate=reevaluate,
+                       lock_options=storage_options(root.url, cfg.runtime))
     return res | {"name": name, "tracking_uri": uri}
 
 
@@ -89,5 +91,6 @@ def rollback_flow(config: PipelineConfig) -> dict:
     """Move ``champion`` back to its previous holder."""
     cfg, root, uri, name = _context(config)
     res = rollback_task(name, tracking_uri=uri, lock_dir=default_lock_dir(root.url),
+                        lock_options=storage_options(root.url, cfg.runtime),
                         cfg=cfg.registry.model_dump(mode="json"))
     return res | {"name": name, "tracking_uri": uri}

@@ -63,10 +63,15 @@ def _gone_from_here(holder: dict) -> bool:
 
 
 class Lease:
-    """``with Lease(dir, name, stale_s=..., wait_s=...):`` holds ``<dir>/<name>.lock``."""
+    """``with Lease(dir, name, stale_s=..., wait_s=...):`` holds ``<dir>/<name>.lock``.
 
-    def __init__(self, directory: str, name: str, *, stale_s: float, wait_s: float):
-        base = Location.of(directory, storage_options(directory))
+    ``options``: the fsspec options for ``dir`` (:func:`tasks.storage.storage_options` of the
+    runtime config, e.g. its S3 endpoint); default: those the environment gives."""
+
+    def __init__(self, directory: str, name: str, *, stale_s: float, wait_s: float,
+                 options: dict | None = None):
+        base = Location.of(directory,
+                           storage_options(directory) if options is None else options)
         self.loc = base.child(re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".lock")
         self.stale_s, self.wait_s = stale_s, wait_s
         self.token = uuid.uuid4().hex

@@ -625,12 +625,14 @@ def load_version(
 
 
 @contextlib.contextmanager
-def _lease(lock_dir: str, model_name: str, cfg: RegistryConfig) -> Iterator[None]:
+def _lease(lock_dir: str, model_name: str, cfg: RegistryConfig,
+           options: dict | None) -> Iterator[None]:
     """The model's promotion lease (:class:`tasks.lease.Lease`), failures as registry errors."""
     from tasks.lease import Lease, LeaseBusy
 
     try:
-        with Lease(lock_dir, model_name, stale_s=cfg.lock_stale_s, wait_s=cfg.lock_wait_s):
+        with Lease(lock_dir, model_name, stale_s=cfg.lock_stale_s, wait_s=cfg.lock_wait_s,
+                   options=options):
             yield
     except LeaseBusy as e:
         raise RegistryError(f"another promotion or rollback of {model_name} is running: {e}") \
@@ -698,16 +700,18 @@ def promote(
     cfg: RegistryConfig,
     lock_dir: str,
     evaluate: Callable[[str], dict] | None = None,
+    lock_options: dict | None = None,
 ) -> dict:
     """Make ``version`` (default: the ``challenger``) the ``champion`` if the gate passes.
 
     When the champion was evaluated on another set or seeds (``eval.key`` differs), ``evaluate``
     re-evaluates it on the challenger's (it gets ``models:/<name>/<champion version>`` and returns
     an evaluation dict); without it the promotion is refused rather than compare unlike numbers.
+    ``lock_options``: storage options for ``lock_dir`` (default: from the environment).
     """
     metric = cfg.metric
     with _mlflow(tracking_uri, cfg, f"promote {model_name}") as client, \
-            _lease(lock_dir, model_name, cfg):
+            _lease(lock_dir, model_name, cfg, lock_options):
         rm = _registered_model(client, model_name)
         if version is None:
             version = _aliases(rm).get(CHALLENGER)
@@ -825,11 +829,11 @@ def _champion_value(name: str, chall, champ, metric: str,
 
 
 def rollback(model_name: str, *, tracking_uri: str, lock_dir: str,
-             cfg: RegistryConfig | None = None) -> dict:
+             cfg: RegistryConfig | None = None, lock_options: dict | None = None) -> dict:
     """Move ``champion`` back to its previous holder (the history's second-to-last entry)."""
     cfg = cfg or RegistryConfig()
     with _mlflow(tracking_uri, cfg, f"roll back {model_name}") as client, \
-            _lease(lock_dir, model_name, cfg):
+            _lease(lock_dir, model_name, cfg, lock_options):
         rm = _registered_model(client, model_name)
         current = _aliases(rm).get(CHAMPION)
         if current is None:
@@ -875,17 +879,19 @@ def _prefect_tasks():
     @task(name="promote", task_run_name="promote {model_name}", **retry)
     def promote_task(model_name: str, version: str | None = None, *, tracking_uri: str,
                      cfg: dict, lock_dir: str,
-                     evaluate: Callable[[str], dict] | None = None) -> dict:
+                     evaluate: Callable[[str], dict] | None = None,
+                     lock_options: dict | None = None) -> dict:
         """:func:`promote`; the decision is in the returned dict (a refusal is not a failure)."""
         return promote(model_name, version, tracking_uri=tracking_uri,
-                       cfg=RegistryConfig(**cfg), lock_dir=lock_dir, evaluate=evaluate)
+                       cfg=RegistryConfig(**cfg), lock_dir=lock_dir, evaluate=evaluate,
+                       lock_options=lock_options)
 
     @task(name="rollback", task_run_name="rollback {model_name}", **retry)
     def rollback_task(model_name: str, *, tracking_uri: str, lock_dir: str,
-                      cfg: dict | None = None) -> dict:
+                      cfg: dict | None = None, lock_options: dict | None = None) -> dict:
         """:func:`rollback`."""
         return rollback(model_name, tracking_uri=tracking_uri, lock_dir=lock_dir,
-                        cfg=RegistryConfig(**(cfg or {})))
+                        cfg=RegistryConfig(**(cfg or {})), lock_options=lock_options)
 
     return register_task, promote_task, rollback_task
 

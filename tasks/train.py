@@ -33,11 +33,20 @@ from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import call, exists, protocol_of, read_json, storage_options
 
 STATUS_FILE = "_status.json"
+# The training run's lease (tasks.lease), held by the driver for the whole job: refreshed every
+# LEASE_STALE_S / 4 s; a second driver waits up to LEASE_WAIT_S (past the stale age, so a run
+# restarted after a crash elsewhere takes over), then fails naming the holder.
+LEASE_STALE_S = 120.0
+LEASE_WAIT_S = 180.0
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class TrainConfigError(ValueError):
     """The training config does not fit the dataset or is invalid; names the field."""
+
+
+class TrainingBusy(RuntimeError):
+    """Another process holds the training run's lease (the run is being trained)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -655,6 +664,37 @@ def run_training(
         return TrainResult(run_name, done["checkpoint_uri"], done["metrics"], ref.to_dict(),
                            time.perf_counter() - t0, tracking.find_run(uri, run_name), uri,
                            reused=True)
+    from tasks.lease import Lease, LeaseBusy
+
+    # one driver per run: a second one (an overlapping schedule, a manual run) would resume from
+    # the same checkpoint and write the same checkpoint names. A holder that crashed on this
+    # host is recognised at once; elsewhere its lease goes stale after LEASE_STALE_S.
+    lease = Lease(runs.child(run_name).url, "_training", stale_s=LEASE_STALE_S,
+                  wait_s=LEASE_WAIT_S, options=job["storage_options"])
+    try:
+        lease.__enter__()
+    except LeaseBusy as e:
+        raise TrainingBusy(f"training run {run_name} is being trained by another process: {e}")\
+            from None
+    try:
+        done = _finished(root, run_name, train.steps)
+        if isinstance(done, dict):  # it finished while this process waited for the lease
+            echo(f"run {run_name} was finished meanwhile at step {done['metrics']['step']}")
+            return TrainResult(run_name, done["checkpoint_uri"], done["metrics"],
+                               ref.to_dict(), time.perf_counter() - t0,
+                               tracking.find_run(uri, run_name), uri, reused=True)
+        return _fit(job, run_name, ref, manifest, root, runs, uri, train, runtime, pipeline,
+                    echo, t0)
+    finally:
+        lease.__exit__(None, None, None)
+
+
+def _fit(job: dict, run_name: str, ref, manifest: dict, root, runs, uri: str,
+         train: TrainConfig, runtime: RuntimeConfig, pipeline: dict | None, echo,
+         t0: float) -> TrainResult:
+    """The Ray Train job of :func:`run_training`, under the run's lease."""
+    from tasks import tracking
+
     run_id = tracking.ensure_run(
         uri, root, run_name,
         params=tracking.flatten({k: v for k, v in (pipeline or job).items()

@@ -72,3 +72,19 @@ def test_a_holder_on_this_host_whose_process_is_gone_is_broken_at_once(tmp_path)
         {"token": "y", "host": "elsewhere", "pid": dead.pid, "at": time.time()}))
     with pytest.raises(LeaseBusy), Lease(str(tmp_path), "m", stale_s=600, wait_s=0.3):
         pass
+
+
+@pytest.mark.integration
+def test_on_s3_with_the_configured_endpoint_not_the_environment(s3, monkeypatch):
+    """runtime.s3_endpoint_url reaches the lease through ``options`` (with no AWS_ENDPOINT_URL
+    set, the default options would address AWS itself)."""
+    from tasks.runtime import RuntimeConfig
+    from tasks.storage import storage_options
+
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    url = f"s3://{s3.bucket()}/runs/r"
+    options = storage_options(url, RuntimeConfig(s3_endpoint_url=s3.endpoint))
+    with Lease(url, "_training", stale_s=30, wait_s=1, options=options):
+        assert s3.client.exists(url.split("://")[1] + "/_training.lock")
+    assert not s3.client.exists(url.split("://")[1] + "/_training.lock")

@@ -74,6 +74,26 @@ def test_trains_checkpoints_and_a_rerun_is_a_no_op(digits_root):
     assert again.mlflow_run_id == res.mlflow_run_id
 
 
+def test_a_run_being_trained_elsewhere_is_refused_naming_its_holder(digits_root, monkeypatch):
+    """One driver per training run: the run's lease is held by a live process (here, this
+    one's lease object), so a second driver waits LEASE_WAIT_S and fails before Ray or MLflow.
+    (A holder that died on this host is broken at once: the kill-and-rerun tests.)"""
+    import tasks.train
+    from tasks import tracking
+    from tasks.lease import Lease
+    from tasks.train import TrainingBusy
+
+    cfg = cfg_for(digits_root, "train.steps=8", "train.run_name=busy")
+    monkeypatch.setattr(tasks.train, "LEASE_WAIT_S", 0.5)
+    run_dir = digits_root / "runs" / "busy"
+    with (Lease(str(run_dir), "_training", stale_s=120, wait_s=1),
+          pytest.raises(TrainingBusy, match=r"training run busy is being trained by another "
+                        r"process: the lease .*_training\.lock is held by .* pid \d+")):
+        train(cfg)
+    assert not list(run_dir.glob("checkpoint_*")) and not (run_dir / "_training.lock").exists()
+    assert tracking.find_run(f"sqlite:///{digits_root}/mlflow.db", "busy") is None
+
+
 def test_worker_killed_mid_run_resumes_from_last_checkpoint(digits_root):
     cfg = cfg_for(digits_root, "train.steps=12", "train.num_workers=2", "train.run_name=kill")
     res = train(cfg, fault="kill@6")
