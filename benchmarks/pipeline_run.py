@@ -23,7 +23,7 @@ Goal (issue 7): the overhead ≤ 60 s of the total. Ray Train's own start-up (wo
 process group, dataset) is inside the train stage and is reported beside it.
 
 Because this 2-core VM's speed changes from day to day, a calibration is measured first: a plain
-PyTorch training loop of the default model (2 threads, batch 128, 100 timed steps), so totals
+PyTorch training loop of the default model (2 threads, its batch size, 100 timed steps), so totals
 can be compared across days by their ratio to it.
 """
 
@@ -44,6 +44,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import git_revision  # noqa: E402
+
+from flows.config import PipelineConfig  # noqa: E402
+
+BATCH = PipelineConfig().train.batch_size  # the benchmark runs the default config
 
 
 def calibrate(steps: int = 100, warmup: int = 20) -> float:
@@ -69,10 +73,10 @@ def calibrate(steps: int = 100, warmup: int = 20) -> float:
     for i in range(warmup + steps):
         if i == warmup:
             t0 = time.perf_counter()
-        idx = torch.randint(0, len(x), (128,), generator=g)
+        idx = torch.randint(0, len(x), (BATCH,), generator=g)
         train_step(model, opt, sched, x[idx], y[idx], schedule, oc, ema=ema, null_class=10,
                    generator=g)
-    return steps * 128 / (time.perf_counter() - t0)
+    return steps * BATCH / (time.perf_counter() - t0)
 
 
 def run_once(root: Path, env: dict, log: Path, summary: Path) -> dict:
@@ -105,7 +109,7 @@ def run_once(root: Path, env: dict, log: Path, summary: Path) -> dict:
     # the train stage's time beyond its steps at the median logged rate: Ray Train's worker
     # group and process group start, the dataset, checkpoints, the driver's bookkeeping
     rate, st = out["train_images_per_s"], out["stages"]["train"]
-    out["train_startup_s"] = round(st["seconds"] - s["train"]["metrics"]["step"] * 128 / rate,
+    out["train_startup_s"] = round(st["seconds"] - s["train"]["metrics"]["step"] * BATCH / rate,
                                    1) if rate and st["status"] == "done" else None
     o = out["overhead"]
     out["overhead_s"] = round(sum(o.values()), 1)
@@ -123,7 +127,7 @@ def markdown(res: dict) -> str:
         "# `diffusion-pipeline run` on the default (embedded digits)", "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}; git {res['git']}  ",
-        f"Calibration (plain 2-thread training loop of the default model, batch 128): "
+        f"Calibration (plain 2-thread training loop of the default model, batch {BATCH}): "
         f"**{res['calibration_images_per_s']:.0f} images/s**", "",
         "| stage | first run: status | seconds | unchanged rerun: status | seconds |",
         "|---|---|---:|---|---:|",
