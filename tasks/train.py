@@ -669,24 +669,20 @@ def run_training(
     # one driver per run: a second one (an overlapping schedule, a manual run) would resume from
     # the same checkpoint and write the same checkpoint names. A holder that crashed on this
     # host is recognised at once; elsewhere its lease goes stale after LEASE_STALE_S.
-    lease = Lease(runs.child(run_name).url, "_training", stale_s=LEASE_STALE_S,
-                  wait_s=LEASE_WAIT_S, options=job["storage_options"])
     try:
-        lease.__enter__()
-    except LeaseBusy as e:
-        raise TrainingBusy(f"training run {run_name} is being trained by another process: {e}")\
-            from None
-    try:
-        done = _finished(root, run_name, train.steps)
-        if isinstance(done, dict):  # it finished while this process waited for the lease
-            echo(f"run {run_name} was finished meanwhile at step {done['metrics']['step']}")
-            return TrainResult(run_name, done["checkpoint_uri"], done["metrics"],
-                               ref.to_dict(), time.perf_counter() - t0,
-                               tracking.find_run(uri, run_name), uri, reused=True)
-        return _fit(job, run_name, ref, manifest, root, runs, uri, train, runtime, pipeline,
-                    echo, t0)
-    finally:
-        lease.__exit__(None, None, None)
+        with Lease(runs.child(run_name).url, "_training", stale_s=LEASE_STALE_S,
+                   wait_s=LEASE_WAIT_S, options=job["storage_options"]):
+            done = _finished(root, run_name, train.steps)
+            if isinstance(done, dict):  # it finished while this process waited for the lease
+                echo(f"run {run_name} was finished meanwhile at step {done['metrics']['step']}")
+                return TrainResult(run_name, done["checkpoint_uri"], done["metrics"],
+                                   ref.to_dict(), time.perf_counter() - t0,
+                                   tracking.find_run(uri, run_name), uri, reused=True)
+            return _fit(job, run_name, ref, manifest, root, runs, uri, train, runtime,
+                        pipeline, echo, t0)
+    except LeaseBusy as e:  # only taking the lease raises it
+        raise TrainingBusy(f"training run {run_name} is being trained by another process: "
+                           f"{e}") from None
 
 
 def _fit(job: dict, run_name: str, ref, manifest: dict, root, runs, uri: str,

@@ -133,6 +133,8 @@ def test_run_killed_during_training_resumes_and_an_unchanged_rerun_skips_every_s
     m = s2["train"]["metrics"]
     assert m["step"] == 300 and m["status"] == "finished" and 100 <= m["resumed_from"] < 300
     assert "[3/7] train done" in out2 and f"(resumed from step {m['resumed_from']})" in out2
+    # the killed driver's training lease was taken over at once, not after it went stale
+    assert "breaking the dead holder's lease" in out2 and "_training.lock" in out2
     assert s2["promotion"]["champion"] == "1" and s2["registered"]["model_uri"] == \
         "models:/digits-diffusion/1"
     grid = Path(s2["generation"]["grid"])

@@ -140,36 +140,6 @@ def test_negative_steps_is_a_config_error():
         load_config(sets=["train.steps=-1"])
 
 
-def test_whole_job_killed_then_restarted_resumes(digits_root, tmp_path, kill_session):
-    """SIGKILL the driver process (and its local Ray) once a checkpoint exists; rerun."""
-    run_dir = digits_root / "runs" / "jobkill"
-    # a checkpoint (a synchronous Ray Train report) costs ~2 s here: few, far apart
-    JOB = ["train.steps=400", "train.checkpoint_every=100", "train.log_every=100",
-           "train.run_name=jobkill"]
-    code = (
-        "import sys; from flows.config import load_config; from tasks.train import run_training;"
-        f"cfg = load_config(sets={[*TINY, *JOB, 'runtime.ray_num_cpus=2']!r},"
-        f" root={str(digits_root)!r});"
-        "run_training(cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.runtime)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
-            assert proc.poll() is None, "the training process ended before its first checkpoint"
-            time.sleep(0.5)
-        assert list(run_dir.glob("checkpoint_*/state.json")), "no checkpoint within 240 s"
-    finally:
-        kill_session(proc)
-    cfg = cfg_for(digits_root, *JOB)
-    res = train(cfg)
-    assert res.metrics["step"] == 400 and res.metrics["resumed_from"] >= 100
-
-
 def test_multi_node_cluster_survives_a_node_removed_mid_run(tmp_path):
     """ray.cluster_utils.Cluster (3 raylets here), one worker per node, a node hosting a worker
     removed after the first checkpoint and replaced: training resumes and ends at exactly the
