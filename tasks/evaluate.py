@@ -621,8 +621,7 @@ def _evaluate_on_worker(model_ref: str, data: DataConfig, cfg: EvalConfig,
                         runtime: RuntimeConfig, dataset_version: str | None) -> dict:
     import torch
 
-    if cfg.ray_gpus == 0 and cfg.ray_cpus >= 1:
-        torch.set_num_threads(int(cfg.ray_cpus))  # Ray sets 1 thread for a 1-CPU task
+    torch.set_num_threads(max(1, int(cfg.ray_cpus)))  # the task's CPUs, in a reused worker too
     return evaluate(model_ref, data, cfg, runtime, dataset_version=dataset_version,
                     echo=lambda m: print(f"[evaluate] {m}", flush=True))
 

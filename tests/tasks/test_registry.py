@@ -280,6 +280,17 @@ def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
     assert chall["promotion.decision"] == "rejected" and chall["promotion.against"] == "1"
     assert chall["promotion.champion_value"] == "10.0" and chall["promotion.margin"] == "0.02"
     assert json.loads(champ["promotion.challenge.v2"])["decision"] == "rejected"
+    assert json.loads(chall["promotion.policy"]) == {"metric": "fd", "margin": 0.02,
+                                                     "thresholds": {}}
+    assert not res.get("reused")
+
+    # the same challenger, champion and policy: the verdict stands, nothing is rewritten
+    again = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert again["reused"] and not again["promoted"] and again["champion"] == "1"
+    assert again["reason"].startswith(res["reason"]) and "unchanged since" in again["reason"]
+    assert again["improvement"] == pytest.approx(res["improvement"])
+    assert again["decided_at"] == chall["promotion.at"]
+    assert resolve(f"models:/{name}/2", store["uri"])["tags"] == chall
 
     reg(store, models[2], name, fd=9.0)  # 10% better
     res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
@@ -287,6 +298,16 @@ def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
     assert aliases(store, name) == {"champion": "3"}
     assert history(store, name) == ["1", "3"]
     assert resolve(f"models:/{name}/1", store["uri"])["tags"]["promotion.superseded_by"] == "3"
+
+    # v2 was judged against v1: against the new champion, or under another policy, afresh
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    assert not res["promoted"] and not res.get("reused") and res["champion_value"] == 9.0
+    assert resolve(f"models:/{name}/2", store["uri"])["tags"]["promotion.against"] == "3"
+    looser = RegistryConfig(margin=0.005)
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=looser, lock_dir=store["locks"])
+    assert not res["promoted"] and not res.get("reused")
+    policy = resolve(f"models:/{name}/2", store["uri"])["tags"]["promotion.policy"]
+    assert json.loads(policy)["margin"] == 0.005
 
 
 def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
@@ -313,30 +334,6 @@ def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
     again = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
                     evaluate=evaluate)
     assert asked == [f"models:/{name}/1"] and again["reused"] and again["champion_value"] == 8.0
-
-
-def test_a_rejection_stands_until_the_champion_or_the_policy_changes(store, models):
-    name = unique_name()
-    cfg = RegistryConfig(margin=0.02)
-    reg(store, models[0], name, fd=10.0)
-    promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
-    reg(store, models[1], name, fd=9.9)  # 1% better: not enough
-    first = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
-    tags = resolve(f"models:/{name}/2", store["uri"])["tags"]
-    assert not first["promoted"] and not first.get("reused")
-    assert json.loads(tags["promotion.policy"]) == {"metric": "fd", "margin": 0.02,
-                                                    "thresholds": {}}
-
-    again = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
-    assert again["reused"] and not again["promoted"] and again["champion"] == "1"
-    assert again["reason"].startswith(first["reason"]) and "unchanged since" in again["reason"]
-    assert again["improvement"] == pytest.approx(first["improvement"])
-    assert again["decided_at"] == tags["promotion.at"]
-    assert resolve(f"models:/{name}/2", store["uri"])["tags"] == tags  # nothing rewritten
-
-    looser = RegistryConfig(margin=0.005)  # a changed policy is judged afresh
-    res = promote(name, tracking_uri=store["uri"], cfg=looser, lock_dir=store["locks"])
-    assert res["promoted"] and res["champion"] == "2" and not res.get("reused")
 
 
 def test_rollback_moves_the_champion_back_and_refuses_without_a_previous_one(store, models):
