@@ -733,7 +733,7 @@ def promote(
         if previous is not None and str(previous) == str(chall.version):
             return result | {"reason": f"v{chall.version} is already the champion"}
         policy = json.dumps({"metric": metric, "margin": cfg.margin,
-                             "thresholds": dict(sorted(cfg.thresholds.items()))}, sort_keys=True)
+                             "thresholds": cfg.thresholds}, sort_keys=True)
         earlier = _earlier_rejection(chall, previous, policy)
         if earlier is not None:  # the same challenger, champion and policy: the same verdict
             if earlier["champion_value"] is not None:
