@@ -85,11 +85,12 @@ def digits_model(root: Path, steps: int, threads: int | None) -> tuple[str, dict
     present. Untimed."""
     import torch
 
+    from diffusion.pipeline import DiffusionConfig
     from diffusion.serialization import save_model
     from diffusion.training import make_lr_scheduler, make_optimizer, train_step
     from diffusion.unet import UNet
     from tasks.digits import CLASS_NAMES, DIGITS_UNET, digits_splits
-    from tasks.train import DiffusionConfig, TrainConfig, optim_config
+    from tasks.train import TrainConfig, optim_config
 
     path = root / "models" / f"digits-{steps}-steps"
     info_file = path / "bench-info.json"
@@ -102,7 +103,7 @@ def digits_model(root: Path, steps: int, threads: int | None) -> tuple[str, dict
     optim = optim_config(train, diff)
     torch.manual_seed(0)
     model = UNet(DIGITS_UNET)
-    opt, schedule = make_optimizer(model, optim), diff.schedule_config().build()
+    opt, schedule = make_optimizer(model, optim), diff.build_schedule()
     sched = make_lr_scheduler(opt, optim)
     x_np, y_np = digits_splits()["train"]
     x = torch.from_numpy(x_np).float().div_(127.5).sub_(1.0)
@@ -114,7 +115,7 @@ def digits_model(root: Path, steps: int, threads: int | None) -> tuple[str, dict
         loss = train_step(model, opt, sched, x[idx], y[idx], schedule, optim,
                           null_class=DIGITS_UNET.num_classes, generator=gen)["loss"]
     save_model(path / "model", model.state_dict(),
-               {"unet": DIGITS_UNET.to_dict(), "diffusion": diff.model_dump(mode="json"),
+               {"unet": DIGITS_UNET.to_dict(), "diffusion": diff.to_dict(),
                 "class_names": CLASS_NAMES})
     info = {"path": str(path), "train_steps": steps, "batch_size": train.batch_size,
             "final_loss": loss, "train_seconds": time.perf_counter() - t0,
@@ -128,9 +129,9 @@ def random_model(root: Path, unet_cfg, name: str) -> tuple[str, dict]:
     convolution gets small random weights too, so that every sample depends on every layer."""
     import torch
 
+    from diffusion.pipeline import DiffusionConfig
     from diffusion.serialization import save_model
     from diffusion.unet import UNet
-    from tasks.train import DiffusionConfig
 
     path = root / "models" / name
     torch.manual_seed(0)
@@ -138,7 +139,7 @@ def random_model(root: Path, unet_cfg, name: str) -> tuple[str, dict]:
     with torch.no_grad():
         torch.nn.init.normal_(model.conv_out.weight, std=0.02)
     save_model(path / "model", model.state_dict(),
-               {"unet": unet_cfg.to_dict(), "diffusion": DiffusionConfig().model_dump(mode="json"),
+               {"unet": unet_cfg.to_dict(), "diffusion": DiffusionConfig().to_dict(),
                 "class_names": [str(i) for i in range(unet_cfg.num_classes or 0)]})
     return str(path), {"path": str(path), "parameters": model.num_parameters(),
                        "weights": "random (output convolution N(0, 0.02))"}

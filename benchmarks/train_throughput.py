@@ -395,7 +395,7 @@ def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optim = optim_config(t, cfg.diffusion)
-    schedule = cfg.diffusion.schedule_config().build()
+    schedule = cfg.diffusion.build_schedule()
     ema = EMA(model, decay=t.ema_decay)
     opt = make_optimizer(model, optim)
     sched = make_lr_scheduler(opt, optim)
@@ -552,7 +552,7 @@ def count_flops(model_cfg, diffusion, device: str, autocast, channels_last: bool
         x = x.contiguous(memory_format=torch.channels_last)
     labels = (torch.randint(0, model_cfg.num_classes, (batch,), device=device)
               if model_cfg.num_classes else None)
-    schedule = diffusion.schedule_config().build()
+    schedule = diffusion.build_schedule()
     t = torch.randint(0, schedule.T, (batch,), device=device)
     with FlopCounterMode(display=False) as fwd, torch.autocast(
             device, dtype=autocast, enabled=autocast is not None):

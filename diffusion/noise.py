@@ -41,20 +41,29 @@ class SampleNoise:
     """The noise source of one batch: ``indices`` are the global sample indices of its rows.
 
     ``draw(step, shape)`` returns a [B, *shape] standard normal tensor whose row b depends only on
-    (seed, indices[b], step). Draws happen on ``device`` in float32, then are cast to ``dtype``.
+    (seed, indices[b], step). ``seed`` is one seed for every row (a generation job), or one per
+    row (a table of requests, each row its own (seed, index)), so each row is independent of its
+    batch. ``noise[a:b]`` is the source of rows a..b−1. Draws happen on ``device`` in float32,
+    then are cast to ``dtype``.
     """
 
     def __init__(
         self,
-        seed: int,
+        seed: int | Sequence[int],
         indices: Sequence[int] | Tensor,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        self.seed = int(seed)
         self.indices = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
         if any(i < 0 for i in self.indices):
             raise ValueError("sample indices must be non-negative")
+        if isinstance(seed, Sequence | Tensor):
+            self.seeds = [int(s) for s in torch.as_tensor(seed).reshape(-1).tolist()]
+            if len(self.seeds) != len(self.indices):
+                raise ValueError(f"{len(self.seeds)} seeds for {len(self.indices)} indices; give "
+                                 "one seed, or one per index")
+        else:
+            self.seeds = [int(seed)] * len(self.indices)
         self.device = torch.device(device)
         self.dtype = dtype
         self._generator = torch.Generator(device=self.device)
@@ -62,10 +71,16 @@ class SampleNoise:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def __getitem__(self, rows: slice) -> SampleNoise:
+        """The noise source of a slice of the rows (a batch of a larger job)."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"SampleNoise takes a slice of rows, got {type(rows).__name__}")
+        return SampleNoise(self.seeds[rows], self.indices[rows], self.device, self.dtype)
+
     def draw(self, step: int, shape: Sequence[int]) -> Tensor:
         rows = []
-        for index in self.indices:
-            self._generator.manual_seed(stream_seed(self.seed, index, step))
+        for seed, index in zip(self.seeds, self.indices, strict=True):
+            self._generator.manual_seed(stream_seed(seed, index, step))
             rows.append(
                 torch.randn(
                     tuple(shape), generator=self._generator, device=self.device, dtype=torch.float32

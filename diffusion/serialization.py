@@ -39,6 +39,8 @@ __all__ = [
     "save_model",
     "save_model_bytes",
     "sha256_hex",
+    "unet_from_bytes",
+    "unet_from_state",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -201,6 +203,38 @@ def load_model(
     return load_model_bytes(weights_path.read_bytes(), config_bytes, name=str(weights_path))
 
 
+def unet_from_state(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> UNet:
+    """A :class:`UNet` in eval mode from a model config's ``unet`` section and its weights."""
+    model = UNet(UNetConfig.from_dict(config["unet"]))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def unet_from_bytes(
+    weights: bytes,
+    config_bytes: bytes,
+    *,
+    expected_sha256: str | None = None,
+    name: str = WEIGHTS_FILE,
+    require: tuple[str, ...] = ("unet",),
+) -> tuple[UNet, dict[str, Any]]:
+    """``(UNet in eval mode, config)`` from the two files of a saved model.
+
+    The weights are checked against their digests (:func:`load_model_bytes`) before any tensor
+    is parsed; ``require`` names the config sections that must be present (a pipeline model
+    needs ``("unet", "diffusion")``)."""
+    state_dict, config = load_model_bytes(
+        weights, config_bytes, expected_sha256=expected_sha256, name=name
+    )
+    missing = [k for k in require if k not in config]
+    if missing:
+        raise ValueError(
+            f"{CONFIG_FILE} for {name} lacks {', '.join(missing)}; it must hold "
+            f"{', '.join(repr(k) for k in require)} sections as training writes them"
+        )
+    return unet_from_state(config, state_dict), config
+
+
 def build_unet(directory: str | os.PathLike[str]) -> UNet:
     """A :class:`UNet` from ``config.json["unet"]`` with the saved weights, in eval mode."""
     state_dict, config = load_model(directory)
@@ -209,6 +243,4 @@ def build_unet(directory: str | os.PathLike[str]) -> UNet:
             f"{Path(directory) / CONFIG_FILE} has no 'unet' section; save the model with "
             "config={'unet': UNetConfig.to_dict(), ...}"
         )
-    model = UNet(UNetConfig.from_dict(config["unet"]))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    return unet_from_state(config, state_dict)

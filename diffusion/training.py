@@ -13,7 +13,9 @@ A loop is then a few readable lines (nanoGPT style)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,27 @@ from torch import Tensor, nn
 from diffusion.ema import EMA
 from diffusion.losses import LossConfig, training_loss
 from diffusion.schedules import NoiseSchedule
+
+# Each scalar setting's valid range, checked one key at a time; the pipeline's ``train`` config
+# section validates its keys of the same names with these same rules (one source of bounds).
+OPTIM_BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "warmup_steps": (lambda v: v >= 0, "in 0..steps"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v is None or v > 0, "> 0 (or None: no clipping)"),
+    "ema_decay": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_optim_value(name: str, value: Any) -> Any:
+    """``value`` if it is in :data:`OPTIM_BOUNDS`' range for ``name``, else ValueError."""
+    ok, what = OPTIM_BOUNDS[name]
+    if not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,18 +60,12 @@ class OptimConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_steps <= self.steps:
+        for name in OPTIM_BOUNDS:
+            check_optim_value(name, getattr(self, name))
+        if self.warmup_steps > self.steps:
             raise ValueError(
                 f"warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps}"
             )
-        if not 0 <= self.label_dropout < 1:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 def lr_factor(step: int, cfg: OptimConfig) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from diffusion.pipeline import DiffusionConfig
 from diffusion.unet import UNetConfig
 from tasks.datasets import DataConfig
 from tasks.digits import DIGITS_UNET
@@ -24,7 +25,7 @@ from tasks.evaluate import EvalConfig
 from tasks.generate import GenerateConfig
 from tasks.registry import RegistryConfig
 from tasks.runtime import RuntimeConfig
-from tasks.train import DiffusionConfig, TrainConfig
+from tasks.train import TrainConfig
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,9 @@ the ``diffusion`` package alone, then write a PNG grid of samples (one row per c
 
 It is the pipeline's train → evaluate → generate path in one process, without Ray, Prefect or
 MLflow; the full orchestrated pipeline reuses the same pieces (``diffusion.training.train_step``,
-``diffusion.samplers.sample``, ``diffusion.serialization``).
+``diffusion.pipeline.sample_images``, ``diffusion.serialization``). The model is saved in the
+pipeline's own layout (``config.json`` with ``unet``, ``diffusion`` and ``class_names``), so
+``diffusion-pipeline evaluate`` and ``register`` accept ``OUT/model`` like a training checkpoint.
 """
 
 from __future__ import annotations
@@ -25,15 +27,13 @@ from diffusion import (
     OptimConfig,
     SampleNoise,
     SamplerConfig,
-    ScheduleConfig,
     UNet,
     UNetConfig,
-    classifier_free_guidance,
     nll_bits_per_dim,
-    sample,
     save_model,
 )
-from diffusion.pixels import uint8_to_unit, unit_to_uint8
+from diffusion.pipeline import DiffusionConfig, sample_images
+from diffusion.pixels import uint8_to_unit
 from diffusion.training import make_lr_scheduler, make_optimizer, train_step
 from tasks.digits import CLASS_NAMES, DIGITS_UNET, digits_splits
 from tasks.images import save_grid_png
@@ -47,7 +47,7 @@ class DemoConfig:
     unet: UNetConfig = DIGITS_UNET
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, warmup_steps=100))
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig("dpmpp_2m", steps=20))
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     guidance_scale: float = 1.5
     samples_per_class: int = 10
     nll_images: int = 64  # val images for the bits/dim estimate (T network calls per batch)
@@ -66,9 +66,12 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
 
     torch.manual_seed(config.seed)
     model = UNet(config.unet)
-    schedule = config.schedule.build()
+    schedule = config.diffusion.build_schedule()
     optim = replace(
-        config.optim, steps=config.steps, warmup_steps=min(config.optim.warmup_steps, config.steps)
+        config.optim,
+        steps=config.steps,
+        warmup_steps=min(config.optim.warmup_steps, config.steps),
+        loss=config.diffusion.loss_config(),
     )
     opt = make_optimizer(model, optim)
     lr_sched = make_lr_scheduler(opt, optim)
@@ -107,7 +110,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
 
     ema.copy_to(model)
     model.eval()
-    denoiser = Denoiser(model, schedule, "eps")
+    denoiser = Denoiser(model, schedule, config.diffusion.prediction)
     nll_x = val_x[: config.nll_images]
     nll = nll_bits_per_dim(denoiser, nll_x, generator=torch.Generator().manual_seed(1))
     bpd, bpd_se = nll.mean_and_stderr()
@@ -115,20 +118,26 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
 
     n_classes = config.unet.num_classes
     labels = torch.arange(n_classes).repeat_interleave(config.samples_per_class)
-    guided = classifier_free_guidance(model, config.guidance_scale, null_label=n_classes)
-    noise = SampleNoise(config.seed, range(len(labels)))
     t1 = time.perf_counter()
-    x = sample(Denoiser(guided, schedule, "eps", labels=labels), (1, 8, 8), noise, config.sampler)
+    images = sample_images(
+        model,
+        schedule,
+        (config.unet.in_channels, config.unet.resolution, config.unet.resolution),
+        SampleNoise(config.seed, range(len(labels))),
+        config.sampler,
+        prediction=config.diffusion.prediction,
+        labels=labels,
+        guidance_scale=config.guidance_scale,
+        null_label=n_classes,
+    ).numpy()
     sample_seconds = time.perf_counter() - t1
-    images = unit_to_uint8(x).numpy()
     grid_path = save_grid_png(images, out / "samples.png", nrow=config.samples_per_class, scale=6)
     model_dir = save_model(
         out / "model",
         model.state_dict(),
         {
             "unet": config.unet.to_dict(),
-            "schedule": asdict(config.schedule),
-            "prediction": "eps",
+            "diffusion": config.diffusion.to_dict(),
             "class_names": CLASS_NAMES,
         },
     )

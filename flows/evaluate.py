@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, task
+from prefect.logging import get_run_logger
 
 from flows.config import PipelineConfig
-from tasks.evaluate import evaluate_task
+from tasks.datasets import DataConfig
+from tasks.evaluate import EvalConfig, run_evaluation
+from tasks.retry import transient_retries
+from tasks.runtime import RuntimeConfig
+
+
+@task(name="evaluate", task_run_name="evaluate {model_ref}", **transient_retries())
+def evaluate_task(model_ref: str, config: dict, dataset_version: str | None = None) -> dict:
+    """Evaluate ``model_ref`` with the ``evaluate`` section of ``config`` (PipelineConfig)."""
+    return run_evaluation(model_ref, DataConfig(**config["data"]),
+                          EvalConfig(**config.get("evaluate", {})),
+                          RuntimeConfig(**config["runtime"]),
+                          dataset_version=dataset_version, echo=get_run_logger().info)
 
 
 @flow(name="evaluate", log_prints=True)

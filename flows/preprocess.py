@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, task
+from prefect.logging import get_run_logger
 
 from flows.config import PipelineConfig
-from tasks.preprocess import preprocess_task
+from tasks.datasets import DataConfig
+from tasks.preprocess import preprocess
+from tasks.retry import transient_retries
+from tasks.runtime import RuntimeConfig
+
+
+@task(name="preprocess", task_run_name="preprocess {data[name]}", **transient_retries())
+def preprocess_task(data: dict, runtime: dict) -> dict:
+    """Preprocess ``data`` (a DataConfig as a dict); returns the dataset reference."""
+    result = preprocess(DataConfig(**data), RuntimeConfig(**runtime),
+                        echo=get_run_logger().info)
+    return result.summary()
 
 
 @flow(name="preprocess", log_prints=True)

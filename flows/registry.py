@@ -5,22 +5,59 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.config import PipelineConfig
-from tasks.evaluate import evaluate_task, fetch_model_dir, run_evaluation
+from flows.evaluate import evaluate_task
+from tasks.evaluate import fetch_model_dir, run_evaluation
 from tasks.registry import (
+    RegistryConfig,
     RegistryError,
     default_lock_dir,
     lineage_from,
     model_name_for,
-    promote_task,
-    register_task,
+    promote,
+    register_model,
     resolve,
-    rollback_task,
+    rollback,
 )
+from tasks.retry import transient_retries
 from tasks.storage import storage_options
+
+# Registry calls change shared state: never answered from a cache.
+_RETRY = transient_retries() | {"cache_policy": NO_CACHE}
+
+
+@task(name="register", task_run_name="register {model_name}", **_RETRY)
+def register_task(model_dir: str, *, tracking_uri: str, run_id: str | None, cfg: dict,
+                  model_name: str, evaluation: dict, lineage: dict, defaults: dict) -> dict:
+    """:func:`tasks.registry.register_model` (``cfg``: the ``registry`` section as JSON)."""
+    return register_model(model_dir, tracking_uri=tracking_uri, run_id=run_id,
+                          cfg=RegistryConfig(**cfg), model_name=model_name,
+                          evaluation=evaluation, lineage=lineage, defaults=defaults)
+
+
+@task(name="promote", task_run_name="promote {model_name}", **_RETRY)
+def promote_task(model_name: str, version: str | None = None, *, tracking_uri: str,
+                 cfg: dict, lock_dir: str,
+                 evaluate: Callable[[str], dict] | None = None,
+                 lock_options: dict | None = None) -> dict:
+    """:func:`tasks.registry.promote`; the decision is in the returned dict (a refusal is not a
+    failure)."""
+    return promote(model_name, version, tracking_uri=tracking_uri,
+                   cfg=RegistryConfig(**cfg), lock_dir=lock_dir, evaluate=evaluate,
+                   lock_options=lock_options)
+
+
+@task(name="rollback", task_run_name="rollback {model_name}", **_RETRY)
+def rollback_task(model_name: str, *, tracking_uri: str, lock_dir: str,
+                  cfg: dict | None = None, lock_options: dict | None = None) -> dict:
+    """:func:`tasks.registry.rollback`."""
+    return rollback(model_name, tracking_uri=tracking_uri, lock_dir=lock_dir,
+                    cfg=RegistryConfig(**(cfg or {})), lock_options=lock_options)
 
 
 def _context(config: PipelineConfig | dict):

@@ -413,36 +413,23 @@ def generate(loaded: LoadedModel, n: int, name: str, steps: int, cfg: EvalConfig
     Returns the images and images/s."""
     import torch
 
-    from diffusion import Denoiser, SampleNoise, SamplerConfig, classifier_free_guidance, sample
-    from diffusion.pixels import unit_to_uint8
-    from tasks.train import DiffusionConfig
+    from diffusion import SampleNoise, SamplerConfig
+    from diffusion.pipeline import DiffusionConfig, sample_images
 
-    diff = DiffusionConfig.model_validate(loaded.config["diffusion"])
-    schedule = diff.schedule_config().build()
-    num_classes = loaded.config["unet"].get("num_classes")
-    shape = (loaded.config["unet"]["in_channels"], loaded.config["unet"]["resolution"],
-             loaded.config["unet"]["resolution"])
-    net = loaded.model.to(device)
-    if num_classes is not None and labels is not None and cfg.guidance_scale != 1.0:
-        net = classifier_free_guidance(net, cfg.guidance_scale, null_label=num_classes)
-    sampler = SamplerConfig(name, steps=min(steps, schedule.T))
-    out = []
+    diff = DiffusionConfig.from_dict(loaded.config["diffusion"])
+    schedule = diff.build_schedule()
+    unet = loaded.config["unet"]
+    shape = (unet["in_channels"], unet["resolution"], unet["resolution"])
     t0 = time.perf_counter()
-    for i in range(0, n, cfg.batch_size):
-        idx = range(i, min(n, i + cfg.batch_size))
-        lab = None
-        if num_classes is not None:
-            lab = torch.full((len(idx),), num_classes, dtype=torch.long) if labels is None \
-                else torch.as_tensor(labels[i:i + len(idx)], dtype=torch.long)
-            lab = lab.to(device)
-        noise = SampleNoise(cfg.seed, idx, device=device)
-        x = sample(Denoiser(net, schedule, diff.prediction, labels=lab), shape, noise,
-                   sampler)
-        out.append(unit_to_uint8(x).cpu().numpy())
+    images = sample_images(
+        loaded.model.to(device), schedule, shape, SampleNoise(cfg.seed, range(n), device=device),
+        SamplerConfig(name, steps=min(steps, schedule.T)), prediction=diff.prediction,
+        labels=labels, guidance_scale=cfg.guidance_scale, null_label=unet.get("num_classes"),
+        batch_size=cfg.batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return np.concatenate(out), n / max(seconds, 1e-9)
+    return images.numpy(), n / max(seconds, 1e-9)
 
 
 def nearest_rms(queries: np.ndarray, reference: np.ndarray, device, chunk: int = 4096):
@@ -472,8 +459,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
 
     from diffusion import Denoiser, nll_bits_per_dim
     from diffusion.metrics import feature_statistics, frechet_distance
+    from diffusion.pipeline import DiffusionConfig
     from diffusion.samplers import network_evaluations
-    from tasks.train import DiffusionConfig
 
     t_start = time.perf_counter()
     root = runtime.root_location()
@@ -543,8 +530,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
 
     nll = {}
     if cfg.nll_images:
-        diff = DiffusionConfig.model_validate(loaded.config["diffusion"])
-        schedule = diff.schedule_config().build()
+        diff = DiffusionConfig.from_dict(loaded.config["diffusion"])
+        schedule = diff.build_schedule()
         x = torch.from_numpy(val_x[:cfg.nll_images]).to(device)
         lab = None
         if num_classes is not None:
@@ -658,28 +645,3 @@ def table(result: dict) -> str:
         lines.append(f"| {f['sampler']} | {f['steps']} | {f['nfe']} | {f['fd']:.3f} | "
                      f"{f['images_per_s']:.1f} | {mark} |")
     return "\n".join(lines)
-
-
-def _prefect_task():
-    from prefect import task
-
-    from tasks.retry import transient_retries
-
-    @task(name="evaluate", task_run_name="evaluate {model_ref}", **transient_retries())
-    def evaluate_task(model_ref: str, config: dict, dataset_version: str | None = None) -> dict:
-        """Evaluate ``model_ref`` with the ``evaluate`` section of ``config`` (PipelineConfig)."""
-        from prefect.logging import get_run_logger
-
-        logger = get_run_logger()
-        return run_evaluation(model_ref, DataConfig(**config["data"]),
-                              EvalConfig(**config.get("evaluate", {})),
-                              RuntimeConfig(**config["runtime"]),
-                              dataset_version=dataset_version, echo=logger.info)
-
-    return evaluate_task
-
-
-evaluate_task = _prefect_task()
-
-__all__ = ["EvalConfig", "EvalError", "LoadedModel", "evaluate", "evaluate_task",
-           "load_model_ref", "read_split", "run_evaluation", "table"]

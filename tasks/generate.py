@@ -217,35 +217,19 @@ def labels_for(job: Job, indices: np.ndarray) -> np.ndarray | None:
 def sample_indices(model, job: Job, indices: np.ndarray, batch_size: int, device,
                    autocast_dtype=None) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 [len(indices), C, H, W] samples and their labels (None: unconditional)."""
-    import torch
+    from diffusion import SampleNoise, SamplerConfig
+    from diffusion.pipeline import DiffusionConfig, sample_images
 
-    from diffusion import Denoiser, SampleNoise, SamplerConfig, classifier_free_guidance, sample
-    from diffusion.pixels import unit_to_uint8
-    from diffusion.schedules import ScheduleConfig
-
-    d = job.config["diffusion"]
-    schedule = ScheduleConfig(kind=d["schedule"], T=d["T"], beta_start=d["beta_start"],
-                              beta_end=d["beta_end"]).build()
-    sampler = SamplerConfig(**job.sampler)
+    diffusion = DiffusionConfig.from_dict(job.config["diffusion"])
     labels = labels_for(job, indices)
-    num_classes = job.config["unet"].get("num_classes")
-    net = model
-    if labels is not None and job.guidance_scale is not None and job.guidance_scale != 1.0:
-        net = classifier_free_guidance(model, job.guidance_scale, null_label=num_classes)
-    out = []
-    for i in range(0, len(indices), batch_size):
-        idx = indices[i:i + batch_size]
-        lab = None
-        if num_classes is not None:
-            lab = torch.full((len(idx),), num_classes, dtype=torch.long) if labels is None \
-                else torch.as_tensor(labels[i:i + len(idx)])
-            lab = lab.to(device)
-        noise = SampleNoise(job.seed, idx.tolist(), device=device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            x = sample(Denoiser(net, schedule, d["prediction"], labels=lab), job.shape, noise,
-                       sampler)
-        out.append(unit_to_uint8(x.float()).cpu().numpy())
-    return np.concatenate(out), labels
+    images = sample_images(
+        model, diffusion.build_schedule(), job.shape,
+        SampleNoise(job.seed, indices.tolist(), device=device), SamplerConfig(**job.sampler),
+        prediction=diffusion.prediction, labels=labels,
+        guidance_scale=1.0 if job.guidance_scale is None else job.guidance_scale,
+        null_label=job.config["unet"].get("num_classes"), batch_size=batch_size,
+        autocast_dtype=autocast_dtype)
+    return images.numpy(), labels
 
 
 def shard_bytes(job: Job, start: int, images: np.ndarray, labels: np.ndarray | None) -> bytes:
@@ -300,16 +284,15 @@ class Sampler:
         import safetensors.torch
         import torch
 
-        from diffusion.unet import UNet, UNetConfig
+        from diffusion.serialization import unet_from_state
 
         self.job = Job(**job)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":  # as many threads as the CPUs Ray reserved for us
             torch.set_num_threads(max(1, int(cpus)))
         weights = ray.get(weights_ref[0]) if isinstance(weights_ref, list) else weights_ref
-        model = UNet(UNetConfig.from_dict(self.job.config["unet"]))
-        model.load_state_dict(safetensors.torch.load(weights), strict=True)
-        self.model = model.eval().to(self.device)
+        model = unet_from_state(self.job.config, safetensors.torch.load(weights))
+        self.model = model.to(self.device)
         on_gpu = self.device.type == "cuda"
         self.autocast = torch.bfloat16 if bf16 == "on" or (bf16 == "auto" and on_gpu) else None
         self.out = Location.of(output, options)
@@ -547,24 +530,3 @@ def write_grid(output: str, runtime: RuntimeConfig, *, per_class: int = 10) -> t
     png = grid_png(images, nrow=nrow, scale=scale)
     atomic_write_bytes(loc, png)
     return loc.describe(), png
-
-
-def _prefect_task():
-    from prefect import task
-
-    from tasks.retry import transient_retries
-
-    @task(name="generate", task_run_name="generate {config[generate][num_samples]} samples",
-          **transient_retries())
-    def generate_task(config: dict, default_model: str | None = None) -> dict:
-        """Run the generation job of ``config`` (a PipelineConfig as JSON)."""
-        from prefect.logging import get_run_logger
-
-        logger = get_run_logger()
-        return generate(GenerateConfig(**config["generate"]), RuntimeConfig(**config["runtime"]),
-                        default_model=default_model, echo=logger.info).summary()
-
-    return generate_task
-
-
-generate_task = _prefect_task()

@@ -486,28 +486,3 @@ def preprocess(cfg: DataConfig, runtime: RuntimeConfig, *, echo: Echo = print) -
          f"{splits['val']['rows']} val, {len(skipped)} skipped")
     return PreprocessResult(DatasetRef(cfg.name, version, vdir.describe()), manifest, False,
                             time.perf_counter() - t0, ray_s)
-
-
-# --------------------------------------------------------------------------------------------
-# Prefect
-# --------------------------------------------------------------------------------------------
-
-
-def _prefect_task():
-    from prefect import task
-
-    from tasks.retry import transient_retries
-
-    @task(name="preprocess", task_run_name="preprocess {data[name]}", **transient_retries())
-    def preprocess_task(data: dict, runtime: dict) -> dict:
-        """Preprocess ``data`` (a DataConfig as a dict); returns the dataset reference."""
-        from prefect.logging import get_run_logger
-
-        logger = get_run_logger()
-        result = preprocess(DataConfig(**data), RuntimeConfig(**runtime), echo=logger.info)
-        return result.summary()
-
-    return preprocess_task
-
-
-preprocess_task = _prefect_task()

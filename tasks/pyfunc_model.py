@@ -45,12 +45,10 @@ import mlflow
 import pandas as pd
 import torch
 
-from diffusion.denoiser import Denoiser, classifier_free_guidance
-from diffusion.noise import INITIAL_STEP, SampleNoise
-from diffusion.pixels import unit_to_uint8
-from diffusion.samplers import SamplerConfig, sample
-from diffusion.schedules import NoiseSchedule, ScheduleConfig
-from diffusion.serialization import load_model_bytes
+from diffusion.noise import SampleNoise
+from diffusion.pipeline import DiffusionConfig, sample_images
+from diffusion.samplers import SamplerConfig
+from diffusion.serialization import unet_from_bytes
 from diffusion.unet import UNet, UNetConfig
 
 SERVING_FORMAT = "diffusion-pipeline/pyfunc-v1"
@@ -86,54 +84,6 @@ def signature():
         ColSpec("string", "pixels"),
     ])
     return ModelSignature(inputs=inputs, outputs=outputs)
-
-
-def unet_from_bytes(
-    weights: bytes, config_bytes: bytes, *, expected_sha256: str | None, name: str
-) -> tuple[UNet, dict]:
-    """``(UNet in eval mode, config)``; the digest is checked before any tensor is parsed."""
-    state_dict, config = load_model_bytes(
-        weights, config_bytes, expected_sha256=expected_sha256, name=name
-    )
-    missing = [k for k in ("unet", "diffusion") if k not in config]
-    if missing:
-        raise ValueError(
-            f"config.json for {name} lacks {', '.join(missing)}; it must hold 'unet' and "
-            "'diffusion' sections as training writes them (tasks.checkpoints)"
-        )
-    model = UNet(UNetConfig.from_dict(config["unet"]))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval(), config
-
-
-def schedule_of(config: dict) -> NoiseSchedule:
-    """The training noise schedule from the config's "diffusion" section (DiffusionConfig)."""
-    d = config["diffusion"]
-    return ScheduleConfig(
-        kind=d["schedule"], T=int(d["T"]), beta_start=float(d["beta_start"]),
-        beta_end=float(d["beta_end"]),
-    ).build()
-
-
-class RowNoise:
-    """Per-row noise: row b draws what ``SampleNoise(seeds[b], [indices[b]])`` draws.
-
-    The same interface as :class:`diffusion.noise.SampleNoise`, for batches whose rows come from
-    different seeds (a table of requests), so each row is independent of its batch.
-    """
-
-    def __init__(self, seeds, indices, device: torch.device | str = "cpu"):
-        self.rows = [SampleNoise(s, [i], device=device) for s, i in zip(seeds, indices,
-                                                                          strict=True)]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def draw(self, step: int, shape) -> torch.Tensor:
-        return torch.cat([r.draw(step, shape) for r in self.rows])
-
-    def initial(self, shape) -> torch.Tensor:
-        return self.draw(INITIAL_STEP, shape)
 
 
 def _missing(v: Any) -> bool:
@@ -194,8 +144,8 @@ def generate(model: UNet, config: dict, defaults: dict, table: pd.DataFrame,
              batch_size: int = DEFAULT_BATCH_SIZE) -> pd.DataFrame:
     """Images for a request table (see the module docstring for the columns)."""
     unet = model.config
-    schedule = schedule_of(config)
-    prediction = config["diffusion"].get("prediction", "eps")
+    diffusion = DiffusionConfig.from_dict(config["diffusion"])
+    schedule = diffusion.build_schedule()
     try:
         rows = resolve_rows(table, defaults, unet, schedule.T)
     except (TypeError, KeyError) as e:
@@ -211,20 +161,14 @@ def generate(model: UNet, config: dict, defaults: dict, table: pd.DataFrame,
                           []).append(i)
     pixels: dict[int, torch.Tensor] = {}
     for (cfg, scale, guided), members in groups.items():
-        for start in range(0, len(members), batch_size):
-            part = members[start:start + batch_size]
-            labels = None
-            net = model
-            if unet.num_classes is not None:
-                labels = torch.tensor(
-                    [rows[i]["label"] if guided else unet.num_classes for i in part],
-                    device=device)
-                if guided:
-                    net = classifier_free_guidance(model, scale, null_label=unet.num_classes)
-            noise = RowNoise([rows[i]["seed"] for i in part], [rows[i]["index"] for i in part],
-                             device=device)
-            x = sample(Denoiser(net, schedule, prediction, labels=labels), shape, noise, cfg)
-            pixels.update(zip(part, unit_to_uint8(x).cpu(), strict=True))
+        noise = SampleNoise([rows[i]["seed"] for i in members],
+                            [rows[i]["index"] for i in members], device=device)
+        images = sample_images(
+            model, schedule, shape, noise, cfg, prediction=diffusion.prediction,
+            labels=[rows[i]["label"] for i in members] if guided else None,
+            guidance_scale=scale if guided else 1.0, null_label=unet.num_classes,
+            batch_size=batch_size)
+        pixels.update(zip(members, images, strict=True))
     out = []
     for i, r in enumerate(rows):
         img = pixels[i].numpy()
@@ -267,7 +211,8 @@ class DiffusionImageModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"{arts['serving']} is not a {SERVING_FORMAT} document")
         self.model, self.config = unet_from_bytes(
             Path(arts["weights"]).read_bytes(), Path(arts["config"]).read_bytes(),
-            expected_sha256=serving["weights_sha256"], name=arts["weights"])
+            expected_sha256=serving["weights_sha256"], name=arts["weights"],
+            require=("unet", "diffusion"))
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.defaults = serving["defaults"]

@@ -51,7 +51,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.retry import transient_retries
 from tasks.storage import StorageError, redact
 from tasks.tracking import EXPERIMENT, artifact_root, is_unreachable
 
@@ -277,7 +276,7 @@ def lineage_from(train_summary: dict, config_sha256: str) -> dict[str, str]:
 
 def _read_model_dir(model_dir: str) -> tuple[Path, Path, str, dict]:
     """The weights and config paths, the weights' digest and the config, fully checked."""
-    from tasks.pyfunc_model import unet_from_bytes
+    from diffusion.serialization import unet_from_bytes
 
     d = Path(model_dir)
     weights_path, config_path = d / "model.safetensors", d / "config.json"
@@ -287,8 +286,8 @@ def _read_model_dir(model_dir: str) -> tuple[Path, Path, str, dict]:
                                 "diffusion.serialization.save_model (a checkpoint's model/)")
     weights = weights_path.read_bytes()
     try:
-        _, config = unet_from_bytes(weights, config_path.read_bytes(), expected_sha256=None,
-                                    name=str(weights_path))
+        _, config = unet_from_bytes(weights, config_path.read_bytes(), name=str(weights_path),
+                                    require=("unet", "diffusion"))
     except (KeyError, TypeError) as e:
         raise RegistryError(f"{config_path} does not describe the weights: {e}") from e
     from diffusion.serialization import sha256_hex
@@ -586,7 +585,7 @@ def load_version(
     import mlflow.artifacts
     from mlflow.models import Model
 
-    from tasks.pyfunc_model import unet_from_bytes
+    from diffusion.serialization import unet_from_bytes
 
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(_mlflow(tracking_uri, RegistryConfig(), f"load {model_ref}"))
@@ -620,7 +619,7 @@ def load_version(
                 f"registry {expected}; the version's artifacts were modified; re-register it")
         model, config = unet_from_bytes(
             paths["weights"].read_bytes(), paths["config"].read_bytes(), expected_sha256=expected,
-            name=f"{model_ref} ({arts['weights']})")
+            name=f"{model_ref} ({arts['weights']})", require=("unet", "diffusion"))
         return model, config, serving["defaults"]
 
 
@@ -854,46 +853,3 @@ def rollback(model_name: str, *, tracking_uri: str, lock_dir: str,
         client.set_model_version_tag(model_name, target, "promotion.restored_at", at)
         client.set_model_version_tag(model_name, target, "promotion.restored_from", str(current))
         return {"champion": target, "previous": str(current), "history": history}
-
-
-# --------------------------------------------------------------------------------------------
-# Prefect tasks
-# --------------------------------------------------------------------------------------------
-
-
-def _prefect_tasks():
-    from prefect import task
-    from prefect.cache_policies import NO_CACHE
-
-    # Registry calls change shared state: never answered from a cache.
-    retry = transient_retries() | {"cache_policy": NO_CACHE}
-
-    @task(name="register", task_run_name="register {model_name}", **retry)
-    def register_task(model_dir: str, *, tracking_uri: str, run_id: str | None, cfg: dict,
-                      model_name: str, evaluation: dict, lineage: dict, defaults: dict) -> dict:
-        """:func:`register_model` (``cfg``: the ``registry`` section as JSON)."""
-        return register_model(model_dir, tracking_uri=tracking_uri, run_id=run_id,
-                              cfg=RegistryConfig(**cfg), model_name=model_name,
-                              evaluation=evaluation, lineage=lineage, defaults=defaults)
-
-    @task(name="promote", task_run_name="promote {model_name}", **retry)
-    def promote_task(model_name: str, version: str | None = None, *, tracking_uri: str,
-                     cfg: dict, lock_dir: str,
-                     evaluate: Callable[[str], dict] | None = None,
-                     lock_options: dict | None = None) -> dict:
-        """:func:`promote`; the decision is in the returned dict (a refusal is not a failure)."""
-        return promote(model_name, version, tracking_uri=tracking_uri,
-                       cfg=RegistryConfig(**cfg), lock_dir=lock_dir, evaluate=evaluate,
-                       lock_options=lock_options)
-
-    @task(name="rollback", task_run_name="rollback {model_name}", **retry)
-    def rollback_task(model_name: str, *, tracking_uri: str, lock_dir: str,
-                      cfg: dict | None = None, lock_options: dict | None = None) -> dict:
-        """:func:`rollback`."""
-        return rollback(model_name, tracking_uri=tracking_uri, lock_dir=lock_dir,
-                        cfg=RegistryConfig(**(cfg or {})), lock_options=lock_options)
-
-    return register_task, promote_task, rollback_task
-
-
-register_task, promote_task, rollback_task = _prefect_tasks()

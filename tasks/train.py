@@ -16,6 +16,7 @@ all-reduced gradient norm); the run then ends with status ``diverged`` and the d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,8 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from diffusion.pipeline import DiffusionConfig
+from diffusion.training import OPTIM_BOUNDS, OptimConfig, check_optim_value
 from tasks.datasets import DataConfig, open_dataset, part_files
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import call, exists, protocol_of, read_json, storage_options
@@ -53,39 +56,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
-class DiffusionConfig(BaseModel):
-    """The ``diffusion`` section: noise schedule and what the network predicts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schedule: Literal["linear", "cosine", "sigmoid"] = "linear"
-    T: int = Field(1000, ge=1, le=100_000)
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(0.02, gt=0, lt=1)
-    prediction: Literal["eps", "x0", "v"] = "eps"
-    min_snr_gamma: float | None = Field(None, gt=0)
-
-    def schedule_config(self):
-        from diffusion.schedules import ScheduleConfig
-
-        return ScheduleConfig(kind=self.schedule, T=self.T, beta_start=self.beta_start,
-                              beta_end=self.beta_end)
-
-
 class TrainConfig(BaseModel):
     """The ``train`` section."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(800, ge=1, description="Optimizer steps in total (not epochs).")
+    # The optimiser's keys (diffusion.training.OptimConfig's, same names) are range-checked by
+    # its own OPTIM_BOUNDS (_optim_bounds below), so the two can never disagree.
+    steps: int = Field(800, description="Optimizer steps in total (not epochs).")
     batch_size: int = Field(128, ge=1, description="Global batch, split evenly over workers.")
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
-    min_lr_ratio: float = Field(0.05, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    label_dropout: float = Field(0.1, ge=0, le=1, description="Null-label share (guidance).")
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    label_dropout: float = Field(0.1, description="Null-label share (guidance).")
     hflip: bool = Field(False, description="Random horizontal flips.")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -109,6 +95,11 @@ class TrainConfig(BaseModel):
         None, description="Names the run; the same name resumes it. Default: derived from the "
         "dataset version and the config, so an unchanged rerun resumes (or finds it done).")
 
+    @field_validator(*OPTIM_BOUNDS)
+    @classmethod
+    def _optim_bounds(cls, v, info: ValidationInfo):
+        return check_optim_value(info.field_name, v)
+
     @field_validator("run_name")
     @classmethod
     def _run_name(cls, v):
@@ -117,16 +108,10 @@ class TrainConfig(BaseModel):
         return v
 
 
-def optim_config(t: TrainConfig, d: DiffusionConfig):
-    from diffusion.losses import LossConfig
-    from diffusion.training import OptimConfig
-
-    return OptimConfig(
-        steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
-        weight_decay=t.weight_decay, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
-        label_dropout=t.label_dropout,
-        loss=LossConfig(prediction=d.prediction, min_snr_gamma=d.min_snr_gamma),
-    )
+def optim_config(train: TrainConfig, diffusion: DiffusionConfig) -> OptimConfig:
+    """The optimiser settings: ``train``'s keys that OptimConfig has, and ``diffusion``'s loss."""
+    shared = {f.name for f in dataclasses.fields(OptimConfig)} & set(TrainConfig.model_fields)
+    return OptimConfig(**{k: getattr(train, k) for k in shared}, loss=diffusion.loss_config())
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +130,6 @@ def check_config(train: TrainConfig, diffusion: DiffusionConfig) -> None:
             f"{train.num_workers}; each worker takes an equal share")
     try:
         optim_config(train, diffusion)
-        diffusion.schedule_config()
     except ValueError as e:
         raise TrainConfigError(f"invalid train/diffusion config: {e}") from None
 
@@ -374,10 +358,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = TrainConfig.model_validate(cfg["train"])
-    diff = DiffusionConfig.model_validate(cfg["diffusion"])
+    diff = DiffusionConfig.from_dict(cfg["diffusion"])
     model_cfg = UNetConfig.from_dict(cfg["model"])
     optim = optim_config(train, diff)
-    schedule = diff.schedule_config().build()
+    schedule = diff.build_schedule()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     autocast = torch.bfloat16 if (train.bf16 == "on" or (train.bf16 == "auto" and on_gpu)) \
@@ -524,25 +508,25 @@ def _log_grid(model, ema, model_cfg, schedule, prediction, step, tracker) -> Non
     """A grid of EMA samples (DDIM 20; one row per class for conditional models)."""
     import torch
 
-    from diffusion import Denoiser, SampleNoise, SamplerConfig, sample
-    from diffusion.pixels import unit_to_uint8
+    from diffusion import SampleNoise, SamplerConfig
+    from diffusion.pipeline import sample_images
     from tasks.images import save_grid_png
 
     inner = getattr(model, "module", model)
     n_cls = model_cfg.num_classes
     labels = torch.arange(n_cls).repeat_interleave(8) if n_cls else None
     n = len(labels) if labels is not None else 64
-    with ema.swapped(inner) as m, torch.no_grad():
+    with ema.swapped(inner) as m:
         m.eval()
         dev = next(m.parameters()).device
-        den = Denoiser(m, schedule, prediction,
-                       labels=labels.to(dev) if labels is not None else None)
-        x = sample(den, (model_cfg.in_channels, model_cfg.resolution, model_cfg.resolution),
-                   SampleNoise(0, range(n), device=dev), SamplerConfig("ddim", steps=20))
+        images = sample_images(
+            m, schedule, (model_cfg.in_channels, model_cfg.resolution, model_cfg.resolution),
+            SampleNoise(0, range(n), device=dev), SamplerConfig("ddim", steps=20),
+            prediction=prediction, labels=labels, null_label=n_cls)
         m.train()
     with tempfile.TemporaryDirectory() as d:
-        path = save_grid_png(unit_to_uint8(x.cpu()).numpy(), os.path.join(d, f"step{step:07d}.png"),
-                             nrow=8, scale=4)
+        path = save_grid_png(images.numpy(), os.path.join(d, f"step{step:07d}.png"), nrow=8,
+                             scale=4)
         tracker.artifact(str(path), "samples")
 
 
@@ -570,7 +554,7 @@ class TrainResult:
 
 
 def _identity(model: Any, diffusion: DiffusionConfig, train: TrainConfig) -> dict:
-    return {"model": model.to_dict(), "diffusion": diffusion.model_dump(mode="json"),
+    return {"model": model.to_dict(), "diffusion": diffusion.to_dict(),
             "train": train.model_dump(mode="json")}
 
 
@@ -754,29 +738,3 @@ def _fit(job: dict, run_name: str, ref, manifest: dict, root, runs, uri: str,
     echo(f"run {run_name} finished at step {metrics['step']}; checkpoint {ckpt_uri}")
     return TrainResult(run_name, ckpt_uri, metrics, ref.to_dict(), time.perf_counter() - t0,
                        run_id, uri)
-
-
-def _prefect_task():
-    from prefect import task
-
-    from tasks.retry import transient_retries
-
-    # A retry after a lost cluster connection resumes the run from its latest checkpoint.
-    @task(name="train", task_run_name="train {config[data][name]}", **transient_retries())
-    def train_task(config: dict) -> dict:
-        """Train on the dataset named in ``config`` (a PipelineConfig as JSON)."""
-        from prefect.logging import get_run_logger
-
-        from diffusion.unet import UNetConfig
-
-        logger = get_run_logger()
-        res = run_training(
-            DataConfig(**config["data"]), UNetConfig.from_dict(config["model"]),
-            DiffusionConfig(**config["diffusion"]), TrainConfig(**config["train"]),
-            RuntimeConfig(**config["runtime"]), pipeline=config, echo=logger.info)
-        return res.summary()
-
-    return train_task
-
-
-train_task = _prefect_task()

@@ -15,15 +15,15 @@ import torch
 
 from diffusion.denoiser import Denoiser, classifier_free_guidance
 from diffusion.noise import SampleNoise
+from diffusion.pipeline import DiffusionConfig
 from diffusion.pixels import unit_to_uint8
 from diffusion.samplers import SamplerConfig, sample
 from diffusion.serialization import save_model
 from diffusion.unet import UNet, UNetConfig
-from tasks.train import DiffusionConfig
 
 UNET = UNetConfig(resolution=8, in_channels=1, base_channels=8, channel_mult=(1,),
                   num_res_blocks=1, attention_resolutions=(), num_classes=10)
-DIFFUSION = DiffusionConfig(T=100).model_dump(mode="json")  # what training writes
+DIFFUSION = DiffusionConfig(T=100).to_dict()  # what training writes
 CLASS_NAMES = [str(i) for i in range(10)]
 DEFAULTS = {"sampler": {"name": "ddim", "steps": 4}, "guidance_scale": 2.0}
 _names = itertools.count()
@@ -45,7 +45,7 @@ def local_images(model, config, rows) -> list:
     for seed, label in rows:
         labels = torch.tensor([UNET.num_classes if label is None else label])
         net = model if label is None else classifier_free_guidance(model, 2.0, UNET.num_classes)
-        schedule = DiffusionConfig.model_validate(config["diffusion"]).schedule_config().build()
+        schedule = DiffusionConfig.from_dict(config["diffusion"]).build_schedule()
         den = Denoiser(net, schedule, "eps", labels=labels)
         x = sample(den, (1, 8, 8), SampleNoise(seed, [0]), SamplerConfig("ddim", steps=4))
         out.append(unit_to_uint8(x)[0].numpy())

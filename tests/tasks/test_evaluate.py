@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from diffusion import EMA, UNet, UNetConfig
+from diffusion.pipeline import DiffusionConfig
 from diffusion.serialization import WeightsIntegrityError, save_model
 from diffusion.training import OptimConfig, make_lr_scheduler, make_optimizer, train_step
 from flows.config import load_config
 from tasks.datasets import open_dataset
 from tasks.evaluate import EvalConfig, EvalError, evaluate, load_model_ref, nearest_rms, read_split
-from tasks.train import DiffusionConfig
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,7 +28,7 @@ FAST = EvalConfig(num_samples=120, frontier=["ddim:5", "ddim:20", "dpmpp_2m:10"]
 
 def _save(model, path, class_names):
     return save_model(path / "model", model.state_dict(),
-                      {"unet": UNET.to_dict(), "diffusion": DIFF.model_dump(mode="json"),
+                      {"unet": UNET.to_dict(), "diffusion": DIFF.to_dict(),
                        "class_names": class_names})
 
 
@@ -47,7 +47,7 @@ def models(digits_root, tmp_path_factory):
     optim = OptimConfig(steps=300, lr=2e-3, warmup_steps=20)
     opt, ema = make_optimizer(model, optim), EMA(model, decay=0.99)
     sched, g = make_lr_scheduler(opt, optim), torch.Generator().manual_seed(0)
-    schedule = DIFF.schedule_config().build()
+    schedule = DIFF.build_schedule()
     for _ in range(optim.steps):
         idx = torch.randint(0, len(x), (64,), generator=g)
         train_step(model, opt, sched, x[idx], y[idx], schedule, optim, ema=ema, null_class=10,
@@ -142,7 +142,7 @@ def test_bad_inputs_are_clear_errors(models, tmp_path):
     wrong = UNetConfig(resolution=16, in_channels=1, base_channels=8, channel_mult=(1,),
                        num_res_blocks=1, attention_resolutions=(), num_classes=10)
     save_model(tmp_path / "m16" / "model", UNet(wrong).state_dict(),
-               {"unet": wrong.to_dict(), "diffusion": DIFF.model_dump(mode="json")})
+               {"unet": wrong.to_dict(), "diffusion": DIFF.to_dict()})
     with pytest.raises(EvalError, match="1x16x16 images but dataset digits"):
         evaluate(str(tmp_path / "m16"), cfg.data, FAST, cfg.runtime, echo=lambda s: None)
     with pytest.raises(ValueError, match="sampler:steps"):

@@ -484,7 +484,9 @@ def test_registry_config_validation_and_model_name():
 def test_inside_a_flow_run_the_version_records_it(store, models, monkeypatch):
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b5e1d2c-flow-run")  # what a flow run's env holds
     name = unique_name()
-    out = registry.register_task.fn(  # the Prefect task's body, without a Prefect server
+    from flows.registry import register_task
+
+    out = register_task.fn(  # the Prefect task's body, without a Prefect server
         str(models[0]), tracking_uri=store["uri"], run_id=None, cfg={}, model_name=name,
         evaluation=evaluation(1.0), lineage=lineage(), defaults=DEFAULTS)
     tags = resolve(out["model_uri"], store["uri"])["tags"]

@@ -7,20 +7,18 @@ import contextlib
 import pytest
 
 from diffusion.serialization import WeightsIntegrityError
+from flows.evaluate import evaluate_task
+from flows.generate import generate_task
+from flows.preprocess import preprocess_task
+from flows.registry import promote_task, register_task, rollback_task
+from flows.train import train_task
 from tasks import retry
-from tasks.evaluate import EvalError, evaluate_task
-from tasks.generate import generate_task
-from tasks.preprocess import PreprocessError, preprocess_task
-from tasks.registry import (
-    RegistryError,
-    RegistryUnavailable,
-    promote_task,
-    register_task,
-    rollback_task,
-)
+from tasks.evaluate import EvalError
+from tasks.preprocess import PreprocessError
+from tasks.registry import RegistryError, RegistryUnavailable
 from tasks.storage import StorageError, StorageUnavailable, explain
 from tasks.tracking import TrackingError, TrackingUnavailable
-from tasks.train import TrainConfigError, TrainingDiverged, train_task
+from tasks.train import TrainConfigError, TrainingDiverged
 
 
 @pytest.mark.parametrize("exc", [
