@@ -20,15 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from diffusion.unet import UNetConfig
 from tasks.datasets import DataConfig
 from tasks.digits import DIGITS_UNET
+from tasks.errors import ConfigError
 from tasks.evaluate import EvalConfig
 from tasks.generate import GenerateConfig
 from tasks.registry import RegistryConfig
 from tasks.runtime import RuntimeConfig
 from tasks.train import DiffusionConfig, TrainConfig
-
-
-class ConfigError(ValueError):
-    """The config cannot be built; the message names the key and what to do."""
 
 
 class PipelineConfig(BaseModel):

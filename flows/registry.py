@@ -9,9 +9,9 @@ import tempfile
 from prefect import flow
 
 from flows.config import PipelineConfig
+from tasks.errors import RegistryError
 from tasks.evaluate import evaluate_task, fetch_model_dir, run_evaluation
 from tasks.registry import (
-    RegistryError,
     default_lock_dir,
     lineage_from,
     model_name_for,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.config import ConfigError, PipelineConfig, load_config
+from flows.config import PipelineConfig, load_config
+from tasks.errors import ConfigError
 
 
 def test_defaults_are_the_embedded_digits():

@@ -8,19 +8,24 @@ import pytest
 
 from diffusion.serialization import WeightsIntegrityError
 from tasks import retry
-from tasks.evaluate import EvalError, evaluate_task
-from tasks.generate import generate_task
-from tasks.preprocess import PreprocessError, preprocess_task
-from tasks.registry import (
+from tasks.errors import (
+    EvalError,
+    PreprocessError,
     RegistryError,
     RegistryUnavailable,
-    promote_task,
-    register_task,
-    rollback_task,
+    StorageError,
+    StorageUnavailable,
+    TrackingError,
+    TrackingUnavailable,
+    TrainConfigError,
+    TrainingDiverged,
 )
-from tasks.storage import StorageError, StorageUnavailable, explain
-from tasks.tracking import TrackingError, TrackingUnavailable
-from tasks.train import TrainConfigError, TrainingDiverged, train_task
+from tasks.evaluate import evaluate_task
+from tasks.generate import generate_task
+from tasks.preprocess import preprocess_task
+from tasks.registry import promote_task, register_task, rollback_task
+from tasks.storage import explain
+from tasks.train import train_task
 
 
 @pytest.mark.parametrize("exc", [
