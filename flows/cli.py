@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -42,17 +43,35 @@ RootOpt = typer.Option(None, "--root", help="Storage root: a local path or s3://
 DebugOpt = typer.Option(False, "--debug", help="Show full stack traces on errors.")
 
 
-def _fail(e: BaseException, debug: bool) -> None:
+def exit_code(e: BaseException) -> int | None:
+    """The exit code for an expected error: 2 for a config the pipeline cannot build (like a
+    command-line usage error), 1 for any other pipeline error (tampered weights included);
+    None for an unexpected one (a bug, or a failure the stages do not explain)."""
+    from diffusion.serialization import WeightsIntegrityError
+    from tasks.errors import ConfigError, PipelineError
+
+    if isinstance(e, ConfigError):
+        return 2
+    if isinstance(e, PipelineError | WeightsIntegrityError):
+        return 1
+    return None
+
+
+def _fail(e: BaseException, debug: bool) -> NoReturn:
+    """Re-raise with ``--debug``; else one red line and the exit code: expected errors show
+    their message alone, unexpected ones their type and a hint to rerun with ``--debug``."""
     if debug:
         raise e
+    code = exit_code(e)
+    if code is None:
+        typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and isinstance(e, type(cause)):
+        e = cause  # Ray's RayTaskError(X): an X whose text is the worker's whole traceback
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2 if type(e).__name__ == "ConfigError" else 1)
-
-
-_EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound",
-             "TrainConfigError", "TrainingDiverged", "RunNotFound", "EvalError",
-             "WeightsIntegrityError", "RegistryError", "RegistryUnavailable", "TrackingError",
-             "LeaseBusy", "GenerateError")
+    raise typer.Exit(code=code)
 
 
 # sub-command → its Prefect flow
@@ -111,10 +130,6 @@ def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, de
             _quiet_console()
         return stage_flow(cfg, **kwargs)
     except Exception as e:
-        if type(e).__name__ not in _EXPECTED and not debug:
-            typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
-                        fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1) from None
         _fail(e, debug)
 
 
