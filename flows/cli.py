@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import time
@@ -327,9 +328,59 @@ def generate(
     typer.echo(f"manifest: {res['manifest_uri']}")
 
 
+@app.command("config")
+def show_config(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Print the resolved config: the defaults, then --config, --set and --root, as the stages
+    would get it. URLs are shown without credentials; the YAML can be given back to --config."""
+    import json
+
+    import yaml
+
+    try:
+        from flows.config import load_config
+
+        cfg = load_config(config, set_ or [], root)
+    except Exception as e:
+        _fail(e, debug)
+    shown = without_credentials(cfg.to_json_dict())
+    typer.echo(json.dumps(shown, indent=2) if as_json
+               else yaml.safe_dump(shown, sort_keys=False, allow_unicode=True).rstrip())
+
+
+def without_credentials(value):
+    """``value`` (JSON data) with any ``user:password@`` taken out of its URLs."""
+    from tasks.storage import redact
+
+    if isinstance(value, dict):
+        return {k: without_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_credentials(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
 @app.callback()
 def _root() -> None:
     """Pipeline stages as sub-commands; see each one's --help."""
+
+
+def _unwrapped(doc: str | None) -> str | None:
+    """``doc`` with each paragraph on one line. Typer keeps a docstring's single line breaks in
+    the command list and in the paragraphs after the first, so a docstring wrapped in the
+    source would break mid-sentence on the terminal; one line per paragraph lets rich wrap it
+    to the terminal's width."""
+    if not doc:
+        return doc
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _command in app.registered_commands:  # every command above: its help as rich should see it
+    _command.help = _command.help or _unwrapped(_command.callback.__doc__)
 
 
 def main() -> None:
