@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -42,17 +44,35 @@ RootOpt = typer.Option(None, "--root", help="Storage root: a local path or s3://
 DebugOpt = typer.Option(False, "--debug", help="Show full stack traces on errors.")
 
 
-def _fail(e: BaseException, debug: bool) -> None:
+def exit_code(e: BaseException) -> int | None:
+    """The exit code for an expected error: 2 for a config the pipeline cannot build (like a
+    command-line usage error), 1 for any other pipeline error (tampered weights included);
+    None for an unexpected one (a bug, or a failure the stages do not explain)."""
+    from diffusion.serialization import WeightsIntegrityError
+    from tasks.errors import ConfigError, PipelineError
+
+    if isinstance(e, ConfigError):
+        return 2
+    if isinstance(e, PipelineError | WeightsIntegrityError):
+        return 1
+    return None
+
+
+def _fail(e: BaseException, debug: bool) -> NoReturn:
+    """Re-raise with ``--debug``; else one red line and the exit code: expected errors show
+    their message alone, unexpected ones their type and a hint to rerun with ``--debug``."""
     if debug:
         raise e
+    code = exit_code(e)
+    if code is None:
+        typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and isinstance(e, type(cause)):
+        e = cause  # Ray's RayTaskError(X): an X whose text is the worker's whole traceback
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2 if type(e).__name__ == "ConfigError" else 1)
-
-
-_EXPECTED = ("ConfigError", "PreprocessError", "StorageError", "DatasetNotFound",
-             "TrainConfigError", "TrainingDiverged", "RunNotFound", "EvalError",
-             "WeightsIntegrityError", "RegistryError", "RegistryUnavailable", "TrackingError",
-             "LeaseBusy", "GenerateError")
+    raise typer.Exit(code=code)
 
 
 # sub-command → its Prefect flow
@@ -111,10 +131,6 @@ def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, de
             _quiet_console()
         return stage_flow(cfg, **kwargs)
     except Exception as e:
-        if type(e).__name__ not in _EXPECTED and not debug:
-            typer.secho(f"error: {type(e).__name__}: {e} (rerun with --debug for the trace)",
-                        fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1) from None
         _fail(e, debug)
 
 
@@ -312,9 +328,59 @@ def generate(
     typer.echo(f"manifest: {res['manifest_uri']}")
 
 
+@app.command("config")
+def show_config(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    root: str = RootOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Print the resolved config: the defaults, then --config, --set and --root, as the stages
+    would get it. URLs are shown without credentials; the YAML can be given back to --config."""
+    import json
+
+    import yaml
+
+    try:
+        from flows.config import load_config
+
+        cfg = load_config(config, set_ or [], root)
+    except Exception as e:
+        _fail(e, debug)
+    shown = without_credentials(cfg.to_json_dict())
+    typer.echo(json.dumps(shown, indent=2) if as_json
+               else yaml.safe_dump(shown, sort_keys=False, allow_unicode=True).rstrip())
+
+
+def without_credentials(value):
+    """``value`` (JSON data) with any ``user:password@`` taken out of its URLs."""
+    from tasks.storage import redact
+
+    if isinstance(value, dict):
+        return {k: without_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_credentials(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
 @app.callback()
 def _root() -> None:
     """Pipeline stages as sub-commands; see each one's --help."""
+
+
+def _unwrapped(doc: str | None) -> str | None:
+    """``doc`` with each paragraph on one line. Typer keeps a docstring's single line breaks in
+    the command list and in the paragraphs after the first, so a docstring wrapped in the
+    source would break mid-sentence on the terminal; one line per paragraph lets rich wrap it
+    to the terminal's width."""
+    if not doc:
+        return doc
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _command in app.registered_commands:  # every command above: its help as rich should see it
+    _command.help = _command.help or _unwrapped(_command.callback.__doc__)
 
 
 def main() -> None:

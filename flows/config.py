@@ -21,15 +21,12 @@ from diffusion.pipeline import DiffusionConfig
 from diffusion.unet import UNetConfig
 from tasks.datasets import DataConfig
 from tasks.digits import DIGITS_UNET
+from tasks.errors import ConfigError
 from tasks.evaluate import EvalConfig
 from tasks.generate import GenerateConfig
 from tasks.registry import RegistryConfig
 from tasks.runtime import RuntimeConfig
 from tasks.train import TrainConfig
-
-
-class ConfigError(ValueError):
-    """The config cannot be built; the message names the key and what to do."""
 
 
 class PipelineConfig(BaseModel):
@@ -87,16 +84,36 @@ def _deep_merge(into: dict, new: dict) -> None:
             into[k] = v
 
 
-def _valid_keys() -> str:
-    lines = []
+def _fields(cls: Any) -> dict[str, Any]:
+    """A config section's keys and their types: a pydantic model's or a dataclass's fields."""
     import dataclasses
 
-    for section, f in PipelineConfig.model_fields.items():
-        cls = f.annotation
-        names = (list(cls.model_fields) if hasattr(cls, "model_fields")
-                 else [x.name for x in dataclasses.fields(cls)])
-        lines.append(f"{section}: {', '.join(names)}")
-    return "; ".join(lines)
+    if hasattr(cls, "model_fields"):
+        return {k: f.annotation for k, f in cls.model_fields.items()}
+    if dataclasses.is_dataclass(cls):
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+    return {}
+
+
+def _unknown_key(loc: tuple) -> str:
+    """An unknown key: the closest valid one ("did you mean"), and the keys of its own section
+    (for an unknown section, the sections)."""
+    import difflib
+
+    *where, name = (str(p) for p in loc)
+    cls: Any = PipelineConfig
+    for part in where:
+        cls = _fields(cls).get(part)
+    valid = list(_fields(cls))
+    key = ".".join([*where, name])
+    close = [".".join([*where, k]) for k in difflib.get_close_matches(name, valid, n=1)]
+    if not close:  # the right key in another section, e.g. data.steps → train.steps
+        close = [f"{s}.{name}" for s, f in PipelineConfig.model_fields.items()
+                 if name in _fields(f.annotation)]
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    if not where:
+        return f"unknown config key {key!r}: not a section{hint} (sections: {', '.join(valid)})"
+    return f"unknown config key {key!r}{hint} (valid keys: {'.'.join(where)}: {', '.join(valid)})"
 
 
 def load_config(
@@ -147,8 +164,9 @@ def _explain(e: ValidationError) -> str:
     msgs = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            msgs.append(f"unknown config key {key!r} (valid keys: {_valid_keys()})")
+        # pydantic models say extra_forbidden, dataclasses (model.*) unexpected_keyword_argument
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msgs.append(_unknown_key(err["loc"]))
         else:
             got = err.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict) else ""

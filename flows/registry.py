@@ -12,10 +12,10 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import PipelineConfig
 from flows.evaluate import evaluate_task
+from tasks.errors import RegistryError
 from tasks.evaluate import fetch_model_dir, run_evaluation
 from tasks.registry import (
     RegistryConfig,
-    RegistryError,
     default_lock_dir,
     lineage_from,
     model_name_for,

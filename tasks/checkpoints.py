@@ -30,15 +30,12 @@ import torch
 
 from diffusion.ema import unwrap
 from diffusion.serialization import save_model
+from tasks.errors import CheckpointError
 
 STATE_FILE = "state.json"
 TRAINING_FILE = "training.safetensors"
 MODEL_DIR = "model"
 FORMAT = "diffusion-pipeline/train-checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete, truncated or does not match its recorded digests."""
 
 
 def _sha256(path: Path) -> str:

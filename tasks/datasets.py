@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.storage import Location, StorageError, call, read_json
+from tasks.errors import DatasetNotFound, StorageError
+from tasks.storage import Location, call, read_json
 
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = "diffusion-pipeline/dataset"
@@ -110,10 +111,6 @@ def split_of(key: str, val_fraction: float) -> str:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return "val" if h / 2**64 < val_fraction else "train"
-
-
-class DatasetNotFound(LookupError):
-    """No committed version matches; the message lists what exists."""
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from tasks.datasets import split_of
+from tasks.errors import StorageError
 from tasks.faults import maybe_die
-from tasks.storage import Location, StorageError, call
+from tasks.storage import Location, call
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")

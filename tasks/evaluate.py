@@ -43,6 +43,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.datasets import DataConfig, open_dataset, part_files
+from tasks.errors import EvalError
 from tasks.runtime import RuntimeConfig
 from tasks.storage import Location, atomic_write_bytes, call, exists, read_json
 
@@ -53,10 +54,6 @@ EVALUATIONS_DIR = "evaluations"
 # scores the images it was fitted on differently from unseen ones, so the real-vs-real floor
 # compares these held-out rows (as unseen as the val split and the samples) with the val split.
 FLOOR_EVERY = 5
-
-
-class EvalError(RuntimeError):
-    """The model or the evaluation set cannot be evaluated as asked; says what to do."""
 
 
 def _setting(text: str) -> tuple[str, int]:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.errors import GenerateError
 from tasks.faults import maybe_die
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import Location, atomic_write_bytes, commit_bytes, exists, read_json
@@ -42,10 +43,6 @@ FORMAT = "diffusion-pipeline/generation"
 MANIFEST = "_manifest.json"
 JOB_FILE = "_job.json"
 LABEL_STEP = -2  # the noise-stream step whose draw picks sample i's label (never a sampler step)
-
-
-class GenerateError(ValueError):
-    """The job cannot run as configured; names the setting and what to do."""
 
 
 class GenerateConfig(BaseModel):

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 
+from tasks.errors import LeaseBusy
 from tasks.storage import (
     Location,
     atomic_write_bytes,
@@ -38,10 +39,6 @@ from tasks.storage import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class LeaseBusy(RuntimeError):
-    """Another process holds the lease and kept refreshing it for the whole wait."""
 
 
 def _gone_from_here(holder: dict) -> bool:

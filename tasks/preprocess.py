@@ -46,11 +46,11 @@ from tasks.datasets import (
     manifest_json,
 )
 from tasks.decode import IMAGE_EXTENSIONS, VersionPartsDatasink, decode_batch, merge_split
+from tasks.errors import PreprocessError, StorageError
 from tasks.faults import maybe_die
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import (
     Location,
-    StorageError,
     call,
     check_bucket,
     commit_bytes,
@@ -62,10 +62,6 @@ from tasks.storage import (
 FINGERPRINT_VERSION = 1
 
 Echo = Callable[[str], None]
-
-
-class PreprocessError(ValueError):
-    """Bad input that stops the stage (empty source, every input bad, strict-mode failures)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.storage import StorageError, redact
+from tasks.errors import LeaseBusy, RegistryError, RegistryUnavailable, StorageError
+from tasks.storage import redact
 from tasks.tracking import EXPERIMENT, artifact_root, is_unreachable
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ LOWER_IS_BETTER: dict[str, bool] = {"fd": True, "nll_bpd": True, "memorization":
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # logged as the model's code
 REPO_DIR = Path(__file__).resolve().parents[1]
-
-
-class RegistryError(RuntimeError):
-    """A registry request that cannot succeed as asked: names what exists and what to set."""
-
-
-class RegistryUnavailable(RegistryError):
-    """MLflow (or the lock storage) could not be reached after bounded retries: transient."""
 
 
 def _known_metric(name: str) -> str:
@@ -627,7 +620,7 @@ def load_version(
 def _lease(lock_dir: str, model_name: str, cfg: RegistryConfig,
            options: dict | None) -> Iterator[None]:
     """The model's promotion lease (:class:`tasks.lease.Lease`), failures as registry errors."""
-    from tasks.lease import Lease, LeaseBusy
+    from tasks.lease import Lease
 
     try:
         with Lease(lock_dir, model_name, stale_s=cfg.lock_stale_s, wait_s=cfg.lock_wait_s,

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.storage import StorageUnavailable
+from tasks.errors import TransientError
 
 
 def is_transient(exc: BaseException | None) -> bool:
-    """True for failures worth retrying: storage or MLflow unreachable, Ray not reachable."""
-    from tasks.registry import RegistryUnavailable
-    from tasks.tracking import TrackingUnavailable
-
+    """True for failures worth retrying: a :class:`~tasks.errors.TransientError` (storage or
+    MLflow unreachable), Ray not reachable."""
     if exc is None:
         return False
-    if isinstance(exc, StorageUnavailable | RegistryUnavailable | TrackingUnavailable):
+    if isinstance(exc, TransientError):
         return True
     # ray.init(address=...) raises ConnectionError when the cluster is not (yet) reachable;
     # sockets raise ConnectionError / TimeoutError subclasses.

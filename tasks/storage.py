@@ -27,14 +27,7 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class StorageError(RuntimeError):
-    """Storage unreachable, bucket missing, permission denied: something to fix outside."""
-
-
-class StorageUnavailable(StorageError):
-    """The storage endpoint did not answer (after botocore's bounded retries): transient, worth
-    retrying later (:mod:`tasks.retry`), unlike a missing bucket or denied access."""
+from tasks.errors import StorageError, StorageUnavailable
 
 
 class StorageConfig(BaseModel):

@@ -16,18 +16,11 @@ import os
 import time
 from typing import Any
 
+from tasks.errors import TrackingError, TrackingUnavailable
 from tasks.storage import redact
 
 EXPERIMENT = "diffusion-pipeline"
 RUN_NAME_TAG = "pipeline.run_name"
-
-
-class TrackingError(RuntimeError):
-    """MLflow cannot be reached or refuses; names the URI and what to set."""
-
-
-class TrackingUnavailable(TrackingError):
-    """MLflow could not be reached: transient, worth retrying later (:mod:`tasks.retry`)."""
 
 
 def tracking_uri(runtime, root) -> str:

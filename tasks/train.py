@@ -32,6 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from diffusion.pipeline import DiffusionConfig
 from diffusion.training import OPTIM_BOUNDS, OptimConfig, check_optim_value
 from tasks.datasets import DataConfig, open_dataset, part_files
+from tasks.errors import (
+    CheckpointError,
+    LeaseBusy,
+    RunNotFound,
+    TrainConfigError,
+    TrainingBusy,
+    TrainingDiverged,
+)
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import call, exists, protocol_of, read_json, storage_options
 
@@ -44,16 +52,6 @@ LEASE_WAIT_S = 180.0
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class TrainConfigError(ValueError):
-    """The training config does not fit the dataset or is invalid; names the field."""
-
-
-class TrainingBusy(RuntimeError):
-    """Another process holds the training run's lease (the run is being trained)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
 class TrainConfig(BaseModel):
@@ -306,7 +304,7 @@ def _restore(checkpoint, run_dir: str, options: dict, echo) -> Any:
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    from tasks.checkpoints import STATE_FILE, CheckpointError, load_training_checkpoint
+    from tasks.checkpoints import STATE_FILE, load_training_checkpoint
     from tasks.storage import Location
 
     loc = Location.of(run_dir, options)
@@ -558,10 +556,6 @@ def _identity(model: Any, diffusion: DiffusionConfig, train: TrainConfig) -> dic
             "train": train.model_dump(mode="json")}
 
 
-class RunNotFound(LookupError):
-    """No finished training run matches the config; says which run was looked for."""
-
-
 def finished_run(data: DataConfig, model: Any, diffusion: DiffusionConfig, train: TrainConfig,
                  runtime: RuntimeConfig) -> dict:
     """The finished training run this config names (``train.run_name`` or the default name
@@ -648,7 +642,7 @@ def run_training(
         return TrainResult(run_name, done["checkpoint_uri"], done["metrics"], ref.to_dict(),
                            time.perf_counter() - t0, tracking.find_run(uri, run_name), uri,
                            reused=True)
-    from tasks.lease import Lease, LeaseBusy
+    from tasks.lease import Lease
 
     # one driver per run: a second one (an overlapping schedule, a manual run) would resume from
     # the same checkpoint and write the same checkpoint names. A holder that crashed on this

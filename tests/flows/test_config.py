@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.config import ConfigError, PipelineConfig, load_config
+from flows.config import PipelineConfig, load_config
+from tasks.errors import ConfigError
 
 
 def test_defaults_are_the_embedded_digits():
@@ -65,3 +66,44 @@ def test_bad_yaml_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "sets, suggestion, section",
+    [
+        (["train.stpes=3"], "did you mean 'train.steps'?", "train"),
+        (["data.sourec=x"], "did you mean 'data.source'?", "data"),
+        (["runtime.mlflow=x"], "did you mean 'runtime.mlflow_uri'?", "runtime"),
+        (["model.chanels=3"], "did you mean 'model.in_channels'?", "model"),  # a dataclass
+        (["data.steps=3"], "did you mean 'train.steps' or 'generate.steps'?", "data"),
+    ],
+)
+def test_an_unknown_key_gets_did_you_mean_and_the_keys_of_its_section_only(sets, suggestion,
+                                                                            section):
+    with pytest.raises(ConfigError) as e:
+        load_config(sets=sets)
+    msg = str(e.value)
+    assert f"unknown config key {sets[0].split('=')[0]!r}; {suggestion}" in msg
+    listed = msg.split("(valid keys: ", 1)[1]
+    assert listed.startswith(f"{section}: ") and listed.count(": ") == 1
+    keys = listed.removeprefix(f"{section}: ").removesuffix(")").split(", ")
+    assert keys == list(load_config().to_json_dict()[section])
+
+
+def test_an_unknown_key_without_a_close_match_lists_its_section():
+    with pytest.raises(ConfigError) as e:
+        load_config(sets=["data.zzz=1"])
+    assert "did you mean" not in str(e.value)
+    assert "unknown config key 'data.zzz' (valid keys: data: name, source," in str(e.value)
+
+
+def test_an_unknown_section_lists_the_sections(tmp_path):
+    sections = ", ".join(PipelineConfig.model_fields)
+    with pytest.raises(ConfigError) as e:
+        load_config(sets=["dat.name=x"])
+    assert str(e.value) == ("invalid config: unknown config key 'dat': not a section; did you "
+                            f"mean 'data'? (sections: {sections})")
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 100\n")  # a key at the top level: the section it belongs to
+    with pytest.raises(ConfigError, match=r"'steps': not a section; did you mean 'train.steps'"):
+        load_config(f)

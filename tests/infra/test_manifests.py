@@ -176,7 +176,8 @@ def test_deployment_parameters_reject_unknown_keys():
 def test_a_run_time_override_changes_one_key_and_keeps_the_deployment_config(name):
     """Prefect merges run-time parameters into a deployment's by top-level name (a dict
     update), so ``overrides`` is how one run changes one key without losing the rest."""
-    from flows.config import ConfigError, with_overrides
+    from flows.config import with_overrides
+    from tasks.errors import ConfigError
 
     dep = deployment(name)
     flow = load_flow(dep["entrypoint"])

@@ -11,11 +11,8 @@ from diffusion import NoiseSchedule, UNet, UNetConfig
 from diffusion.ema import EMA
 from diffusion.serialization import build_unet
 from diffusion.training import OptimConfig, make_lr_scheduler, make_optimizer, train_step
-from tasks.checkpoints import (
-    CheckpointError,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
+from tasks.checkpoints import load_training_checkpoint, save_training_checkpoint
+from tasks.errors import CheckpointError
 
 CFG = UNetConfig(resolution=8, in_channels=1, base_channels=8, channel_mult=(1,),
                  num_res_blocks=1, attention_resolutions=(), num_classes=3)

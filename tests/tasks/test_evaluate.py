@@ -15,7 +15,8 @@ from diffusion.serialization import WeightsIntegrityError, save_model
 from diffusion.training import OptimConfig, make_lr_scheduler, make_optimizer, train_step
 from flows.config import load_config
 from tasks.datasets import open_dataset
-from tasks.evaluate import EvalConfig, EvalError, evaluate, load_model_ref, nearest_rms, read_split
+from tasks.errors import EvalError
+from tasks.evaluate import EvalConfig, evaluate, load_model_ref, nearest_rms, read_split
 
 pytestmark = [pytest.mark.integration]
 

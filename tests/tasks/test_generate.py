@@ -14,9 +14,9 @@ from pydantic import ValidationError
 
 from diffusion import UNet, UNetConfig
 from diffusion.serialization import save_model
+from tasks.errors import GenerateError
 from tasks.generate import (
     GenerateConfig,
-    GenerateError,
     generate,
     labels_for,
     read_samples,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from registry_helpers import Occupancy, run_together
 
-from tasks.lease import Lease, LeaseBusy
+from tasks.errors import LeaseBusy
+from tasks.lease import Lease
 
 
 def test_one_holder_at_a_time_and_released_on_exit(tmp_path):

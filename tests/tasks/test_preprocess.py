@@ -19,14 +19,14 @@ from PIL import Image
 from tasks.datasets import (
     MANIFEST,
     DataConfig,
-    DatasetNotFound,
     list_versions,
     open_dataset,
     part_files,
     split_of,
 )
 from tasks.decode import decode_image
-from tasks.preprocess import PreprocessError, preprocess
+from tasks.errors import DatasetNotFound, PreprocessError
+from tasks.preprocess import preprocess
 from tasks.runtime import RuntimeConfig
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,10 @@ import pytest
 from imagefactory import make_folder
 
 from tasks.datasets import MANIFEST, DataConfig, open_dataset, part_files
+from tasks.errors import StorageError
 from tasks.preprocess import preprocess
 from tasks.runtime import RuntimeConfig
-from tasks.storage import Location, StorageError, commit_bytes, storage_options
+from tasks.storage import Location, commit_bytes, storage_options
 
 pytestmark = pytest.mark.integration
 

@@ -26,12 +26,11 @@ from registry_helpers import (
 
 from diffusion.serialization import WeightsIntegrityError, load_model
 from tasks import registry
+from tasks.errors import RegistryError, RegistryUnavailable
 from tasks.lease import Lease
 from tasks.pyfunc_model import decode_pixels, generate
 from tasks.registry import (
     RegistryConfig,
-    RegistryError,
-    RegistryUnavailable,
     load_version,
     promote,
     register_model,

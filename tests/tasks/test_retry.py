@@ -13,12 +13,19 @@ from flows.preprocess import preprocess_task
 from flows.registry import promote_task, register_task, rollback_task
 from flows.train import train_task
 from tasks import retry
-from tasks.evaluate import EvalError
-from tasks.preprocess import PreprocessError
-from tasks.registry import RegistryError, RegistryUnavailable
-from tasks.storage import StorageError, StorageUnavailable, explain
-from tasks.tracking import TrackingError, TrackingUnavailable
-from tasks.train import TrainConfigError, TrainingDiverged
+from tasks.errors import (
+    EvalError,
+    PreprocessError,
+    RegistryError,
+    RegistryUnavailable,
+    StorageError,
+    StorageUnavailable,
+    TrackingError,
+    TrackingUnavailable,
+    TrainConfigError,
+    TrainingDiverged,
+)
+from tasks.storage import explain
 
 
 @pytest.mark.parametrize("exc", [

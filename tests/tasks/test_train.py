@@ -15,8 +15,8 @@ import pytest
 from diffusion.serialization import build_unet
 from flows.config import load_config
 from tasks.checkpoints import verify
-from tasks.datasets import DatasetNotFound
-from tasks.train import TrainConfigError, TrainingDiverged, run_training
+from tasks.errors import DatasetNotFound, TrainConfigError, TrainingDiverged
+from tasks.train import run_training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -80,8 +80,8 @@ def test_a_run_being_trained_elsewhere_is_refused_naming_its_holder(digits_root,
     (A holder that died on this host is broken at once: the kill-and-rerun tests.)"""
     import tasks.train
     from tasks import tracking
+    from tasks.errors import TrainingBusy
     from tasks.lease import Lease
-    from tasks.train import TrainingBusy
 
     cfg = cfg_for(digits_root, "train.steps=8", "train.run_name=busy")
     monkeypatch.setattr(tasks.train, "LEASE_WAIT_S", 0.5)
@@ -134,7 +134,7 @@ def test_bad_config_fails_before_any_worker_starts(digits_root, sets, message):
 
 
 def test_negative_steps_is_a_config_error():
-    from flows.config import ConfigError
+    from tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"train\.steps"):
         load_config(sets=["train.steps=-1"])
