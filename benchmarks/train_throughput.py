@@ -571,8 +571,8 @@ def load_split_tensor(root: str, name: str, device: str):
     import torch
 
     from tasks.datasets import open_dataset, part_files
+    from tasks.pixels import to_arrays
     from tasks.runtime import RuntimeConfig
-    from tasks.train import to_arrays
 
     loc = RuntimeConfig(root=root).root_location()
     _, manifest = open_dataset(loc, name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -49,6 +49,10 @@ class DiffusionConfig:
     beta_end: float = 0.02
     prediction: Prediction = "eps"
     min_snr_gamma: float | None = None
+
+    # Read by pydantic (no import needed) when the pipeline config embeds this dataclass:
+    # unknown keys are an error there too, as in from_dict.
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
         if not 1 <= self.T <= MAX_T:

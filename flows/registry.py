@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.config import PipelineConfig
 from flows.evaluate import evaluate_task
 from tasks.errors import RegistryError
-from tasks.evaluate import fetch_model_dir, run_evaluation
+from tasks.evaluate import run_evaluation
+from tasks.models import fetch_model_dir
 from tasks.registry import (
     RegistryConfig,
     default_lock_dir,

@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.datasets import DataConfig, open_dataset, part_files
+from tasks.datasets import DataConfig, open_dataset
 from tasks.errors import EvalError
+from tasks.models import LoadedModel, load_model_ref
+from tasks.pixels import read_split
 from tasks.runtime import RuntimeConfig
 from tasks.storage import Location, atomic_write_bytes, call, exists, read_json
 
@@ -118,123 +120,6 @@ class EvalConfig(BaseModel):
             if f"{name}:{steps}" not in seen:
                 seen.append(f"{name}:{steps}")
         return seen
-
-
-# --------------------------------------------------------------------------------------------
-# Loading models and data
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # a UNet in eval mode
-    config: dict  # {"unet", "diffusion", "class_names", ...}
-    weights_sha256: str
-    source: str
-    defaults: dict | None = None  # the sampling defaults recorded at registration (models:/)
-    version: str | None = None  # the registry version (models:/)
-
-
-def _model_files(ref: str, runtime: RuntimeConfig) -> tuple[Location, bytes, bytes, dict]:
-    """The model directory at ``ref`` (a training checkpoint's ``model/`` or a saved model
-    directory, local or on object storage): its location, weights, config.json, and the
-    checkpoint's state.json when ``ref`` is a checkpoint (else {})."""
-    from diffusion.serialization import CONFIG_FILE, WEIGHTS_FILE
-    from tasks.storage import storage_options
-
-    loc = Location.of(ref, storage_options(ref, runtime))
-    checkpoint_state: dict = {}
-    if not exists(loc.child(CONFIG_FILE)) and exists(loc.child("model", CONFIG_FILE)):
-        if exists(loc.child("state.json")):  # a training checkpoint: which run, data, step
-            checkpoint_state = read_json(loc.child("state.json"))
-        loc = loc.child("model")
-    if not exists(loc.child(CONFIG_FILE)):
-        raise EvalError(f"{loc.describe()} is neither a model directory ({CONFIG_FILE} + "
-                        f"{WEIGHTS_FILE}) nor a training checkpoint (model/{CONFIG_FILE}); pass "
-                        "a checkpoint URI from `diffusion-pipeline train` or "
-                        "models:/<name>@<alias>")
-    weights = call(loc, loc.fs.cat_file, loc.child(WEIGHTS_FILE).path)
-    config_bytes = call(loc, loc.fs.cat_file, loc.child(CONFIG_FILE).path)
-    return loc, weights, config_bytes, checkpoint_state
-
-
-def load_model_ref(ref: str, runtime: RuntimeConfig) -> LoadedModel:
-    """A model from ``models:/...`` (the registry), a training checkpoint directory (which holds
-    ``model/``) or a saved model directory (``model.safetensors`` + ``config.json``), local or on
-    object storage. The weights are checked against their recorded digest before use."""
-    from diffusion.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model_bytes, sha256_hex
-    from diffusion.unet import UNet, UNetConfig
-
-    if ref.startswith("models:/"):
-        from tasks import registry, tracking
-
-        uri = tracking.tracking_uri(runtime, runtime.root_location())
-        model, config, defaults = registry.load_version(ref, uri)
-        info = registry.resolve(ref, uri)
-        tags = info["tags"]
-        if "dataset.name" in tags and "dataset.version" in tags:
-            config.setdefault("dataset", {"name": tags["dataset.name"],
-                                          "version": tags["dataset.version"]})
-        return LoadedModel(model, config, tags.get("weights_sha256", ""), ref, defaults,
-                           str(info["version"]))
-    loc, weights, config_bytes, checkpoint_state = _model_files(ref, runtime)
-    state, config = load_model_bytes(weights, config_bytes, name=loc.child(WEIGHTS_FILE).describe())
-    if "unet" not in config or "diffusion" not in config:
-        raise EvalError(f"{loc.child(CONFIG_FILE).describe()} has no 'unet'/'diffusion' section; "
-                        "it was not written by the training stage")
-    for key in ("dataset", "run_name", "step"):
-        if key in checkpoint_state:
-            config.setdefault(key, checkpoint_state[key])
-    model = UNet(UNetConfig.from_dict(config["unet"]))
-    model.load_state_dict(state, strict=True)
-    return LoadedModel(model.eval(), config, sha256_hex(weights), loc.describe())
-
-
-def fetch_model_dir(ref: str, runtime: RuntimeConfig, dst: str) -> str:
-    """Copy the model directory (``model.safetensors`` + ``config.json``) of a training
-    checkpoint or saved model at ``ref`` (local or object storage) into ``dst``, verified against
-    its recorded digest first; returns ``dst``."""
-    import os
-
-    from diffusion.serialization import CONFIG_FILE, WEIGHTS_FILE, load_model_bytes
-
-    loc, weights, config_bytes, _ = _model_files(ref, runtime)
-    load_model_bytes(weights, config_bytes, name=loc.child(WEIGHTS_FILE).describe())
-    os.makedirs(dst, exist_ok=True)
-    for name, data in ((WEIGHTS_FILE, weights), (CONFIG_FILE, config_bytes)):
-        with open(os.path.join(dst, name), "wb") as f:
-            f.write(data)
-    return dst
-
-
-def read_pixel_files(fs, paths: list[str], shape: list[int],
-                     limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of (label, pixels) Parquet files in order, up to ``limit``: (uint8 [N, C, H, W],
-    int64 labels, −1 = none). Dataset parts and generated shards share this layout."""
-    import pyarrow.parquet as pq
-
-    from tasks.train import to_arrays
-
-    xs, ys, n = [], [], 0
-    for path in paths:
-        if limit is not None and n >= limit:
-            break
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["label", "pixels"])
-        for batch in table.to_batches():
-            arrays = to_arrays(batch, shape)
-            xs.append(arrays["x"])
-            ys.append(arrays["label"])
-            n += len(arrays["x"])
-    if not xs:
-        return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64)
-    return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
-
-
-def read_split(root: Location, manifest: dict, split: str, limit: int) -> tuple[np.ndarray,
-                                                                                np.ndarray]:
-    """Up to ``limit`` rows of one split in manifest order (see :func:`read_pixel_files`)."""
-    return read_pixel_files(root.fs, part_files(root, manifest, split), manifest["shape"], limit)
 
 
 def _device(name: str):

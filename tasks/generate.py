@@ -36,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.errors import GenerateError
 from tasks.faults import maybe_die
+from tasks.models import load_model_ref
+from tasks.pixels import read_pixel_files
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import Location, atomic_write_bytes, commit_bytes, exists, read_json
 
@@ -139,8 +141,6 @@ def resolve_job(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: s
     if not ref:
         raise GenerateError("generate.model is not set; give models:/<name>@champion, "
                             "models:/<name>/<version> or a checkpoint URI")
-    from tasks.evaluate import load_model_ref
-
     loaded = load_model_ref(ref, runtime)
     model, config, defaults = loaded.model, loaded.config, loaded.defaults
     unet, T = config["unet"], config["diffusion"]["T"]
@@ -484,7 +484,6 @@ def generate(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: str 
 
 def read_samples(output: str, runtime: RuntimeConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """All samples of a complete job in index order: (uint8 [N, C, H, W], labels, manifest)."""
-    from tasks.evaluate import read_pixel_files
     from tasks.storage import storage_options
 
     out = Location.of(output, storage_options(output, runtime))
@@ -513,7 +512,6 @@ def write_grid(output: str, runtime: RuntimeConfig, *, per_class: int = 10) -> t
     """Draw ``grid.png`` beside a complete job's shards from its first shard (at most
     ``shard_size`` samples are read, whatever the job's size); returns its URI and the PNG.
     Derived from the committed samples: a rerun redraws it byte for byte the same."""
-    from tasks.evaluate import read_pixel_files
     from tasks.images import grid_png
     from tasks.storage import atomic_write_bytes, storage_options
 

@@ -40,6 +40,7 @@ from tasks.errors import (
     TrainingBusy,
     TrainingDiverged,
 )
+from tasks.pixels import to_arrays
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import call, exists, protocol_of, read_json, storage_options
 
@@ -178,19 +179,6 @@ def default_run_name(manifest: dict, job: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Data: the train split as uint8 arrays for iter_torch_batches
 # --------------------------------------------------------------------------------------------
-
-
-def to_arrays(batch, shape: list[int]) -> dict[str, np.ndarray]:
-    """A pyarrow batch of (label, pixels) → {"x": uint8 [B, C, H, W], "label": int64, -1 = none}."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    px = batch.column("pixels")
-    px = px.combine_chunks() if isinstance(px, pa.ChunkedArray) else px
-    n, width = len(px), px.type.byte_width
-    data = np.frombuffer(px.buffers()[1], np.uint8)[px.offset * width:(px.offset + n) * width]
-    labels = pc.fill_null(batch.column("label"), -1).to_numpy(zero_copy_only=False)
-    return {"x": data.reshape(n, *shape).copy(), "label": labels.astype(np.int64)}
 
 
 def _pyarrow_fs(root):

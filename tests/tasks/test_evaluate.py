@@ -16,7 +16,9 @@ from diffusion.training import OptimConfig, make_lr_scheduler, make_optimizer, t
 from flows.config import load_config
 from tasks.datasets import open_dataset
 from tasks.errors import EvalError
-from tasks.evaluate import EvalConfig, evaluate, load_model_ref, nearest_rms, read_split
+from tasks.evaluate import EvalConfig, evaluate, nearest_rms
+from tasks.models import load_model_ref
+from tasks.pixels import read_split
 
 pytestmark = [pytest.mark.integration]
 
