@@ -154,7 +154,7 @@ def test_pyfunc_predict_matches_local_sampling_whatever_the_batch(store, models)
 
     name = unique_name()
     reg(store, models[0], name, fd=10.0)
-    from tasks.registry import _fluent_tracking_uri
+    from tasks.registry.session import _fluent_tracking_uri
 
     with _fluent_tracking_uri(store["uri"]):
         pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
@@ -230,7 +230,7 @@ def test_damaged_weights_are_refused_before_any_tensor_is_parsed(store, models, 
     monkeypatch.setattr(safetensors.torch, "load", parsed)
     with pytest.raises(WeightsIntegrityError, match="SHA-256 mismatch"):
         load_version(f"models:/{name}/1", store["uri"])
-    from tasks.registry import _fluent_tracking_uri
+    from tasks.registry.session import _fluent_tracking_uri
 
     with _fluent_tracking_uri(store["uri"]), pytest.raises(Exception, match="SHA-256 mismatch"):
         mlflow.pyfunc.load_model(f"models:/{name}/1")  # what `mlflow models serve` runs

@@ -1,0 +1,75 @@
+"""The ``registry`` config section and the registry's names: aliases, tags, metric directions."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+WEIGHTS_TAG = "weights_sha256"
+EVAL_KEY_TAG = "eval.key"
+HISTORY_TAG = "champion.history"
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Metrics the gate may use and their direction (True: lower is better).
+LOWER_IS_BETTER: dict[str, bool] = {"fd": True, "nll_bpd": True, "memorization": True}
+
+
+def _known_metric(name: str) -> str:
+    if name not in LOWER_IS_BETTER:
+        raise ValueError(f"metric {name!r} is unknown; use one of {', '.join(LOWER_IS_BETTER)}")
+    return name
+
+
+class RegistryConfig(BaseModel):
+    """The ``registry`` section of the pipeline config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str | None = Field(
+        None, description="Registered model name (default: '<data.name>-diffusion').")
+    metric: str = Field("fd", description="Metric the promotion gate compares.")
+    margin: float = Field(
+        0.0, ge=0, lt=1, description="Relative improvement required, e.g. 0.02 = 2% better.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Absolute gates every candidate must pass (metric → bound); they alone "
+        "decide the first promotion.")
+    retries: int = Field(3, ge=0, le=10, description="MLflow HTTP retries per request.")
+    timeout_s: float = Field(10, gt=0, le=600, description="MLflow HTTP timeout per request.")
+    lock_stale_s: float = Field(
+        600, gt=0, description="A promotion lease not refreshed for this long is broken.")
+    lock_wait_s: float = Field(
+        120, gt=0, description="How long a promotion waits for another one to finish.")
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_NAME_RE.match(v):
+            raise ValueError(f"registry.model_name {v!r}: use letters, digits, '.', '_', '-'")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        return _known_metric(v)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        for k in v:
+            _known_metric(k)
+        return v
+
+
+def model_name_for(cfg: RegistryConfig, dataset_name: str) -> str:
+    return cfg.model_name or f"{dataset_name}-diffusion"
+
+
+def default_lock_dir(root_url: str) -> str:
+    """Where promotion leases live under a storage root; all promoters of a model must share it."""
+    return root_url.rstrip("/") + "/registry/locks"
+
+
+def _tag_value(x: float) -> str:
+    return repr(float(x))

@@ -1,0 +1,110 @@
+"""The promotion gate: does a challenger deserve to become ``champion``?
+
+It must pass ``registry.thresholds`` (the only gate for the first champion) and beat the current
+champion by ``registry.margin`` on ``registry.metric``, judged on the same evaluation set and
+seeds (``eval.key``). A challenger already rejected against the same champion under the same
+policy keeps its recorded verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+from tasks.errors import RegistryError
+from tasks.registry.config import EVAL_KEY_TAG, LOWER_IS_BETTER, RegistryConfig
+
+
+def _eval_value(mv, metric: str) -> float | None:
+    v = (mv.tags or {}).get(f"eval.{metric}")
+    return None if v is None else float(v)
+
+
+def _gate(mv, cfg: RegistryConfig) -> tuple[bool, str]:
+    """The absolute thresholds on a version's recorded evaluation."""
+    for metric, bound in sorted(cfg.thresholds.items()):
+        v = _eval_value(mv, metric)
+        lower = LOWER_IS_BETTER[metric]
+        if v is None:
+            return False, f"v{mv.version} has no eval.{metric} for the threshold {bound:g}"
+        if not math.isfinite(v) or (v > bound if lower else v < bound):
+            return False, (f"v{mv.version} {metric} {v:g} fails the threshold "
+                           f"{'<=' if lower else '>='} {bound:g}")
+    return True, "passes " + (", ".join(f"{m} {'<=' if LOWER_IS_BETTER[m] else '>='} {b:g}"
+                                       for m, b in sorted(cfg.thresholds.items()))
+                              or "(no thresholds set)")
+
+
+def improvement(challenger: float, champion: float, metric: str) -> float:
+    """Relative improvement of the challenger over the champion (positive: better)."""
+    diff = champion - challenger if LOWER_IS_BETTER[metric] else challenger - champion
+    return diff / max(abs(champion), 1e-12)
+
+
+def _policy(cfg: RegistryConfig) -> str:
+    """The gate's settings as recorded on a judged version (``promotion.policy``)."""
+    return json.dumps({"metric": cfg.metric, "margin": cfg.margin,
+                       "thresholds": cfg.thresholds}, sort_keys=True)
+
+
+def _judge(name: str, chall, chall_value: float, champ, cfg: RegistryConfig,
+           evaluate: Callable[[str], dict] | None) -> tuple[bool, str, dict]:
+    """``(promote?, reason, {"champion_value", "improvement"} when compared with a champion)``:
+    the thresholds first, then the margin over ``champ`` (None: the first champion)."""
+    metric = cfg.metric
+    compared: dict = {}
+    ok, reason = _gate(chall, cfg)
+    if not math.isfinite(chall_value):
+        ok, reason = False, f"v{chall.version} {metric} is {chall_value}, not a number to judge"
+    if ok and champ is not None:
+        champ_value = _champion_value(name, chall, champ, metric, evaluate)
+        gain = improvement(chall_value, champ_value, metric)
+        compared = {"champion_value": champ_value, "improvement": gain}
+        ok = math.isfinite(gain) and gain > 0 and gain >= cfg.margin
+        reason = (f"{metric} {chall_value:g} vs champion v{champ.version} {champ_value:g}: "
+                  f"{gain:+.2%} {'meets' if ok else 'misses'} the required "
+                  f"{max(cfg.margin, 0):.2%} improvement")
+    elif ok:
+        reason = f"first champion: {reason}"
+    return ok, reason, compared
+
+
+def _earlier_rejection(chall, champion: str | None, policy: str) -> dict | None:
+    """The recorded verdict when ``chall`` was already rejected against this same champion
+    under the same policy (metric, margin, thresholds): judging again would re-evaluate a
+    champion and rewrite the same tags for the same answer, on every unchanged scheduled run.
+    A new champion or a changed policy is judged afresh."""
+    tags = chall.tags or {}
+    if (tags.get("promotion.decision") != "rejected"
+            or tags.get("promotion.against") != (str(champion) if champion else "none")
+            or tags.get("promotion.policy") != policy):
+        return None
+    recorded = tags.get("promotion.champion_value", "none")
+    return {"reason": f"{tags.get('promotion.reason', 'rejected')} (decided at "
+                      f"{tags.get('promotion.at', '?')}; unchanged since)",
+            "champion_value": None if recorded == "none" else float(recorded),
+            "decided_at": tags.get("promotion.at"), "reused": True}
+
+
+def _champion_value(name: str, chall, champ, metric: str,
+                    evaluate: Callable[[str], dict] | None) -> float:
+    key = (chall.tags or {}).get(EVAL_KEY_TAG)
+    if (champ.tags or {}).get(EVAL_KEY_TAG) == key:
+        v = _eval_value(champ, metric)
+        if v is not None:
+            return v
+    if evaluate is None:
+        raise RegistryError(
+            f"{name} champion v{champ.version} was evaluated on another set or seeds (eval.key "
+            f"{(champ.tags or {}).get(EVAL_KEY_TAG)} vs {key}); pass evaluate= to re-evaluate it "
+            "on the challenger's set, or evaluate both the same way")
+    ev = evaluate(f"models:/{name}/{champ.version}")
+    if str(ev.get("eval_key")) != str(key):
+        raise RegistryError(f"re-evaluating {name} v{champ.version} gave eval_key "
+                            f"{ev.get('eval_key')}, not the challenger's {key}; the evaluate "
+                            "callable must use the challenger's set and seeds")
+    try:
+        return float(ev["metrics"][metric])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RegistryError(f"re-evaluating {name} v{champ.version} gave no {metric}") from e

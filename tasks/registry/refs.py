@@ -1,0 +1,136 @@
+"""Model references in the registry: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
+→ the version (:func:`resolve`), or the UNet with its weights checked against the registered
+digest before a single tensor is parsed (:func:`load_version`); the lookups of registered models,
+versions and aliases that the other registry modules share."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import RegistryError
+from tasks.registry.config import WEIGHTS_TAG, RegistryConfig
+from tasks.registry.session import _error_code, _mlflow
+
+_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" not in _error_code(e):
+            raise
+    names = sorted(m.name for m in client.search_registered_models(max_results=100))
+    raise RegistryError(
+        f"no registered model named {name!r}; registered: {', '.join(names) or 'none'} "
+        "(set registry.model_name, or register a model first)")
+
+
+def _aliases(rm) -> dict[str, str]:
+    """alias → version, as strings (the SQL store returns versions as ints, the REST API as
+    strings)."""
+    return {str(a): str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def _aliases_text(rm) -> str:
+    aliases = _aliases(rm)
+    return ", ".join(f"@{a} → v{v}" for a, v in sorted(aliases.items())) or "no aliases"
+
+
+def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" not in _error_code(e):
+            raise
+    versions = sorted(int(mv.version) for mv in
+                      client.search_model_versions(f"name = '{name}'", max_results=1000))
+    raise RegistryError(f"{name} has no version {version}; versions: "
+                        f"{', '.join(map(str, versions)) or 'none'}")
+
+
+def parse_ref(model_ref: str) -> tuple[str, str | None, str | None]:
+    """``(name, alias, version)`` of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    m = _REF.match(model_ref or "")
+    if not m:
+        raise RegistryError(f"{model_ref!r} is not a registry reference; use "
+                            "models:/<name>@<alias> or models:/<name>/<version>")
+    return m["name"], m["alias"], m["version"]
+
+
+def _resolve(client, model_ref: str) -> dict:
+    name, alias, version = parse_ref(model_ref)
+    rm = _registered_model(client, name)
+    if alias is not None:
+        version = _aliases(rm).get(alias)
+        if version is None:
+            raise RegistryError(f"{name} has no alias @{alias}; it has {_aliases_text(rm)}")
+    mv = _version(client, name, version)
+    return {"name": name, "version": str(mv.version), "source": mv.source,
+            "tags": dict(mv.tags or {}), "aliases": list(mv.aliases or [])}
+
+
+def resolve(model_ref: str, tracking_uri: str) -> dict:
+    """``{"name", "version", "source", "tags", "aliases"}`` of a registry reference."""
+    with _mlflow(tracking_uri, RegistryConfig(), f"resolve {model_ref}") as client:
+        return _resolve(client, model_ref)
+
+
+def load_version(
+    model_ref: str, tracking_uri: str, dst: str | None = None
+) -> tuple[Any, dict, dict]:
+    """``(UNet in eval mode, config, defaults)`` of a registered version.
+
+    Only the weights, config.json and serving.json are downloaded (into ``dst``, kept, or a
+    temporary directory). The weights are checked against the version's ``weights_sha256`` tag
+    before they are parsed: a tampered or truncated file raises
+    :class:`diffusion.serialization.WeightsIntegrityError` and no tensor is ever built from it.
+    """
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    from diffusion.serialization import unet_from_bytes
+
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(_mlflow(tracking_uri, RegistryConfig(), f"load {model_ref}"))
+        info = _resolve(client, model_ref)
+        expected = info["tags"].get(WEIGHTS_TAG)
+        if not expected:
+            raise RegistryError(
+                f"{model_ref} (v{info['version']}) has no {WEIGHTS_TAG} tag: it was not "
+                "registered by tasks.registry, so its weights cannot be checked")
+        base = client.get_model_version_download_uri(info["name"], info["version"]).rstrip("/")
+        out = Path(dst) if dst else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        out.mkdir(parents=True, exist_ok=True)
+
+        def fetch(rel: str) -> Path:  # keeps the model's layout under ``out``
+            return Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{base}/{rel}", dst_path=str(out / Path(rel).parent),
+                tracking_uri=tracking_uri))
+
+        flavor = Model.load(str(fetch("MLmodel"))).flavors.get("python_function", {})
+        arts = {k: v["path"] for k, v in (flavor.get("artifacts") or {}).items()}
+        if not {"weights", "config", "serving"} <= set(arts):
+            raise RegistryError(f"{model_ref} is not a diffusion-pipeline pyfunc (artifacts: "
+                                f"{sorted(arts)}); register it with tasks.registry")
+        paths = {k: fetch(arts[k]) for k in ("weights", "config", "serving")}
+        serving = json.loads(paths["serving"].read_text())
+        if serving.get("weights_sha256") != expected:
+            from diffusion.serialization import WeightsIntegrityError
+
+            raise WeightsIntegrityError(
+                f"{model_ref}: serving.json records weights {serving.get('weights_sha256')}, the "
+                f"registry {expected}; the version's artifacts were modified; re-register it")
+        model, config = unet_from_bytes(
+            paths["weights"].read_bytes(), paths["config"].read_bytes(), expected_sha256=expected,
+            name=f"{model_ref} ({arts['weights']})", require=("unet", "diffusion"))
+        return model, config, serving["defaults"]
