@@ -322,7 +322,7 @@ def test_no_name_escapes_the_dataset_dir(ray_local, tmp_path):
 
 
 def test_local_listing_matches_fsspec_and_survives_link_loops(tmp_path):
-    from tasks.preprocess import _find, _find_local
+    from tasks.preprocess.listing import _find, _find_local
     from tasks.storage import Location
 
     src = tmp_path / "src"
