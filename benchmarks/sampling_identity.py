@@ -29,8 +29,9 @@ import sys
 from dataclasses import replace
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def _checkpoint(root: str) -> str:
@@ -66,7 +67,7 @@ def record(root: str, out: str) -> dict:
     from tasks.generate import generate
 
     generate(cfg.generate, cfg.runtime, echo=quiet)
-    res["gen"] = {os.path.basename(p): _digest(open(p, "rb").read())
+    res["gen"] = {os.path.basename(p): _digest(p)
                   for p in sorted(glob.glob(f"{out}/gen/**/shard-*.parquet", recursive=True))}
 
     from tasks import pyfunc_model
@@ -81,7 +82,7 @@ def record(root: str, out: str) -> dict:
         "steps": [None, 4, 5, None, 10, None, 3, 4],
         "guidance_scale": [None, None, 1.0, 3.0, None, None, None, 2.0]})
     served = pyfunc_model.generate(loaded.model, loaded.config, defaults, table, batch_size=3)
-    res["served"] = [_digest(p.encode()) for p in served["pixels"]]
+    res["served"] = [hashlib.sha256(p.encode()).hexdigest()[:16] for p in served["pixels"]]
 
     from diffusion.ema import EMA
     from diffusion.pipeline import DiffusionConfig
@@ -90,7 +91,7 @@ def record(root: str, out: str) -> dict:
 
     class Tracker:
         def artifact(self, path: str, _dir: str) -> None:
-            res["grid"] = _digest(open(path, "rb").read())
+            res["grid"] = _digest(path)
 
     schedule = DiffusionConfig.from_dict(loaded.config["diffusion"]).build_schedule()
     torch.manual_seed(0)
@@ -103,9 +104,9 @@ def record(root: str, out: str) -> dict:
     demo = replace(DemoConfig(steps=6, batch_size=16, samples_per_class=2, nll_images=2),
                    sampler=SamplerConfig("ddim", steps=4))
     summary = run_demo(f"{out}/demo", demo, log=quiet)
-    res["demo"] = {"grid": _digest(open(f"{out}/demo/samples.png", "rb").read()),
+    res["demo"] = {"grid": _digest(f"{out}/demo/samples.png"),
                    "nll": summary["val_nll_bits_per_dim"],
-                   "weights": _digest(open(f"{out}/demo/model/model.safetensors", "rb").read())}
+                   "weights": _digest(f"{out}/demo/model/model.safetensors")}
     return res
 
 
