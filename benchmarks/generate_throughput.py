@@ -151,18 +151,18 @@ def random_model(root: Path, unet_cfg, name: str) -> tuple[str, dict]:
 
 
 class _TimedSampler:
-    """Stands in for ``tasks.generate.Sampler`` in the driver (``generate`` looks the name up
-    when it is called); in the actor it builds the real ``Sampler`` (there the module is the
-    unpatched one) and timestamps its construction and every call, with the process's CPU time
-    and torch's thread settings. Written to ``<tmp>/bench-generate-actors/<key>-<pid>.json``
-    after each call (a few hundred bytes; the actor may be ended without notice). Shipped to the
-    actor by value (it lives in ``__main__``), so it uses nothing from ``benchmarks/``."""
+    """Stands in for ``Sampler`` in ``tasks.generate.driver`` (``generate`` looks the name up
+    when it is called); in the actor it builds the real ``tasks.generate.worker.Sampler`` and
+    timestamps its construction and every call, with the process's CPU time and torch's thread
+    settings. Written to ``<tmp>/bench-generate-actors/<key>-<pid>.json`` after each call (a
+    few hundred bytes; the actor may be ended without notice). Shipped to the actor by value
+    (it lives in ``__main__``), so it uses nothing from ``benchmarks/``."""
 
     def __init__(self, **kwargs):
         t0, c0 = time.perf_counter(), time.process_time()
         import torch
 
-        import tasks.generate as tg
+        import tasks.generate.worker as tg
 
         self.inner = tg.Sampler(**kwargs)
         key = hashlib.sha256(kwargs["output"].encode()).hexdigest()[:16]
@@ -217,8 +217,9 @@ MARKS: dict[str, list[float]] = {}
 def instrumented():
     """Timestamps in the driver around three names ``generate`` looks up when it runs:
     ``ensure_ray`` (the end of the driver's set-up), ``maybe_die`` (called once per received
-    shard row) and ``Sampler`` (replaced by ``_TimedSampler``). Nothing else changes."""
-    import tasks.generate as tg
+    shard row) and ``Sampler`` (replaced by ``_TimedSampler``), in ``tasks.generate.driver``.
+    Nothing else changes."""
+    import tasks.generate.driver as tg
 
     real = tg.ensure_ray, tg.maybe_die, tg.Sampler
     MARKS.clear()
