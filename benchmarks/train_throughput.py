@@ -159,9 +159,9 @@ MARKS: dict[str, float] = {}
 def instrument() -> None:
     import ray.train.torch
 
-    import tasks.train as tt
+    import tasks.train.driver as drv
 
-    build = tt.build_dataset
+    build = drv.build_dataset
     fit = ray.train.torch.TorchTrainer.fit
 
     def timed_build(*a, **k):
@@ -178,7 +178,7 @@ def instrument() -> None:
         finally:
             MARKS["fit_end"] = time.perf_counter()
 
-    tt.build_dataset = timed_build
+    drv.build_dataset = timed_build  # the driver calls it by its own global name
     ray.train.torch.TorchTrainer.fit = timed_fit
 
 
@@ -197,7 +197,7 @@ def _timed_loop(cfg: dict) -> None:
     import torch
 
     import diffusion.training as dtr
-    import tasks.train as tt
+    import tasks.train.worker as tt
 
     rec: dict = {"loop_start": time.perf_counter(), "pid": os.getpid(), "code": tt.__file__,
                  "torch_threads": torch.get_num_threads(),
@@ -446,7 +446,7 @@ def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
 
 def stage_run(sets: list[str], root: str, run_name: str, tap: Tap) -> dict:
     """One ``run_training`` with a fresh run name, its loop timed from inside the worker."""
-    import tasks.train as tt
+    import tasks.train.driver as tt
 
     cfg = load_config(sets=[*sets, f"train.run_name={run_name}"], root=root)
     t, batch = cfg.train, cfg.train.batch_size

@@ -78,13 +78,13 @@ def test_a_run_being_trained_elsewhere_is_refused_naming_its_holder(digits_root,
     """One driver per training run: the run's lease is held by a live process (here, this
     one's lease object), so a second driver waits LEASE_WAIT_S and fails before Ray or MLflow.
     (A holder that died on this host is broken at once: the kill-and-rerun tests.)"""
-    import tasks.train
+    import tasks.train.driver
     from tasks import tracking
     from tasks.errors import TrainingBusy
     from tasks.lease import Lease
 
     cfg = cfg_for(digits_root, "train.steps=8", "train.run_name=busy")
-    monkeypatch.setattr(tasks.train, "LEASE_WAIT_S", 0.5)
+    monkeypatch.setattr(tasks.train.driver, "LEASE_WAIT_S", 0.5)
     run_dir = digits_root / "runs" / "busy"
     with (Lease(str(run_dir), "_training", stale_s=120, wait_s=1),
           pytest.raises(TrainingBusy, match=r"training run busy is being trained by another "

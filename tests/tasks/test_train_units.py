@@ -73,3 +73,16 @@ def test_default_run_name_ignores_how_the_run_is_executed():
         assert default_run_name(manifest, job | {"train": job["train"] | {key: 3}}) == name
     assert default_run_name(manifest, job | {"train": job["train"] | {"lr": 2e-3}}) != name
     assert default_run_name(manifest, job | {"model": {"base_channels": 16}}) != name
+
+
+def test_a_worker_imports_the_loop_without_the_driver():
+    """TorchTrainer ships train_loop_per_worker by reference, so every worker imports its module:
+    that loads neither the driver nor Prefect, MLflow or the lease (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.train.worker; print(sorted(m for m in sys.modules if m in "
+            "('tasks.train.driver', 'tasks.lease', 'tasks.runtime', 'prefect', 'mlflow')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -1,0 +1,236 @@
+"""The driver: :func:`run_training` validates the config, takes the run's lease and runs Ray
+Train's TorchTrainer; the result is a :class:`TrainResult`.
+
+The run lives at ``<root>/runs/<run_name>/`` (Ray Train's storage path and name): starting the
+same run name again resumes from its latest checkpoint (Ray Train V2 restores the run snapshot),
+and worker failures are retried from the last checkpoint (``FailureConfig``). A run that
+diverged raises :class:`TrainingDiverged` naming the step, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from diffusion.pipeline import DiffusionConfig
+from tasks.datasets import DataConfig, DatasetRef, open_dataset
+from tasks.errors import LeaseBusy, TrainingBusy, TrainingDiverged
+from tasks.runtime import RuntimeConfig, ensure_ray
+from tasks.storage import Location, call, exists, protocol_of, read_json, storage_options
+from tasks.train.config import TrainConfig, default_run_name, run_identity, validate
+from tasks.train.data import build_dataset, pyarrow_fs
+from tasks.train.runs import STATUS_FILE, find_finished
+from tasks.train.worker import train_loop_per_worker
+
+# The training run's lease (tasks.lease), held by the driver for the whole job: refreshed every
+# LEASE_STALE_S / 4 s; a second driver waits up to LEASE_WAIT_S (past the stale age, so a run
+# restarted after a crash elsewhere takes over), then fails naming the holder.
+LEASE_STALE_S = 120.0
+LEASE_WAIT_S = 180.0
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    checkpoint_uri: str | None
+    metrics: dict
+    dataset: dict
+    seconds: float
+    mlflow_run_id: str | None = None
+    mlflow_uri: str | None = None
+    reused: bool = False  # the run had already finished: nothing was trained
+
+    def summary(self) -> dict:
+        return {"run_name": self.run_name, "checkpoint_uri": self.checkpoint_uri,
+                "metrics": self.metrics, "dataset": self.dataset,
+                "seconds": round(self.seconds, 1), "mlflow_run_id": self.mlflow_run_id,
+                "mlflow_uri": self.mlflow_uri, "reused": self.reused}
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """One training run as :func:`run_training` resolved it, for :func:`_fit`."""
+
+    job: dict  # the workers' train_loop_config (JSON): the run's identity, paths, fault hook
+    run_name: str
+    ref: DatasetRef
+    manifest: dict
+    root: Location
+    runs: Location  # <root>/runs
+    uri: str  # the MLflow tracking URI
+    train: TrainConfig
+    runtime: RuntimeConfig
+    pipeline: dict | None
+    echo: Callable[[str], Any]
+    t0: float  # when run_training started (perf_counter)
+
+    def reused(self, done: dict) -> TrainResult:
+        """The result for a run found already finished (``done``: :func:`find_finished`'s)."""
+        from tasks import tracking
+
+        return TrainResult(self.run_name, done["checkpoint_uri"], done["metrics"],
+                           self.ref.to_dict(), time.perf_counter() - self.t0,
+                           tracking.find_run(self.uri, self.run_name), self.uri, reused=True)
+
+
+def run_training(
+    data: DataConfig,
+    model: Any,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    runtime: RuntimeConfig,
+    *,
+    pipeline: dict | None = None,
+    echo=print,
+    fault: str | None = None,
+) -> TrainResult:
+    """Train on the latest (or ``data.version``) committed version of ``data.name``."""
+    fit = _resolve(data, model, diffusion, train, runtime, pipeline, echo, fault)
+    done = find_finished(fit.root, fit.run_name, train.steps)
+    if isinstance(done, dict):  # an unchanged rerun: no Ray, no new MLflow run
+        echo(f"run {fit.run_name} already finished at step {done['metrics']['step']}; nothing "
+             f"to train (checkpoint {done['checkpoint_uri']})")
+        return fit.reused(done)
+    from tasks.lease import Lease
+
+    # one driver per run: a second one (an overlapping schedule, a manual run) would resume from
+    # the same checkpoint and write the same checkpoint names. A holder that crashed on this
+    # host is recognised at once; elsewhere its lease goes stale after LEASE_STALE_S.
+    try:
+        with Lease(fit.runs.child(fit.run_name).url, "_training", stale_s=LEASE_STALE_S,
+                   wait_s=LEASE_WAIT_S, options=fit.job["storage_options"]):
+            done = find_finished(fit.root, fit.run_name, train.steps)
+            if isinstance(done, dict):  # it finished while this process waited for the lease
+                echo(f"run {fit.run_name} was finished meanwhile at step "
+                     f"{done['metrics']['step']}")
+                return fit.reused(done)
+            return _fit(fit)
+    except LeaseBusy as e:  # only taking the lease raises it
+        raise TrainingBusy(f"training run {fit.run_name} is being trained by another process: "
+                           f"{e}") from None
+
+
+def _resolve(data: DataConfig, model: Any, diffusion: DiffusionConfig, train: TrainConfig,
+             runtime: RuntimeConfig, pipeline: dict | None, echo, fault: str | None) -> FitJob:
+    """Open the dataset, validate the config against it, name the run and write its job."""
+    t0 = time.perf_counter()
+    root = runtime.root_location()
+    ref, manifest = open_dataset(root, data.name, data.version)
+    validate(model, train, manifest, diffusion)
+    job = run_identity(model, diffusion, train)
+    run_name = train.run_name or default_run_name(manifest, job)
+    job |= {
+        "run_name": run_name,
+        "class_names": manifest["class_names"],
+        "dataset": ref.to_dict(),
+        "pipeline": pipeline or {},
+        "fault": fault,
+    }
+    runs = root.child("runs")
+    job["run_dir"] = runs.child(run_name).url
+    job["storage_options"] = storage_options(runs.url, runtime)
+    job["fault_dir"] = runs.child(run_name).path if root.is_local else None
+    echo(f"dataset {ref.name}@{ref.version}: {manifest['splits']['train']['rows']} train rows; "
+         f"run {run_name} → {runs.describe()}/{run_name}")
+
+    from tasks import tracking
+
+    return FitJob(job, run_name, ref, manifest, root, runs, tracking.tracking_uri(runtime, root),
+                  train, runtime, pipeline, echo, t0)
+
+
+def _fit(fit: FitJob) -> TrainResult:
+    """The Ray Train job of :func:`run_training`, under the run's lease."""
+    from tasks import tracking
+
+    run_id = _start_mlflow_run(fit)
+    job = fit.job | {"mlflow_uri": fit.uri, "mlflow_run_id": run_id}
+    fit.echo(f"MLflow run {run_id} at {fit.uri}")
+
+    ensure_ray(fit.runtime, echo=fit.echo)
+    from ray.data.dataset import MaterializedDataset
+
+    ds = build_dataset(fit.root, fit.manifest)
+    job["in_memory"] = isinstance(ds, MaterializedDataset)
+    trainer = _trainer(fit, job, ds)
+    status_loc = fit.runs.child(fit.run_name).child(STATUS_FILE)
+    if exists(status_loc):
+        call(status_loc, status_loc.fs.rm, status_loc.path)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.finish_run(fit.uri, run_id, "FAILED")
+        raise
+    metrics = read_json(status_loc) if exists(status_loc) else dict(result.metrics or {})
+    tracking.finish_run(fit.uri, run_id, "FINISHED" if metrics.get("status") == "finished"
+                        else "FAILED")
+    ckpt_uri = None
+    if result.checkpoint is not None:
+        p = result.checkpoint.path
+        ckpt_uri = p if fit.root.is_local else f"{protocol_of(fit.runs.url)}://{p}"
+    _check_outcome(fit.run_name, metrics, ckpt_uri)
+    fit.echo(f"run {fit.run_name} finished at step {metrics['step']}; checkpoint {ckpt_uri}")
+    return TrainResult(fit.run_name, ckpt_uri, metrics, fit.ref.to_dict(),
+                       time.perf_counter() - fit.t0, run_id, fit.uri)
+
+
+def _start_mlflow_run(fit: FitJob) -> str:
+    """The run's MLflow run (created, or found for a resumed run name) with the config as
+    params, lineage tags and the dataset manifest."""
+    from tasks import tracking
+
+    job, ref = fit.job, fit.ref
+    run_id = tracking.ensure_run(
+        fit.uri, fit.root, fit.run_name,
+        params=tracking.flatten({k: v for k, v in (fit.pipeline or job).items()
+                                 if k in ("data", "model", "diffusion", "train")}),
+        tags={"dataset.name": ref.name, "dataset.version": ref.version,
+              "dataset.manifest": ref.manifest_uri,
+              "config.sha256": hashlib.sha256(json.dumps(job["train"] | job["model"],
+                                              sort_keys=True).encode()).hexdigest()})
+    tracking.log_json(fit.uri, run_id, fit.manifest, "dataset/_manifest.json")
+    return run_id
+
+
+def _trainer(fit: FitJob, job: dict, ds):
+    """The TorchTrainer: ``train.num_workers`` workers running :func:`train_loop_per_worker`
+    on ``job`` over the train split ``ds``, storing the run under ``<root>/runs/<run_name>``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    train = fit.train
+    resources = {"CPU": train.cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu,
+            resources_per_worker=resources, placement_strategy=train.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=fit.run_name,
+            storage_path=fit.runs.path,  # a path within storage_filesystem (no scheme)
+            storage_filesystem=pyarrow_fs(fit.root),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+        datasets={"train": ds},
+    )
+
+
+def _check_outcome(run_name: str, metrics: dict, ckpt_uri: str | None) -> None:
+    """Raise unless the run finished: :class:`TrainingDiverged` naming the step and the last
+    good checkpoint, or RuntimeError for any other ending."""
+    if metrics.get("status") == "diverged":
+        raise TrainingDiverged(
+            f"training run {run_name} diverged at step {metrics['step']} ({metrics['error']}); "
+            f"the last good checkpoint is step {metrics['last_good_step']}"
+            + (f" at {ckpt_uri}" if ckpt_uri else " (none was written)")
+            + "; lower train.lr or check the data")
+    if metrics.get("status") != "finished":
+        raise RuntimeError(f"training run {run_name} ended without finishing: {metrics}")
