@@ -87,7 +87,7 @@ def record(root: str, out: str) -> dict:
     from diffusion.ema import EMA
     from diffusion.pipeline import DiffusionConfig
     from diffusion.unet import UNetConfig
-    from tasks.train.worker import _log_grid
+    from tasks.train.grid import log_sample_grid
 
     class Tracker:
         def artifact(self, path: str, _dir: str) -> None:
@@ -95,7 +95,7 @@ def record(root: str, out: str) -> dict:
 
     schedule = DiffusionConfig.from_dict(loaded.config["diffusion"]).build_schedule()
     torch.manual_seed(0)
-    _log_grid(loaded.model, EMA(loaded.model, decay=0.9),
+    log_sample_grid(loaded.model, EMA(loaded.model, decay=0.9),
               UNetConfig.from_dict(loaded.config["unet"]), schedule, "eps", 7, Tracker())
 
     from diffusion import SamplerConfig

@@ -67,6 +67,46 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
     torch.manual_seed(config.seed)
     model = UNet(config.unet)
     schedule = config.diffusion.build_schedule()
+    trained = _train(model, schedule, train_x, train_y, config, log)
+
+    model.eval()
+    denoiser = Denoiser(model, schedule, config.diffusion.prediction)
+    nll_x = val_x[: config.nll_images]
+    nll = nll_bits_per_dim(denoiser, nll_x, generator=torch.Generator().manual_seed(1))
+    bpd, bpd_se = nll.mean_and_stderr()
+    log(f"val NLL: {bpd:.3f} ± {bpd_se:.3f} bits/dim ({len(nll_x)} images, T=1000 bound)")
+
+    t1 = time.perf_counter()
+    images = _sample(model, schedule, config)
+    sample_seconds = time.perf_counter() - t1
+    grid_path = save_grid_png(images, out / "samples.png", nrow=config.samples_per_class, scale=6)
+    model_dir = save_model(out / "model", model.state_dict(), {
+        "unet": config.unet.to_dict(),
+        "diffusion": config.diffusion.to_dict(),
+        "class_names": CLASS_NAMES,
+    })
+    summary = trained | {
+        "val_nll_bits_per_dim": round(bpd, 4),
+        "val_nll_stderr": round(bpd_se, 4),
+        "sampler": asdict(config.sampler),
+        "guidance_scale": config.guidance_scale,
+        "sample_seconds": round(sample_seconds, 2),
+        "grid": str(grid_path),
+        "model": str(model_dir),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(
+        f"samples: {len(images)} with {config.sampler.name} ({config.sampler.steps} steps, "
+        f"guidance {config.guidance_scale}) in {sample_seconds:.1f}s — one row per class 0..9"
+    )
+    log(f"wrote {grid_path}")
+    log(f"wrote {model_dir}/ (model.safetensors + config.json)")
+    return summary
+
+
+def _train(model: UNet, schedule, train_x, train_y, config: DemoConfig, log) -> dict:
+    """``config.steps`` optimiser steps on random batches (nanoGPT style), then the EMA weights
+    are copied into ``model``. Returns the training part of the summary."""
     optim = replace(
         config.optim,
         steps=config.steps,
@@ -81,23 +121,12 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
         f"model: UNet {model.num_parameters() / 1e6:.2f}M parameters; {config.steps} steps "
         f"of batch {config.batch_size}"
     )
-
     t0, seen, last = time.perf_counter(), 0, 0.0
     every = max(1, config.steps // 10)
     for step in range(config.steps):
         idx = torch.randint(0, len(train_x), (config.batch_size,), generator=g)
-        stats = train_step(
-            model,
-            opt,
-            lr_sched,
-            train_x[idx],
-            train_y[idx],
-            schedule,
-            optim,
-            ema=ema,
-            null_class=config.unet.num_classes,
-            generator=g,
-        )
+        stats = train_step(model, opt, lr_sched, train_x[idx], train_y[idx], schedule, optim,
+                           ema=ema, null_class=config.unet.num_classes, generator=g)
         seen += config.batch_size
         last = stats["loss"]
         if (step + 1) % every == 0 or step + 1 == config.steps:
@@ -106,20 +135,22 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
                 f"  step {step + 1:>5}/{config.steps}  loss {last:.4f}  "
                 f"{seen / elapsed:,.0f} img/s  {elapsed:,.0f}s"
             )
-    train_seconds = time.perf_counter() - t0
-
+    seconds = time.perf_counter() - t0
     ema.copy_to(model)
-    model.eval()
-    denoiser = Denoiser(model, schedule, config.diffusion.prediction)
-    nll_x = val_x[: config.nll_images]
-    nll = nll_bits_per_dim(denoiser, nll_x, generator=torch.Generator().manual_seed(1))
-    bpd, bpd_se = nll.mean_and_stderr()
-    log(f"val NLL: {bpd:.3f} ± {bpd_se:.3f} bits/dim ({len(nll_x)} images, T=1000 bound)")
+    return {
+        "train_steps": config.steps,
+        "train_seconds": round(seconds, 1),
+        "train_images_per_second": round(seen / seconds, 1),
+        "final_loss": round(last, 4),
+    }
 
+
+def _sample(model: UNet, schedule, config: DemoConfig):
+    """``samples_per_class`` guided samples of every class through the sampling pipeline:
+    uint8 [N, C, H, W], one class after another."""
     n_classes = config.unet.num_classes
     labels = torch.arange(n_classes).repeat_interleave(config.samples_per_class)
-    t1 = time.perf_counter()
-    images = sample_images(
+    return sample_images(
         model,
         schedule,
         (config.unet.in_channels, config.unet.resolution, config.unet.resolution),
@@ -130,35 +161,3 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
         guidance_scale=config.guidance_scale,
         null_label=n_classes,
     ).numpy()
-    sample_seconds = time.perf_counter() - t1
-    grid_path = save_grid_png(images, out / "samples.png", nrow=config.samples_per_class, scale=6)
-    model_dir = save_model(
-        out / "model",
-        model.state_dict(),
-        {
-            "unet": config.unet.to_dict(),
-            "diffusion": config.diffusion.to_dict(),
-            "class_names": CLASS_NAMES,
-        },
-    )
-    summary = {
-        "train_steps": config.steps,
-        "train_seconds": round(train_seconds, 1),
-        "train_images_per_second": round(seen / train_seconds, 1),
-        "final_loss": round(last, 4),
-        "val_nll_bits_per_dim": round(bpd, 4),
-        "val_nll_stderr": round(bpd_se, 4),
-        "sampler": asdict(config.sampler),
-        "guidance_scale": config.guidance_scale,
-        "sample_seconds": round(sample_seconds, 2),
-        "grid": str(grid_path),
-        "model": str(model_dir),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(
-        f"samples: {len(labels)} with {config.sampler.name} ({config.sampler.steps} steps, "
-        f"guidance {config.guidance_scale}) in {sample_seconds:.1f}s — one row per class 0..9"
-    )
-    log(f"wrote {grid_path}")
-    log(f"wrote {model_dir}/ (model.safetensors + config.json)")
-    return summary
