@@ -1,0 +1,73 @@
+"""The ``evaluate`` section of the pipeline config: what is measured, on how many samples and
+seeds, with which sampler settings (the frontier), and where it runs (this process or a Ray
+task)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def parse_setting(text: str) -> tuple[str, int]:
+    """One ``evaluate.frontier`` entry, ``sampler:steps`` (e.g. ``ddim:10``) → (sampler, steps),
+    checked against :class:`diffusion.samplers.SamplerConfig`."""
+    from diffusion.samplers import SamplerConfig
+
+    name, sep, steps = text.partition(":")
+    if not sep or not steps.strip().isdigit():
+        raise ValueError(f"evaluate.frontier entry {text!r} must be sampler:steps, e.g. ddim:10")
+    try:
+        SamplerConfig(name.strip(), steps=int(steps))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"evaluate.frontier entry {text!r}: {e}") from None
+    return name.strip(), int(steps)
+
+
+class EvalConfig(BaseModel):
+    """The ``evaluate`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_samples: int = Field(500, ge=2, description="Generated images per sampler setting.")
+    seed: int = Field(2024, description="Sample i uses noise stream (seed, i).")
+    guidance_scale: float = Field(1.5, ge=0, description="Classifier-free guidance "
+                                  "(conditional models; 1 = none).")
+    frontier: list[str] = Field(
+        default_factory=lambda: ["ddim:10", "dpmpp_2m:10", "dpmpp_2m:20"],
+        min_length=1, description="Sampler settings as sampler:steps (each costs num_samples × "
+        "NFE network calls; add e.g. ddim:50 to see where quality saturates).")
+    tolerance: float = Field(0.1, ge=0, description="Default sampler: the cheapest within "
+                             "(1 + tolerance) × the best distance.")
+    nll_images: int = Field(16, ge=0, description="Val images for bits/dim (0: skip; T network "
+                            "calls per image).")
+    memorization_threshold: float = Field(0.05, gt=0, description="RMS pixel distance in [0, 1] "
+                                          "below which a sample copies a training image.")
+    inception_weights: str | None = Field(
+        None, description="FID Inception-v3 weights (local .safetensors): FID instead of the "
+        "reference network's distance.")
+    reference_steps: int = Field(600, ge=1, description="Training steps of the reference net.")
+    max_real_images: int = Field(10_000, ge=2, description="Cap on real images per split used.")
+    batch_size: int = Field(250, ge=1, description="Images per sampling batch.")
+    device: str = Field("auto", description="auto (CUDA when available), cpu or cuda[:N].")
+    on_ray: bool = Field(
+        False, description="Run the evaluation as one Ray task (on a GPU node with "
+        "ray_gpus: 1) instead of in the calling process, the flow run. A stored result is "
+        "still found without Ray.")
+    ray_gpus: float = Field(0, ge=0, description="GPUs the Ray evaluation task asks for.")
+    ray_cpus: float = Field(1, gt=0, description="CPUs the Ray evaluation task asks for.")
+
+    @model_validator(mode="after")
+    def _placement(self) -> EvalConfig:
+        if self.ray_gpus and not self.on_ray:
+            raise ValueError("evaluate.ray_gpus applies to an evaluation on Ray: set "
+                             "evaluate.on_ray: true as well (or ray_gpus: 0)")
+        return self
+
+    @field_validator("frontier")
+    @classmethod
+    def _frontier(cls, v: list[str]) -> list[str]:
+        seen = []
+        for item in v:
+            name, steps = parse_setting(item)
+            if f"{name}:{steps}" not in seen:
+                seen.append(f"{name}:{steps}")
+        return seen

@@ -1,0 +1,80 @@
+"""An evaluation's result: what makes two comparable, where it is stored, how it reads.
+
+Sample i depends only on (``evaluate.seed``, i) and the sampler setting, and the real images are
+a fixed split, so two models evaluated with the same settings are judged on the same evaluation
+set and seeds. That identity is the ``eval_key``; the promotion gate compares two models only
+under the same key. Results are cached at ``ROOT/evaluations/<weights sha[:16]>/<eval_key>.json``:
+re-evaluating an unchanged model is a read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from tasks.evaluate.config import EvalConfig
+from tasks.evaluate.reference import Features
+from tasks.storage import Location
+
+FORMAT = "diffusion-pipeline/evaluation"
+EVALUATIONS_DIR = "evaluations"
+
+
+def eval_key(manifest: dict, cfg: EvalConfig, features: Features, n_val: int) -> str:
+    """What makes two evaluations comparable: the evaluation set, seeds, sample counts, sampler
+    settings and the feature network."""
+    payload = {
+        "dataset": [manifest["name"], manifest["version"]], "n_val": n_val,
+        "features": [features.kind, features.sha256],
+        **cfg.model_dump(include={"num_samples", "seed", "guidance_scale", "frontier",
+                                  "tolerance", "nll_images", "memorization_threshold",
+                                  "max_real_images"}),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_location(root: Location, weights_sha256: str, key: str) -> Location:
+    """Where the evaluation ``key`` of the model with these weights is stored."""
+    return root.child(EVALUATIONS_DIR, weights_sha256[:16], f"{key}.json")
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def summary(result: dict, stored_at: str) -> str:
+    """The evaluation in one line: the headline distance, its floor and the best, memorization."""
+    m, d = result["metrics"], result["default_sampler"]
+    return (f"FD {m['fd']:.3f} at {d['name']}:{d['steps']} (floor {_num(m['fd_floor'])}, best "
+            f"{m['fd_best']:.3f}); memorization {m['memorization']:.1%} (floor "
+            f"{m['memorization_floor']:.1%}); stored {stored_at}")
+
+
+def table(result: dict) -> str:
+    """The evaluation as a markdown table (CLI output, Prefect artifact, MLflow artifact)."""
+    m = result["metrics"]
+    kind = "FID" if result["features"]["kind"] == "fid" else "FD (reference net)"
+    lines = [
+        f"Evaluation {result['eval_key']} on {result['dataset']['name']}@"
+        f"{result['dataset']['version']} ({result['dataset']['val_images']} val images)",
+        "",
+        "| metric | value | floor |",
+        "|---|---:|---:|",
+        f"| {kind} at default sampler ({result['config']['num_samples']} samples) | "
+        f"{m['fd']:.3f} | {_num(m['fd_floor'])} ({result['dataset'].get('floor_images', '?')} "
+        "held-out real) |",
+    ]
+    if "nll_bpd" in m:
+        lines.append(f"| NLL bits/dim | {m['nll_bpd']:.3f} ± {m['nll_bpd_se']:.3f} | |")
+    lines += [
+        f"| memorization | {m['memorization']:.1%} | {m['memorization_floor']:.1%} |",
+        "",
+        "| sampler | steps | NFE | distance | images/s | |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    d = result["default_sampler"]
+    for f in result["frontier"]:
+        mark = "default" if (f["sampler"], f["steps"]) == (d["name"], d["steps"]) else ""
+        lines.append(f"| {f['sampler']} | {f['steps']} | {f['nfe']} | {f['fd']:.3f} | "
+                     f"{f['images_per_s']:.1f} | {mark} |")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""One evaluation in this process: load and check the model and the dataset, find the feature
+network and a stored result, else sample every frontier setting, measure the floor,
+memorization and NLL, and store the result. This is what the on-Ray evaluation task runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tasks.datasets import DataConfig, DatasetRef, open_dataset
+from tasks.errors import EvalError
+from tasks.evaluate.config import EvalConfig, parse_setting
+from tasks.evaluate.metrics import copy_share, default_setting, floor_images, sample_labels
+from tasks.evaluate.reference import Features, fid_features, reference_features
+from tasks.evaluate.result import FORMAT, eval_key, result_location, summary
+from tasks.models import LoadedModel, load_model_ref
+from tasks.pixels import read_split
+from tasks.runtime import RuntimeConfig
+from tasks.storage import Location, atomic_write_bytes, exists, read_json
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"evaluate.device={name} but CUDA is not available; use auto or cpu")
+    return dev
+
+
+@dataclass
+class _Inputs:
+    """What one evaluation reads first: the model, its dataset version and the val split."""
+
+    root: Location
+    loaded: LoadedModel
+    ref: DatasetRef
+    manifest: dict
+    device: Any
+    val_x: np.ndarray
+    val_y: np.ndarray
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.loaded.config["unet"].get("num_classes")
+
+
+def _open_inputs(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: RuntimeConfig,
+                 dataset_version: str | None) -> _Inputs:
+    """Load the model and open the dataset version it is evaluated on; refuse a model whose
+    images are not the dataset's shape, or a val split too small for a Fréchet distance."""
+    root = runtime.root_location()
+    loaded = load_model_ref(model_ref, runtime)
+    trained_on = (loaded.config.get("dataset") or {})
+    version = dataset_version or data.version or (
+        trained_on.get("version") if trained_on.get("name") == data.name else None)
+    ref, manifest = open_dataset(root, data.name, version)
+    unet = loaded.config["unet"]
+    if [unet["in_channels"], unet["resolution"], unet["resolution"]] != list(manifest["shape"]):
+        raise EvalError(f"model {loaded.source} makes {unet['in_channels']}x{unet['resolution']}"
+                        f"x{unet['resolution']} images but dataset {ref.name}@{ref.version} holds "
+                        f"{'x'.join(map(str, manifest['shape']))}; evaluate it on the dataset it "
+                        "was trained on (data.name / data.version)")
+    device = _device(cfg.device)
+    val_x, val_y = read_split(root, manifest, "val", cfg.max_real_images)
+    if len(val_x) < 2:
+        raise EvalError(f"dataset {ref.name}@{ref.version} has {len(val_x)} val images; the "
+                        "Fréchet distance needs at least 2 (raise data.val_fraction)")
+    return _Inputs(root, loaded, ref, manifest, device, val_x, val_y)
+
+
+def _feature_net(inputs: _Inputs, cfg: EvalConfig, echo, stored_only: bool) -> Features | None:
+    """The FID Inception (``evaluate.inception_weights``) or the dataset's reference network;
+    None where ``stored_only`` finds neither here."""
+    if stored_only and cfg.inception_weights and not os.path.isfile(cfg.inception_weights):
+        return None  # the weights live where the evaluation runs (a Ray node), not here
+    if cfg.inception_weights:
+        return fid_features(cfg.inception_weights, inputs.device, echo)
+    return reference_features(inputs.root, inputs.manifest, cfg, inputs.device, echo,
+                              stored_only=stored_only)
+
+
+def generate(loaded: LoadedModel, n: int, name: str, steps: int, cfg: EvalConfig, labels,
+             device) -> tuple[np.ndarray, float]:
+    """n uint8 samples with one sampler setting, in batches; sample i uses stream (seed, i).
+    Returns the images and images/s."""
+    import torch
+
+    from diffusion import SampleNoise, SamplerConfig
+    from diffusion.pipeline import DiffusionConfig, sample_images
+
+    diff = DiffusionConfig.from_dict(loaded.config["diffusion"])
+    schedule = diff.build_schedule()
+    unet = loaded.config["unet"]
+    shape = (unet["in_channels"], unet["resolution"], unet["resolution"])
+    t0 = time.perf_counter()
+    images = sample_images(
+        loaded.model.to(device), schedule, shape, SampleNoise(cfg.seed, range(n), device=device),
+        SamplerConfig(name, steps=min(steps, schedule.T)), prediction=diff.prediction,
+        labels=labels, guidance_scale=cfg.guidance_scale, null_label=unet.get("num_classes"),
+        batch_size=cfg.batch_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return images.numpy(), n / max(seconds, 1e-9)
+
+
+def _floor(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats,
+           train_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """The floor: held-out train images (:func:`floor_images`) and their Fréchet distance to the
+    val split, what real data scores."""
+    from diffusion.metrics import feature_statistics, frechet_distance
+
+    floor_x = floor_images(train_x, train_y, inputs.val_y, cfg.num_samples, cfg.seed)
+    fd_floor = (frechet_distance(*feature_statistics(features(floor_x)), *real_stats)
+                if len(floor_x) >= 2 else None)  # None: too few train rows to hold out
+    return floor_x, fd_floor
+
+
+def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats, labels,
+              echo) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Each ``evaluate.frontier`` setting's distance to the val split, speed and network
+    evaluations, and the samples of each setting."""
+    from diffusion.metrics import feature_statistics, frechet_distance
+    from diffusion.samplers import network_evaluations
+
+    loaded, num_classes = inputs.loaded, inputs.num_classes
+    frontier, samples_at = [], {}
+    for item in cfg.frontier:
+        name, steps = parse_setting(item)
+        images, ips = generate(loaded, cfg.num_samples, name, steps, cfg, labels, inputs.device)
+        fd = frechet_distance(*feature_statistics(features(images)), *real_stats)
+        nfe = network_evaluations(name, min(steps, loaded.config["diffusion"]["T"]))
+        guided = num_classes is not None and labels is not None and cfg.guidance_scale != 1.0
+        frontier.append({"sampler": name, "steps": steps, "fd": fd, "images_per_s": ips,
+                         "nfe": nfe * (2 if guided else 1)})
+        samples_at[item] = images
+        echo(f"  {name:>10} {steps:>4} steps: FD {fd:8.3f}  {ips:8.1f} img/s  "
+             f"(NFE {frontier[-1]['nfe']})")
+    return frontier, samples_at
+
+
+def _nll(inputs: _Inputs, cfg: EvalConfig, echo) -> dict:
+    """NLL in bits/dim on the first ``evaluate.nll_images`` val images: the variational bound of
+    ``diffusion.likelihood`` (discretised Gaussian decoder, every KL term, the prior), its mean
+    and standard error."""
+    import torch
+
+    from diffusion import Denoiser, nll_bits_per_dim
+    from diffusion.pipeline import DiffusionConfig
+
+    loaded, device, num_classes = inputs.loaded, inputs.device, inputs.num_classes
+    diff = DiffusionConfig.from_dict(loaded.config["diffusion"])
+    schedule = diff.build_schedule()
+    x = torch.from_numpy(inputs.val_x[:cfg.nll_images]).to(device)
+    lab = None
+    if num_classes is not None:
+        y = torch.from_numpy(inputs.val_y[:cfg.nll_images])
+        lab = torch.where(y < 0, torch.full_like(y, num_classes), y).to(device)
+    totals = []
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    for i in range(0, len(x), 64):
+        den = Denoiser(loaded.model.to(device), schedule, diff.prediction,
+                       labels=None if lab is None else lab[i:i + 64])
+        totals.append(nll_bits_per_dim(den, x[i:i + 64], generator=gen).total.cpu())
+    total = torch.cat(totals)
+    se = float(total.std(unbiased=True) / math.sqrt(len(total))) if len(total) > 1 else 0.0
+    nll = {"nll_bpd": float(total.mean()), "nll_bpd_se": se}
+    echo(f"  NLL {nll['nll_bpd']:.3f} ± {se:.3f} bits/dim on {len(total)} val images")
+    return nll
+
+
+def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: RuntimeConfig, *,
+             dataset_version: str | None = None, echo=print, use_cache: bool = True,
+             stored_only: bool = False) -> dict | None:
+    """Evaluate ``model_ref`` on ``data.name`` at ``dataset_version`` (default: the version the
+    model was trained on when recorded, else ``data.version``/the latest). Returns the
+    evaluation dict (JSON-safe) also stored under ``ROOT/evaluations/``. In this process, on
+    ``evaluate.device``; :func:`run_evaluation` places it where ``evaluate.on_ray`` says.
+
+    ``stored_only``: return the stored result, or None where there is none (nothing is
+    computed; the reference network is not trained)."""
+    from diffusion.metrics import feature_statistics
+
+    t_start = time.perf_counter()
+    inputs = _open_inputs(model_ref, data, cfg, runtime, dataset_version)
+    loaded, ref, val_x, device = inputs.loaded, inputs.ref, inputs.val_x, inputs.device
+    features = _feature_net(inputs, cfg, echo, stored_only)
+    if features is None:
+        return None
+    key = eval_key(inputs.manifest, cfg, features, len(val_x))
+    cache = result_location(inputs.root, loaded.weights_sha256, key)
+    if use_cache and exists(cache):
+        result = read_json(cache)
+        echo(f"evaluation {key} of this model found at {cache.describe()}; reusing it")
+        return result | {"stored_at": cache.describe(), "reused": True}
+    if stored_only:
+        return None
+
+    echo(f"evaluating {loaded.source} on {ref.name}@{ref.version} ({len(val_x)} val images, "
+         f"{cfg.num_samples} samples per setting, eval key {key})")
+    real_stats = feature_statistics(features(val_x))
+    train_x, train_y = read_split(inputs.root, inputs.manifest, "train", cfg.max_real_images)
+    labels = sample_labels(inputs.val_y, cfg.num_samples, cfg.seed, inputs.num_classes)
+    floor_x, fd_floor = _floor(inputs, cfg, features, real_stats, train_x, train_y)
+    frontier, samples_at = _frontier(inputs, cfg, features, real_stats, labels, echo)
+    best, default = default_setting(frontier, cfg.tolerance)
+    default_images = samples_at[f"{default['sampler']}:{default['steps']}"]
+    threshold = cfg.memorization_threshold
+    memorization = copy_share(default_images, train_x, threshold, device)
+    memorization_floor = copy_share(val_x, train_x, threshold, device)
+    nll = _nll(inputs, cfg, echo) if cfg.nll_images else {}
+
+    result = {
+        "format": FORMAT,
+        "eval_key": key,
+        "model": {"source": loaded.source, "weights_sha256": loaded.weights_sha256},
+        "dataset": {"name": ref.name, "version": ref.version, "val_images": len(val_x),
+                    "train_images": len(train_x), "floor_images": len(floor_x)},
+        "features": {"kind": features.kind, "sha256": features.sha256},
+        "metrics": {
+            "fd": default["fd"], "fd_floor": fd_floor, "fd_best": best, **nll,
+            "memorization": memorization, "memorization_floor": memorization_floor,
+        },
+        "frontier": frontier,
+        "default_sampler": {"name": default["sampler"], "steps": default["steps"]},
+        "guidance_scale": cfg.guidance_scale,
+        "config": cfg.model_dump(mode="json"),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    atomic_write_bytes(cache, json.dumps(result, indent=2).encode())
+    echo(summary(result, cache.describe()))
+    return result | {"stored_at": cache.describe(), "reused": False}
