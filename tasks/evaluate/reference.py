@@ -148,7 +148,7 @@ def fid_features(path: str, device, echo) -> Features:
             digest = sha256_hex(f.read())
     except OSError as e:
         raise EvalError(f"evaluate.inception_weights {path}: {e}; give a local .safetensors "
-                        "file (see README: FID)") from None
+                        "file (see docs/stages.md, FID)") from None
     net = load_fid_inception(path).eval().to(device)
     echo(f"FID Inception-v3 from {path} (sha256 {digest[:12]})")
     return Features("fid", digest, net, device, batch_size=50)  # 299×299 activations are big
