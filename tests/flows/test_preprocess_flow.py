@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.helpers import invoke
 
 pytestmark = pytest.mark.integration
-
-
-def invoke(args: list[str]):
-    """CliRunner.invoke, then point Prefect's console handlers back at the real stderr.
-
-    Prefect creates its console handler on the stream that is sys.stderr when the flow engine
-    sets up logging, here CliRunner's capture stream, which is closed when invoke returns.
-    """
-    result = CliRunner().invoke(app, args)
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for logger in [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]:
-        for h in getattr(logger, "handlers", []):
-            if isinstance(h, PrefectConsoleHandler):
-                h.stream = sys.__stderr__
-                h.console.file = sys.__stderr__
-    return result
 
 
 def test_cli_preprocess_prints_version_counts_and_manifest(ray_local, prefect_harness, tmp_path):

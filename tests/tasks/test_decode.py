@@ -7,10 +7,10 @@ import time
 
 import numpy as np
 import pytest
-from imagefactory import BAD_FILES, bad_file_bytes, bomb_png, encode, png_bytes, smooth_rgb
 from PIL import Image
 
 from tasks.decode import SkipInput, decode_image
+from tests.helpers import BAD_FILES, bad_file_bytes, bomb_png, encode, png_bytes, smooth_rgb
 
 
 def test_rgb_to_target_shape_and_mode():

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from registry_helpers import Occupancy, run_together
 
 from tasks.lease import Lease, LeaseBusy
+from tests.helpers import Occupancy, run_together
 
 
 def test_one_holder_at_a_time_and_released_on_exit(tmp_path):

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from imagefactory import BAD_FILES, encode, make_folder, png_bytes, smooth_rgb
 from PIL import Image
 
 from tasks.datasets import (
@@ -28,6 +27,7 @@ from tasks.datasets import (
 from tasks.decode import decode_image
 from tasks.preprocess import PreprocessError, preprocess
 from tasks.runtime import RuntimeConfig
+from tests.helpers import BAD_FILES, encode, make_folder, png_bytes, smooth_rgb
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -7,12 +7,12 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from imagefactory import make_folder
 
 from tasks.datasets import MANIFEST, DataConfig, open_dataset, part_files
 from tasks.preprocess import preprocess
 from tasks.runtime import RuntimeConfig
 from tasks.storage import Location, StorageError, commit_bytes, storage_options
+from tests.helpers import make_folder
 
 pytestmark = pytest.mark.integration
 

@@ -13,16 +13,6 @@ from urllib.parse import urlparse
 import pandas as pd
 import pytest
 import torch
-from registry_helpers import (
-    DEFAULTS,
-    Occupancy,
-    evaluation,
-    lineage,
-    local_images,
-    run_together,
-    save_tiny_model,
-    unique_name,
-)
 
 from diffusion.serialization import WeightsIntegrityError, load_model
 from tasks import registry
@@ -37,6 +27,16 @@ from tasks.registry import (
     register_model,
     resolve,
     rollback,
+)
+from tests.helpers import (
+    DEFAULTS,
+    Occupancy,
+    evaluation,
+    lineage,
+    local_images,
+    run_together,
+    save_tiny_model,
+    unique_name,
 )
 
 pytestmark = pytest.mark.integration
