@@ -3,6 +3,8 @@
 #                 on the embedded digits under ./pipeline-data: dataset, training, evaluation,
 #                 MLflow registry and promotion, generated samples and their PNG grid
 #   make test   — create .venv if missing, install with the dev extra, run the whole test suite
+#   make test-fast — the same set-up, then only the tests that need no service (no Ray, Prefect,
+#                 MLflow or S3 server) and are not slow: the math, config, units, manifests
 #
 # TORCH_SPEC is the torch release we test against. On Linux, PyPI's wheel of it is the CUDA
 # build, so GPU machines get CUDA; where a local CPU wheel of the same release is offered
@@ -16,7 +18,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0] + "; run: make PYTHON=python3.11 ...")'
@@ -31,6 +33,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from tasks.generate import read_samples
 from tasks.registry import RegistryConfig, promote, register_model
 from tasks.runtime import RuntimeConfig
 from tests.helpers import DEFAULTS, evaluation, invoke, lineage, save_tiny_model
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_cli_generate_from_the_champion(ray_local, prefect_harness, tmp_path):

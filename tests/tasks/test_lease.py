@@ -43,7 +43,6 @@ def test_a_live_holder_refreshes_past_the_stale_age(tmp_path):
     assert not (Path(tmp_path) / "m.lock").exists()
 
 
-@pytest.mark.integration
 def test_exclusive_on_s3(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     url = f"s3://{s3.bucket()}/registry/locks"
@@ -74,7 +73,6 @@ def test_a_holder_on_this_host_whose_process_is_gone_is_broken_at_once(tmp_path)
         pass
 
 
-@pytest.mark.integration
 def test_on_s3_with_the_configured_endpoint_not_the_environment(s3, monkeypatch):
     """runtime.s3_endpoint_url reaches the lease through ``options`` (with no AWS_ENDPOINT_URL
     set, the default options would address AWS itself)."""

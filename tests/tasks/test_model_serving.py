@@ -35,7 +35,7 @@ from tests.helpers import (
     wait_http,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration  # MLflow server processes, started by the tests
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 

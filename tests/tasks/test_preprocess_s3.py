@@ -14,8 +14,6 @@ from tasks.runtime import RuntimeConfig
 from tasks.storage import Location, StorageError, commit_bytes, storage_options
 from tests.helpers import make_folder
 
-pytestmark = pytest.mark.integration
-
 
 def upload(s3, tmp_path) -> tuple[str, dict]:
     files = make_folder(tmp_path / "src")

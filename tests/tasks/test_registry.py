@@ -39,16 +39,13 @@ from tests.helpers import (
     unique_name,
 )
 
-pytestmark = pytest.mark.integration
-
 CFG = RegistryConfig()
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(mlflow_store):
     """One SQLite tracking store for the module (each test uses its own model names)."""
-    d = tmp_path_factory.mktemp("registry")
-    return {"uri": f"sqlite:///{d}/mlflow.db", "dir": d, "locks": str(d / "locks")}
+    return mlflow_store
 
 
 @pytest.fixture(scope="module")
@@ -491,8 +488,10 @@ def test_inside_a_flow_run_the_version_records_it(store, models, monkeypatch):
     assert tags["prefect.flow_run_id"] == "0b5e1d2c-flow-run"
 
 
-def test_missing_lineage_is_refused(store, models):
+def test_missing_lineage_is_refused(models, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(RegistryError, match=r"lineage lacks config\.sha256, checkpoint\.uri"):
-        register_model(str(models[0]), tracking_uri=store["uri"], run_id=None, cfg=CFG,
+        register_model(str(models[0]), tracking_uri=uri, run_id=None, cfg=CFG,
                        model_name=unique_name(), evaluation=evaluation(1.0), lineage={},
                        defaults=DEFAULTS)
+    assert not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
