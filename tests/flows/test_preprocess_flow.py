@@ -10,7 +10,8 @@ def test_cli_preprocess_prints_version_counts_and_manifest(ray_local, prefect_ha
     result = invoke(args)
     assert result.exit_code == 0, result.output
     assert "dataset digits version " in result.output and "(committed)" in result.output
-    assert "1797" not in result.output or "train" in result.output
+    # 1797 images, 324 of them on the val side at 0.2 (tests/tasks/test_digits_and_images.py)
+    assert "1473 train, 324 val, 0 skipped; shape (1, 8, 8), 10 classes" in result.output
     manifest = next(tmp_path.glob("datasets/digits/*/_manifest.json"))
     assert f"manifest: {manifest}" in result.output
     again = invoke(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -87,12 +86,11 @@ def test_decompression_bomb_refused_without_allocating():
     # pixel buffer exists (a real decode of 9000×9000 RGB would need ~240 MB).
     data = bomb_png(9000, 9000)
     tracemalloc.start()
-    t0 = time.perf_counter()
     with pytest.raises(SkipInput, match="declares 9000x9000"):
         decode_image(data, resolution=8, mode="RGB", max_pixels=10**6)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert time.perf_counter() - t0 < 1.0 and peak < 5 * 2**20
+    assert peak < 5 * 2**20  # no pixel buffer was allocated
     # Far beyond Pillow's limit: Pillow refuses at open
     with pytest.raises(SkipInput, match="decompression bomb"):
         decode_image(bomb_png(100_000, 100_000), resolution=8, mode="RGB", max_pixels=10**12)
