@@ -1,26 +1,89 @@
-"""Shared pytest configuration.
+"""Shared pytest configuration: the test tiers, torch threads, and the real services.
 
-The diffusion tests loop over many small tensor operations (1000-step samplers, Markov chains).
-On a 2-core machine with any other load, torch's intra-op thread pool turns each small op into a
-contended barrier: measured 0.75 s single-threaded against 24 s with 2 threads for the same test.
-So tests under tests/diffusion run with one torch thread (unless OMP_NUM_THREADS is set
-explicitly), and the previous setting is restored afterwards.
+Tiers. ``make test-fast`` runs ``-m "not integration and not slow"``; ``make test`` (CI) runs all.
+
+- ``integration``: the test uses a real service: a local Ray, Prefect's API, an MLflow tracking
+  store or server, an S3 server, or a process that starts one. A test that asks for one of the
+  service fixtures below (directly or through another fixture) is marked so here, at collection;
+  a test that starts a service without them (an ``mlflow server`` subprocess, a script that starts
+  its own Ray) carries the mark itself. A test outside this tier that leaves a child process
+  running (Ray and Prefect's server start some) fails, naming them, so a new test cannot land in
+  the fast tier by mistake.
+- ``slow``: needs no service but takes more than a few seconds (long sampler chains, the demo).
+- ``gpu``: needs a CUDA device; skipped when none is present.
+
+Torch threads. The tests without a service loop over many small tensor operations (1000-step
+samplers, Markov chains, tiny training steps). On a 2-core machine with any other load, torch's
+intra-op thread pool turns each small op into a contended barrier: measured 0.75 s
+single-threaded against 24 s with 2 threads for the same test. So they run with one torch thread
+(unless OMP_NUM_THREADS is set explicitly), and the previous setting is restored afterwards. The
+integration tests keep torch's default, as the pipeline runs: float32 results of a batched
+network differ in the last bits with the batch size, and how a uint8 pixel rounds may follow
+(seen with one thread in test_evaluate.py::test_samples_do_not_depend_on_the_batch_size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
-from pathlib import Path
 
 import pytest
 
-_DIFFUSION_TESTS = Path(__file__).parent / "diffusion"
+# Fixtures that provide a real service; a test whose fixture closure holds one is `integration`.
+SERVICE_FIXTURES = frozenset(
+    {"ray_local", "s3_endpoint", "prefect_harness", "mlflow_store", "kill_session"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
+def _live_children() -> set[int]:
+    """This process's live (not zombie) child processes, from /proc (empty where there is none)."""
+    found = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with contextlib.suppress(OSError), open(path) as f:
+            found.update(int(p) for p in f.read().split())
+    live = set()
+    for pid in found:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                live.add(pid)
+    return live
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "?"
 
 
 @pytest.fixture(autouse=True)
-def _single_torch_thread_for_diffusion(request):
-    if "OMP_NUM_THREADS" in os.environ or _DIFFUSION_TESTS not in Path(request.path).parents:
+def _outside_integration_no_process_is_left_running(request):
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    before = _live_children()
+    yield
+    left = _live_children() - before
+    if left:
+        pytest.fail(
+            "this test is not marked integration but left processes running (a test that starts "
+            "Ray, Prefect's server or another service uses the fixture for it, or carries "
+            "@pytest.mark.integration):\n"
+            + "\n".join(f"  pid {pid}: {_cmdline(pid)}" for pid in sorted(left)),
+            pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _single_torch_thread(request):
+    if "OMP_NUM_THREADS" in os.environ or request.node.get_closest_marker("integration"):
         yield
         return
     import torch
@@ -83,7 +146,8 @@ def kill_session():
 
 
 # --------------------------------------------------------------------------------------------
-# Real services for the pipeline tests: a local Ray, an S3-compatible server, Prefect's harness.
+# Real services for the pipeline tests: a local Ray, an S3-compatible server, Prefect's harness,
+# an MLflow tracking store.
 # --------------------------------------------------------------------------------------------
 
 # Fake credentials for the loopback S3 server, set before any Ray worker starts so that workers
@@ -151,3 +215,11 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """A temporary MLflow tracking store on SQLite, one per test module (its tests use their own
+    model names): ``{"uri", "dir", "locks"}``, the last a lease directory for promotions."""
+    d = tmp_path_factory.mktemp("mlflow")
+    return {"uri": f"sqlite:///{d}/mlflow.db", "dir": d, "locks": str(d / "locks")}

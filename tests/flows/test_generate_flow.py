@@ -4,22 +4,13 @@ equals what the registered pyfunc returns for (seed, index i, label i)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-import pytest
-from test_preprocess_flow import invoke
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from registry_helpers import DEFAULTS, evaluation, lineage, save_tiny_model
 
 from tasks.generate import read_samples
 from tasks.registry import RegistryConfig, promote, register_model
 from tasks.runtime import RuntimeConfig
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from tests.helpers import DEFAULTS, evaluation, invoke, lineage, save_tiny_model
 
 
 def test_cli_generate_from_the_champion(ray_local, prefect_harness, tmp_path):

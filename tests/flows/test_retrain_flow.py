@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from registry_helpers import free_port, wait_http
+from tests.helpers import free_port, invoke, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -281,8 +280,6 @@ def prefect_texts(since: float) -> str:
 
 
 def test_cli_run_help_and_a_bad_config_fail_before_any_work(tmp_path):
-    from test_preprocess_flow import invoke
-
     help_ = invoke(["run", "--help"])
     assert help_.exit_code == 0
     for opt in ("--config", "--set", "--root", "--no-generate", "--summary-json", "--debug"):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_preprocess_flow import invoke
+
+from tests.helpers import invoke
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

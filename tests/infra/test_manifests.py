@@ -226,6 +226,7 @@ def test_pull_steps_fit_each_pool():
     dockerfile = dockerfile_instructions("Dockerfile")
     workdirs = [args for instr, args in dockerfile if instr == "WORKDIR"]
     assert workdirs == [IMAGE_CODE_DIR]
+    assert len(deployments()) == 4
     for dep in deployments():
         (step,) = pull_steps(dep)
         ((fn, kwargs),) = step.items()
@@ -240,9 +241,12 @@ def test_process_job_variables_fit_the_process_worker():
     from prefect.workers.process import ProcessWorker
 
     schema = ProcessWorker.get_default_base_job_template()["variables"]
+    checked = []
     for dep in deployments():
         if dep["work_pool"]["name"] == PROCESS_POOL:
             jsonschema.validate(dep["work_pool"].get("job_variables") or {}, schema)
+            checked.append(dep["name"])
+    assert sorted(checked) == ["generate", "retrain-weekly"]
 
 
 @pytest.mark.parametrize("name", ["retrain-weekly-k8s", "generate-k8s"])
@@ -366,21 +370,25 @@ def test_raycluster_shape_and_version():
 
 
 def test_raycluster_credentials_only_by_reference():
-    for group, pod in ray_pods():
+    pods = ray_pods()
+    assert len(pods) >= 2, "the head and at least one worker group"
+    for group, pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["containers"], group
         for container in pod["containers"]:
             assert container["image"].split("/")[-1].startswith("diffusion-pipeline"), group
-            for env in container.get("env", []):
-                if CREDENTIAL_NAME.search(env["name"]):
-                    assert "value" not in env, f"{group}: {env['name']} has a literal value"
-                    assert "secretKeyRef" in env["valueFrom"], env["name"]
+            # the credentials come in whole from the Secret ...
             refs = [e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e]
             assert refs == [CREDENTIALS_SECRET], group
+            # ... and no single variable with a credential's name holds a literal value
+            literal = [e["name"] for e in container.get("env", []) if CREDENTIAL_NAME.search(
+                e["name"]) and ("value" in e or "secretKeyRef" not in e.get("valueFrom", {}))]
+            assert not literal, f"{group}: {literal} set literally, not from a secretKeyRef"
 
 
 def test_pipeline_env_configmap_holds_no_credentials():
     cm = load_yaml("kubernetes/pipeline-env.yaml")
-    assert cm["kind"] == "ConfigMap"
+    assert cm["kind"] == "ConfigMap" and cm["data"], "the ConfigMap holds the pipeline's settings"
     for key, value in cm["data"].items():
         assert not CREDENTIAL_NAME.search(key), f"{key} belongs in the Secret"
         assert "@" not in value
@@ -452,8 +460,9 @@ def compose_text() -> str:
 
 def test_compose_interpolations_are_well_formed():
     text = compose_text().replace("$$", "")  # escaped dollars for the container's shell
-    for match in re.finditer(r"\$(\{[^}]*\}|\w+)?", text):
-        ref = match.group(0)
+    refs = [match.group(0) for match in re.finditer(r"\$(\{[^}]*\}|\w+)?", text)]
+    assert len(refs) >= 10, "compose.yaml takes its settings from the environment"
+    for ref in refs:
         assert re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:[-?][^}]*)?\}", ref), (
             f"unexpected interpolation {ref!r} in compose.yaml")
 
@@ -724,6 +733,7 @@ def scanned_files() -> list[Path]:
 
 def test_no_secrets_in_infra():
     found = []
+    assert len(scanned_files()) >= 16, "every file under infra/ is scanned"
     for path in scanned_files():
         text = path.read_text()
         for what, pattern in SECRET_PATTERNS.items():
@@ -788,5 +798,7 @@ def test_postgres_init_takes_passwords_from_the_environment():
     assert any(m.startswith("./postgres/init-databases.sh:/docker-entrypoint-initdb.d/")
                for m in mounts)
     env = service_env(compose()["services"]["postgres"])
-    for var in re.findall(r'"\$(\w+_PASSWORD)"', script):
+    passwords = re.findall(r'"\$(\w+_PASSWORD)"', script)
+    assert sorted(passwords) == ["MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD"]
+    for var in passwords:
         assert REQUIRED_REF.match(env[var]), var

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
-from imagefactory import BAD_FILES, bad_file_bytes, bomb_png, encode, png_bytes, smooth_rgb
 from PIL import Image
 
 from tasks.decode import SkipInput, decode_image
+from tests.helpers import BAD_FILES, bad_file_bytes, bomb_png, encode, png_bytes, smooth_rgb
 
 
 def test_rgb_to_target_shape_and_mode():
@@ -87,12 +86,11 @@ def test_decompression_bomb_refused_without_allocating():
     # pixel buffer exists (a real decode of 9000×9000 RGB would need ~240 MB).
     data = bomb_png(9000, 9000)
     tracemalloc.start()
-    t0 = time.perf_counter()
     with pytest.raises(SkipInput, match="declares 9000x9000"):
         decode_image(data, resolution=8, mode="RGB", max_pixels=10**6)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert time.perf_counter() - t0 < 1.0 and peak < 5 * 2**20
+    assert peak < 5 * 2**20  # no pixel buffer was allocated
     # Far beyond Pillow's limit: Pillow refuses at open
     with pytest.raises(SkipInput, match="decompression bomb"):
         decode_image(bomb_png(100_000, 100_000), resolution=8, mode="RGB", max_pixels=10**12)

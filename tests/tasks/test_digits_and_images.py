@@ -20,8 +20,14 @@ def test_split_is_deterministic_disjoint_and_close_to_the_fraction():
     assert n_val + n_train == 1797
     # binomial(1797, 0.1): sd ≈ 12.7
     assert abs(n_val - 179.7) < 4 * 12.7
-    # a key's side never depends on the other keys
-    assert split_of("digits/0001", 0.1) == split_of("digits/0001", 0.1)
+    # a key's side is a function of the key alone: the split holds exactly the images whose own
+    # key says val, and the rule (SHA-256 of the key) is pinned, so no sample changes side
+    images, _, keys = load_digits_uint8()
+    is_val = np.array([split_of(k, 0.1) == "val" for k in keys])
+    assert np.array_equal(a["val"][0], images[is_val])
+    assert np.array_equal(a["train"][0], images[~is_val])
+    assert n_val == 165 and [k for k in keys if split_of(k, 0.1) == "val"][:4] == [
+        "digits/0034", "digits/0059", "digits/0064", "digits/0075"]
     with pytest.raises(ValueError, match="val_fraction"):
         split_of("k", 1.0)
 

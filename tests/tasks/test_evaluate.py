@@ -20,8 +20,6 @@ from tasks.evaluate import EvalConfig, evaluate, nearest_rms
 from tasks.models import load_model_ref
 from tasks.pixels import read_split
 
-pytestmark = [pytest.mark.integration]
-
 UNET = UNetConfig(resolution=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
                   num_res_blocks=1, attention_resolutions=(), num_classes=10)
 DIFF = DiffusionConfig(T=100)
@@ -148,10 +146,15 @@ def test_bad_inputs_are_clear_errors(models, tmp_path):
                {"unet": wrong.to_dict(), "diffusion": DIFF.to_dict()})
     with pytest.raises(EvalError, match="1x16x16 images but dataset digits"):
         evaluate(str(tmp_path / "m16"), cfg.data, FAST, cfg.runtime, echo=lambda s: None)
+
+
+def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="sampler:steps"):
         EvalConfig(frontier=["ddim"])
     with pytest.raises(ValueError, match="nosuch"):
         EvalConfig(frontier=["nosuch:10"])
+    with pytest.raises(ValueError, match=r"set evaluate\.on_ray: true"):
+        EvalConfig(ray_gpus=1)
 
 
 def test_configured_inception_weights_make_it_fid(models, tmp_path):
@@ -208,5 +211,3 @@ def test_on_ray_it_is_one_task_with_the_in_process_result(ray_local, models, mon
         run_evaluation(models["trained"], cfg.data,
                        ecfg.model_copy(update={"seed": 78, "device": "cuda"}), cfg.runtime,
                        echo=lambda s: None)
-    with pytest.raises(ValueError, match=r"set evaluate\.on_ray: true"):
-        EvalConfig(ray_gpus=1)

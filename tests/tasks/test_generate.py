@@ -25,7 +25,6 @@ from tasks.generate import (
 )
 from tasks.runtime import RuntimeConfig
 
-pytestmark = [pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 DIFF = {"schedule": "linear", "T": 50, "beta_start": 1e-4, "beta_end": 0.02, "prediction": "eps",
         "min_snr_gamma": None}
@@ -126,7 +125,8 @@ def test_config_errors():
         GenerateConfig(labels="most")
 
 
-def test_killed_job_resumes_and_writes_only_missing_shards(models, tmp_path, kill_session):
+def test_killed_job_resumes_and_writes_only_missing_shards(ray_local, models, tmp_path,
+                                                         kill_session):
     out = tmp_path / "killed"
     cfg = job(models, tmp_path, num_samples=40, output=str(out))
     env = {**os.environ, "DIFFUSION_PIPELINE_FAULT": "generate-after-2-shards",

@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from registry_helpers import (
-    DEFAULTS,
-    evaluation,
-    free_port,
-    lineage,
-    local_images,
-    save_tiny_model,
-    unique_name,
-    wait_http,
-)
 
 from tasks.pyfunc_model import decode_pixels
 from tasks.registry import (
@@ -34,25 +22,21 @@ from tasks.registry import (
     resolve,
     rollback,
 )
+from tests.helpers import (
+    DEFAULTS,
+    evaluation,
+    free_port,
+    lineage,
+    local_images,
+    save_tiny_model,
+    start,
+    stop,
+    unique_name,
+    wait_http,
+)
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration  # MLflow server processes, started by the tests
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-def start(cmd: list[str], log: Path, cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """A process in its own session, so the test can stop it and its workers together."""
-    return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, **(env or {})})
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The preprocessing stage end to end on a local Ray: sources, manifest, versions, faults."""
+"""The preprocessing stage end to end on a local Ray: sources, manifest, versions, faults; and
+its pieces without Ray (dataset names, the local listing)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from imagefactory import BAD_FILES, encode, make_folder, png_bytes, smooth_rgb
 from PIL import Image
 
 from tasks.datasets import (
@@ -28,8 +28,8 @@ from tasks.decode import decode_image
 from tasks.errors import DatasetNotFound, PreprocessError
 from tasks.preprocess import preprocess
 from tasks.runtime import RuntimeConfig
+from tests.helpers import BAD_FILES, encode, make_folder, png_bytes, smooth_rgb
 
-pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -316,6 +316,9 @@ def test_no_name_escapes_the_dataset_dir(ray_local, tmp_path):
     vdir = Path(res.ref.uri).relative_to(root)
     for p in all_files(root):
         assert p.startswith(str(vdir) + "/")
+
+
+def test_a_dataset_name_cannot_name_a_path():
     for bad in ("../evil", "a/b", "..", ".hidden", "", "x" * 200):
         with pytest.raises(ValueError, match=r"data.name"):
             DataConfig(name=bad)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from imagefactory import make_folder
 
 from tasks.datasets import MANIFEST, DataConfig, open_dataset, part_files
 from tasks.errors import StorageError
 from tasks.preprocess import preprocess
 from tasks.runtime import RuntimeConfig
 from tasks.storage import Location, commit_bytes, storage_options
-
-pytestmark = pytest.mark.integration
+from tests.helpers import make_folder
 
 
 def upload(s3, tmp_path) -> tuple[str, dict]:
@@ -86,10 +82,8 @@ def test_missing_bucket_is_a_clear_error(ray_local, s3, tmp_path):
 def test_unreachable_endpoint_fails_after_bounded_retries(tmp_path):
     rt = RuntimeConfig(root="s3://bucket/p", s3_endpoint_url="http://127.0.0.1:9",
                        storage_retries=2, storage_connect_timeout=1)
-    t0 = time.perf_counter()
     with pytest.raises(StorageError, match=r"cannot reach http://127\.0\.0\.1:9.*AWS_ENDPOINT_URL"):
         preprocess(DataConfig(), rt, echo=lambda s: None)
-    assert time.perf_counter() - t0 < 60
 
 
 def test_manifest_commit_is_exclusive_on_s3(s3):

@@ -75,7 +75,6 @@ def test_every_stage_task_retries_transient_failures_with_backoff(task):
     assert task.retry_jitter_factor and task.retry_jitter_factor > 0
 
 
-@pytest.mark.integration
 def test_a_flow_retries_a_transient_failure_and_not_a_deterministic_one(prefect_harness):
     """Real Prefect task runs with the stage options (delays shortened)."""
     from prefect import flow, task

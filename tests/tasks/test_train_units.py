@@ -1,11 +1,49 @@
-"""Training-stage helpers without Ray: the batch iterator and the default run name."""
+"""Training-stage pieces without Ray: the checks of a config against the dataset, the batch
+iterator and the default run name."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
-from tasks.train import EXECUTION_KEYS, _batches, default_run_name
+from flows.config import load_config
+from tasks.errors import TrainConfigError
+from tasks.train import EXECUTION_KEYS, _batches, default_run_name, validate
+from tests.helpers import TINY_UNET
+
+# The manifest of the embedded digits as preprocessing writes it (what validate reads of it).
+DIGITS = {"name": "digits", "version": "0123456789abcdef", "shape": [1, 8, 8],
+          "num_classes": 10, "class_names": [str(i) for i in range(10)],
+          "splits": {"train": {"rows": 1632}, "val": {"rows": 165}}}
+
+
+BASE = [*TINY_UNET, "train.batch_size=16", "train.warmup_steps=2"]
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["train.batch_size=5000"], "train.batch_size=5000 is larger than the dataset"),
+        (["model.resolution=16"], "model.resolution=16 does not match"),
+        (["model.in_channels=3"], "model.in_channels=3 does not match"),
+        (["model.num_classes=7"], "model.num_classes=7 but the dataset has 10 classes"),
+        (["train.warmup_steps=50", "train.steps=10"], "train.warmup_steps=50 exceeds"),
+        (["train.num_workers=3"], "not divisible by train.num_workers=3"),
+    ],
+)
+def test_a_config_is_checked_against_the_dataset_naming_the_key(sets, message):
+    """What run_training checks before anything starts (that it checks first:
+    test_train.py::test_bad_config_fails_before_any_worker_starts)."""
+    cfg = load_config(sets=[*BASE, *sets])
+    with pytest.raises(TrainConfigError, match=re.escape(message)):
+        validate(cfg.model, cfg.train, DIGITS, cfg.diffusion)
+
+
+def test_the_tiny_config_fits_the_digits():
+    cfg = load_config(sets=BASE)
+    validate(cfg.model, cfg.train, DIGITS, cfg.diffusion)  # nothing to complain about
 
 
 class FakeShard:
