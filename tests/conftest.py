@@ -42,18 +42,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after "pid (comm)": state ppid pgrp session ...; None
+    when the process is gone (or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:  # it ended while we looked
+        return None
+
+
+def _live(fields: list[str] | None) -> bool:
+    return fields is not None and fields[0] not in ("Z", "X")  # not a zombie
+
+
 def _live_children() -> set[int]:
-    """This process's live (not zombie) child processes, from /proc (empty where there is none)."""
+    """This process's live child processes (empty where /proc does not list them)."""
     found = set()
     for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
         with contextlib.suppress(OSError), open(path) as f:
             found.update(int(p) for p in f.read().split())
-    live = set()
-    for pid in found:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                live.add(pid)
-    return live
+    return {pid for pid in found if _live(_stat(pid))}
 
 
 def _cmdline(pid: int) -> str:
@@ -97,18 +106,10 @@ def _single_torch_thread(request):
 
 
 def _session_members(sid: int) -> list[int]:
-    """Live (not zombie) processes in session ``sid``, from /proc."""
+    """Live processes in session ``sid``, from /proc."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # it ended while we looked
-            continue
-        # after "pid (comm)": state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+        if entry.isdigit() and _live(fields := _stat(entry)) and int(fields[3]) == sid:
             found.append(int(entry))
     return found
 

@@ -6,17 +6,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffusion import SamplerConfig
+from diffusion import SamplerConfig, ScheduleConfig, UNetConfig
 from diffusion.serialization import build_unet
 from flows.cli import app
 from flows.demo import DemoConfig, run_demo
+
+# A tiny class-conditional UNet and a 100-step schedule: the demo's path end to end (its NLL
+# bound takes T network calls), not its default model, which `make demo` and benchmarks/ run.
+TINY_UNET = UNetConfig(resolution=8, in_channels=1, base_channels=8, channel_mult=(1,),
+                       num_res_blocks=1, attention_resolutions=(), num_classes=10)
 
 
 @pytest.mark.slow
 def test_demo_trains_samples_and_writes_grid_and_weights(tmp_path):
     cfg = replace(
         DemoConfig(steps=12, batch_size=32, samples_per_class=2, nll_images=2),
-        sampler=SamplerConfig("ddim", steps=5),
+        sampler=SamplerConfig("ddim", steps=5), unet=TINY_UNET, schedule=ScheduleConfig(T=100),
     )
     lines = []
     summary = run_demo(tmp_path, cfg, log=lines.append)

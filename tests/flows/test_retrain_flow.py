@@ -1,11 +1,13 @@
 """`diffusion-pipeline run` (the `retrain` flow) end to end, as separate processes against
-Prefect's test server:
+Prefect's test server, with the storage root on the loopback S3 server and MLflow behind a real
+`mlflow server` with its basic-auth app and S3 artifacts:
 
-- killed (SIGKILL of the whole process group) during training, then rerun: it resumes from the
-  last checkpoint and completes; run again: every stage is skipped and Ray is never started;
-- with the storage root on the loopback S3 server and MLflow behind a real `mlflow server`
-  with its basic-auth app and S3 artifacts: it completes, and no credential appears in any
-  output, log, MLflow param or tag, Prefect artifact or stored file.
+- killed (SIGKILL of its whole session) during training, then rerun: it resumes from the last
+  checkpoint in the bucket and completes; run again: every stage is skipped and Ray is never
+  started;
+- no credential appears in any output, log, MLflow param or tag, Prefect artifact or stored file.
+
+The end of a run on a local root (MLflow on SQLite beside it) is checked without running it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import yaml
 
 from tests.helpers import free_port, invoke, wait_http
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -34,7 +35,7 @@ TINY = {
               "attention_resolutions": []},
     "diffusion": {"T": 100},
     # a checkpoint costs ~2 s here (a synchronous Ray Train report): few, far apart
-    "train": {"steps": 300, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 100,
+    "train": {"steps": 200, "batch_size": 16, "warmup_steps": 5, "checkpoint_every": 100,
               "log_every": 100},
     "evaluate": {"num_samples": 100, "frontier": ["ddim:10"], "nll_images": 8,
                  "reference_steps": 100, "batch_size": 100},
@@ -99,84 +100,18 @@ def latest_artifact(key: str) -> str:
     return found[0].data
 
 
-def test_run_killed_during_training_resumes_and_an_unchanged_rerun_skips_every_stage(
-        prefect_env, tmp_path, kill_session):
-    root = tmp_path / "root"
-    cfg = config_file(tmp_path)
-    args = ["--config", str(cfg), "--root", str(root)]
-
-    # 1. killed once the first checkpoint exists: no summary, the run is left unfinished
-    log1 = tmp_path / "run1.log"
-    proc = run_cli([*args, "--summary-json", str(tmp_path / "s1.json")], prefect_env, log1)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(root.glob("runs/*/checkpoint_*/state.json")):
-            assert proc.poll() is None, log1.read_text()[-5000:]
-            time.sleep(0.3)
-        assert list(root.glob("runs/*/checkpoint_*/state.json")), log1.read_text()[-5000:]
-    finally:
-        kill_session(proc)
-    assert not (tmp_path / "s1.json").exists()
-    status = json.loads(next(root.glob("runs/*/_status.json")).read_text()) if list(
-        root.glob("runs/*/_status.json")) else {}
-    assert status.get("status") != "finished"
-
-    # 2. rerun: the dataset is reused, training resumes from a checkpoint and the rest runs
-    log2 = tmp_path / "run2.log"
-    out2 = finish(run_cli([*args, "--summary-json", str(tmp_path / "s2.json")], prefect_env,
-                          log2), log2)
-    s2 = json.loads((tmp_path / "s2.json").read_text())
-    assert stages(s2) == {"preflight": "done", "preprocess": "reused", "train": "done",
-                          "evaluate": "done", "register": "done", "promote": "promoted",
-                          "generate": "done"}, out2[-3000:]
-    m = s2["train"]["metrics"]
-    assert m["step"] == 300 and m["status"] == "finished" and 100 <= m["resumed_from"] < 300
-    assert "[3/7] train done" in out2 and f"(resumed from step {m['resumed_from']})" in out2
-    # the killed driver's training lease was taken over at once, not after it went stale
-    assert "breaking the dead holder's lease" in out2 and "_training.lock" in out2
-    assert s2["promotion"]["champion"] == "1" and s2["registered"]["model_uri"] == \
-        "models:/digits-diffusion/1"
-    grid = Path(s2["generation"]["grid"])
-    assert grid.is_file() and grid.parent == Path(s2["generation"]["output"])
-    from PIL import Image
-
-    img = np.asarray(Image.open(grid))
-    assert img.ndim == 2 and img.shape[0] > 10 * 8 * 6  # ten rows (classes) of 8x8 at 6x
-    # the end of the output says where everything is and how to open the UIs
-    for text in ("retrain finished in", "sample grid", str(grid), "mlflow ui --backend-store-uri "
-                 f"sqlite:///{root}/mlflow.db", "open the UIs", "Prefect  "):
-        assert text in out2, text
-
-    # Prefect artifacts of the run: the markdown summary and the sample grid
-    summary_md = latest_artifact("retrain-summary")
-    assert s2["dataset"]["version"] in summary_md and "promoted to @champion" in summary_md
-    assert "| ddim | 10 |" in summary_md  # the evaluation table
-    assert "data:image/png;base64," in latest_artifact("retrain-samples")
-    # MLflow: the training run holds the grid; version 1 is the champion
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    run_id = s2["train"]["mlflow_run_id"]
-    assert [a.path for a in client.list_artifacts(run_id, "samples")] == \
-        ["samples/generated-grid.png"]
-    assert str(client.get_model_version_by_alias("digits-diffusion", "champion").version) == "1"
-
-    # 3. unchanged rerun: every stage skipped, Ray never started, the same outputs
-    log3 = tmp_path / "run3.log"
-    finish(run_cli([*args, "--summary-json", str(tmp_path / "s3.json")], prefect_env, log3),
-           log3)
-    s3 = json.loads((tmp_path / "s3.json").read_text())
-    assert stages(s3) == {"preflight": "done", "preprocess": "reused", "train": "reused",
-                          "evaluate": "reused", "register": "reused", "promote": "reused",
-                          "generate": "reused"}
-    assert s3["ray_start_s"] == 0
-    assert s3["train"]["checkpoint_uri"] == s2["train"]["checkpoint_uri"]
-    assert s3["generation"]["output"] == s2["generation"]["output"]
-    assert len(client.search_model_versions("name='digits-diffusion'")) == 1
+def glob_s3(s3, pattern: str) -> list[str]:
+    s3.client.invalidate_cache()  # s3fs caches listings; the pipeline writes meanwhile
+    return s3.client.glob(pattern)
 
 
-def test_run_on_s3_with_an_authenticated_mlflow_server_leaks_no_credential(
-        prefect_env, s3, tmp_path):
+def find_s3(s3, bucket: str) -> list[str]:
+    s3.client.invalidate_cache()
+    return s3.client.find(bucket)
+
+
+def test_run_on_s3_killed_resumed_rerun_and_no_credential_leaks(prefect_env, s3, tmp_path,
+                                                                 kill_session):
     bucket = s3.bucket()
     secrets = {"AWS_ACCESS_KEY_ID": "AKIDPIPELINE" + uuid.uuid4().hex[:8].upper(),
                "AWS_SECRET_ACCESS_KEY": "s3secret-" + uuid.uuid4().hex,
@@ -212,25 +147,91 @@ def test_run_on_s3_with_an_authenticated_mlflow_server_leaks_no_credential(
 
         env = {**prefect_env, **secrets, "MLFLOW_TRACKING_USERNAME": "admin",
                "MLFLOW_TRACKING_URI": uri, "AWS_ENDPOINT_URL": s3.endpoint}
-        cfg = config_file(tmp_path, train={"steps": 40, "checkpoint_every": 40})
-        log = tmp_path / "run.log"
-        out = finish(run_cli(["--config", str(cfg), "--root", f"s3://{bucket}/pipeline",
-                              "--summary-json", str(tmp_path / "s.json")], env, log), log)
-        summary_text = (tmp_path / "s.json").read_text()
-        s = json.loads(summary_text)
-        assert stages(s)["generate"] == "done" and s["promotion"]["champion"] == "1", out[-3000:]
-        assert s["generation"]["grid"].startswith(f"s3://{bucket}/pipeline/generations/")
-        assert f"MLflow   {uri}" in out
+        root = f"{bucket}/pipeline"
+        args = ["--config", str(config_file(tmp_path)), "--root", f"s3://{root}"]
+        started = time.time()
 
-        # everything landed in the bucket: dataset, run, samples, grid, MLflow's artifacts
-        keys = s3.client.find(bucket)
-        for part in ("pipeline/datasets/digits/", "pipeline/runs/", "pipeline/generations/",
-                     "mlflow/"):
+        # 1. killed once the first checkpoint is in the bucket: no summary, the run unfinished
+        log1 = tmp_path / "run1.log"
+        proc = run_cli([*args, "--summary-json", str(tmp_path / "s1.json")], env, log1)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and not glob_s3(
+                    s3, f"{root}/runs/*/checkpoint_*/state.json"):
+                assert proc.poll() is None, log1.read_text()[-5000:]
+                time.sleep(0.5)
+            assert glob_s3(s3, f"{root}/runs/*/checkpoint_*/state.json"), \
+                log1.read_text()[-5000:]
+        finally:
+            kill_session(proc)
+        assert not (tmp_path / "s1.json").exists()
+        status_files = glob_s3(s3, f"{root}/runs/*/_status.json")
+        status = json.loads(s3.client.cat_file(status_files[0])) if status_files else {}
+        assert status.get("status") != "finished"
+
+        # 2. rerun: the dataset is reused, training resumes from a checkpoint and the rest runs
+        log2 = tmp_path / "run2.log"
+        out2 = finish(run_cli([*args, "--summary-json", str(tmp_path / "s2.json")], env, log2),
+                      log2)
+        summary_text = (tmp_path / "s2.json").read_text()
+        s2 = json.loads(summary_text)
+        assert stages(s2) == {"preflight": "done", "preprocess": "reused", "train": "done",
+                              "evaluate": "done", "register": "done", "promote": "promoted",
+                              "generate": "done"}, out2[-3000:]
+        m = s2["train"]["metrics"]
+        assert m["step"] == 200 and m["status"] == "finished" and 100 <= m["resumed_from"] < 200
+        assert "[3/7] train done" in out2 and f"(resumed from step {m['resumed_from']})" in out2
+        # the killed driver's training lease was taken over at once, not after it went stale
+        assert "breaking the dead holder's lease" in out2 and "_training.lock" in out2
+        assert s2["promotion"]["champion"] == "1" and s2["registered"]["model_uri"] == \
+            "models:/digits-diffusion/1"
+        # the evaluation is stored in the bucket too
+        ev = s2["evaluation"]
+        assert ev["stored_at"].startswith(f"s3://{root}/evaluations/")
+        assert ev["metrics"]["fd"] > 0 and ev["default_sampler"] == {"name": "ddim", "steps": 10}
+        grid = s2["generation"]["grid"]
+        assert grid.startswith(f"s3://{root}/generations/")
+        assert grid.rsplit("/", 1)[0] == s2["generation"]["output"]
+        from io import BytesIO
+
+        from PIL import Image
+
+        img = np.asarray(Image.open(BytesIO(s3.client.cat_file(grid.removeprefix("s3://")))))
+        assert img.ndim == 2 and img.shape[0] > 10 * 8 * 6  # ten rows (classes) of 8x8 at 6x
+        # the end of the output says where everything is and how to open the UIs
+        for text in ("retrain finished in", "sample grid", grid, f"MLflow   {uri}",
+                     "open the UIs", "Prefect  "):
+            assert text in out2, text
+
+        # Prefect artifacts of the run: the markdown summary and the sample grid
+        summary_md = latest_artifact("retrain-summary")
+        assert s2["dataset"]["version"] in summary_md and "promoted to @champion" in summary_md
+        assert "| ddim | 10 |" in summary_md  # the evaluation table
+        assert "data:image/png;base64," in latest_artifact("retrain-samples")
+
+        # everything landed in the bucket: dataset, run, evaluation, samples, grid, MLflow's
+        # artifacts
+        keys = find_s3(s3, bucket)
+        for part in ("pipeline/datasets/digits/", "pipeline/runs/", "pipeline/evaluations/",
+                     "pipeline/generations/", "mlflow/"):
             assert any(k.startswith(f"{bucket}/{part}") for k in keys), part
         assert any(k.endswith("/grid.png") for k in keys)
         assert any(k.endswith("model.safetensors") and "/mlflow/" in k for k in keys)
 
-        # no credential anywhere: CLI output, summary, MLflow params/tags, Prefect logs and
+        # 3. unchanged rerun: every stage skipped, Ray never started, the same outputs
+        log3 = tmp_path / "run3.log"
+        out3 = finish(run_cli([*args, "--summary-json", str(tmp_path / "s3.json")], env, log3),
+                      log3)
+        s3_summary = json.loads((tmp_path / "s3.json").read_text())
+        assert stages(s3_summary) == {
+            "preflight": "done", "preprocess": "reused", "train": "reused", "evaluate": "reused",
+            "register": "reused", "promote": "reused", "generate": "reused"}
+        assert s3_summary["ray_start_s"] == 0
+        assert s3_summary["train"]["checkpoint_uri"] == s2["train"]["checkpoint_uri"]
+        assert s3_summary["generation"]["output"] == s2["generation"]["output"]
+
+        # MLflow: the training run holds the grid; version 1, the only one, is the champion.
+        # No credential anywhere: CLI output, summary, MLflow params/tags, Prefect logs and
         # artifacts, stored JSON files
         from mlflow import MlflowClient
 
@@ -238,18 +239,24 @@ def test_run_on_s3_with_an_authenticated_mlflow_server_leaks_no_credential(
         os.environ["MLFLOW_TRACKING_PASSWORD"] = secrets["MLFLOW_TRACKING_PASSWORD"]
         try:
             client = MlflowClient(uri)
+            grid_artifacts = [a.path for a in client.list_artifacts(
+                s2["train"]["mlflow_run_id"], "samples")]
+            champion = client.get_model_version_by_alias("digits-diffusion", "champion")
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
             versions = client.search_model_versions("name='digits-diffusion'")
         finally:
             os.environ.pop("MLFLOW_TRACKING_USERNAME")
             os.environ.pop("MLFLOW_TRACKING_PASSWORD")
-        assert runs and versions
+        assert grid_artifacts == ["samples/generated-grid.png"]
+        assert str(champion.version) == "1" and len(versions) == 1
+        assert runs
         recorded = json.dumps([[r.data.params, r.data.tags] for r in runs]
                               + [v.tags for v in versions])
+        keys = find_s3(s3, bucket)
         stored = "".join(s3.client.cat_file(k).decode("utf-8", "replace") for k in keys
                          if k.endswith((".json", ".yaml", ".txt", ".md", "MLmodel")))
-        texts = {"output": out, "summary": summary_text, "mlflow": recorded, "files": stored,
-                 "prefect": prefect_texts(s["started_at"])}
+        texts = {"output": log1.read_text() + out2 + out3, "summary": summary_text,
+                 "mlflow": recorded, "files": stored, "prefect": prefect_texts(started)}
         for name, value in secrets.items():
             for where, text in texts.items():
                 assert value not in text, f"{name} leaked into {where}"
@@ -288,3 +295,30 @@ def test_cli_run_help_and_a_bad_config_fail_before_any_work(tmp_path):
     assert bad.exit_code == 2
     assert bad.output.strip().splitlines()[-1].startswith("error: invalid config: train.steps")
     assert "Traceback" not in bad.output and not (tmp_path / "datasets").exists()
+
+
+@pytest.mark.parametrize("prefect_api", [None, "http://127.0.0.1:4321/api"])
+def test_the_end_of_a_local_run_says_where_everything_is(monkeypatch, tmp_path, prefect_api):
+    """What `run` prints last, for a run on a local root: MLflow on SQLite beside it is opened
+    with `mlflow ui` (a run against an MLflow server names the server: the test above)."""
+    from flows.cli import where_everything_is
+
+    if prefect_api:
+        monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    else:
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    root = tmp_path / "root"
+    grid = f"{root}/generations/0123abcd/grid.png"
+    out = where_everything_is({
+        "seconds": 93.4, "stages": [{"stage": "train", "status": "done", "seconds": 41.2}],
+        "dataset": {"manifest_uri": f"{root}/datasets/digits/0123456789abcdef/_manifest.json"},
+        "train": {"checkpoint_uri": f"{root}/runs/r/checkpoint_000300"},
+        "registered": {"model_uri": "models:/digits-diffusion/1", "version": "1"},
+        "promotion": {"champion": "1"},
+        "generation": {"output": f"{root}/generations/0123abcd", "num_samples": 120,
+                       "grid": grid},
+        "tracking_uri": f"sqlite:///{root}/mlflow.db"})
+    for text in ("retrain finished in", "sample grid", grid, "mlflow ui --backend-store-uri "
+                 f"sqlite:///{root}/mlflow.db", "open the UIs", "Prefect  "):
+        assert text in out, text
+    assert ("Prefect  http://127.0.0.1:4321" in out) == bool(prefect_api)
