@@ -364,6 +364,49 @@ def without_credentials(value):
     return redact(value) if isinstance(value, str) else value
 
 
+@app.command("job-run", hidden=True)
+def job_run(
+    request: str = typer.Argument(..., help="URI of the job's request.json."),
+    s3_endpoint_url: str = typer.Option(None, help="S3 endpoint for reading the request."),
+) -> None:
+    """Inside a Ray Job: run the stage the request names in this process and store its result
+    (or its error) beside the request. The entrypoint of every stage's Ray Job (tasks.jobs)."""
+    import json
+
+    from tasks.jobs import error_record
+    from tasks.stages import run_stage
+    from tasks.storage import (
+        Location,
+        StorageConfig,
+        atomic_write_bytes,
+        read_json,
+        storage_options,
+    )
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    options = StorageConfig(s3_endpoint_url=s3_endpoint_url)
+    req = read_json(Location.of(request, storage_options(request, options)))
+    echo = lambda m: print(m, flush=True)  # noqa: E731 - the job's log is what the driver shows
+    echo(f"running stage {req['stage']} (job key {req['key']}, attempt {req['attempt']})")
+    try:
+        result = run_stage(req["stage"], req["args"], echo=echo)
+    except BaseException as e:
+        out = req["error"]
+        atomic_write_bytes(Location.of(out, storage_options(out, options)),
+                           json.dumps(error_record(e), indent=2).encode())
+        code = exit_code(e)
+        if code is None:  # unexpected: the whole trace belongs in the job's log
+            import traceback
+
+            traceback.print_exc()
+        echo(f"error: {type(e).__name__}: {e}")
+        raise typer.Exit(code=1 if code is None else code) from None
+    out = req["result"]
+    atomic_write_bytes(Location.of(out, storage_options(out, options)),
+                       json.dumps(result, indent=2, default=str).encode())
+    echo(f"stage {req['stage']} done")
+
+
 @app.callback()
 def _root() -> None:
     """Pipeline stages as sub-commands; see each one's --help."""

@@ -6,19 +6,17 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from flows.config import PipelineConfig
-from tasks.datasets import DataConfig
-from tasks.evaluate import EvalConfig, run_evaluation
 from tasks.retry import transient_retries
-from tasks.runtime import RuntimeConfig
+from tasks.stages import execute
 
 
 @task(name="evaluate", task_run_name="evaluate {model_ref}", **transient_retries())
 def evaluate_task(model_ref: str, config: dict, dataset_version: str | None = None) -> dict:
-    """Evaluate ``model_ref`` with the ``evaluate`` section of ``config`` (PipelineConfig)."""
-    return run_evaluation(model_ref, DataConfig(**config["data"]),
-                          EvalConfig(**config.get("evaluate", {})),
-                          RuntimeConfig(**config["runtime"]),
-                          dataset_version=dataset_version, echo=get_run_logger().info)
+    """Evaluate ``model_ref`` with the ``evaluate`` section of ``config`` (PipelineConfig), here
+    or as a Ray Job (:mod:`tasks.stages`)."""
+    return execute("evaluate", {"model_ref": model_ref, "config": config,
+                                "dataset_version": dataset_version},
+                   echo=get_run_logger().info)
 
 
 @flow(name="evaluate", log_prints=True)

@@ -6,18 +6,20 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from flows.config import PipelineConfig, with_overrides
-from tasks.generate import GenerateConfig, generate
+from flows.progress import ProgressArtifact
 from tasks.registry import model_name_for
 from tasks.retry import transient_retries
-from tasks.runtime import RuntimeConfig
+from tasks.stages import execute
 
 
 @task(name="generate", task_run_name="generate {config[generate][num_samples]} samples",
       **transient_retries())
 def generate_task(config: dict, default_model: str | None = None) -> dict:
-    """Run the generation job of ``config`` (a PipelineConfig as JSON)."""
-    return generate(GenerateConfig(**config["generate"]), RuntimeConfig(**config["runtime"]),
-                    default_model=default_model, echo=get_run_logger().info).summary()
+    """Run the generation job of ``config`` (a PipelineConfig as JSON), here or as a Ray Job
+    (:mod:`tasks.stages`)."""
+    return execute("generate", {"config": config, "default_model": default_model},
+                   echo=get_run_logger().info,
+                   progress=ProgressArtifact("samples generated"))
 
 
 @flow(name="generate", log_prints=True)

@@ -6,18 +6,16 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from flows.config import PipelineConfig
-from tasks.datasets import DataConfig
-from tasks.preprocess import preprocess
 from tasks.retry import transient_retries
-from tasks.runtime import RuntimeConfig
+from tasks.stages import execute
 
 
 @task(name="preprocess", task_run_name="preprocess {data[name]}", **transient_retries())
 def preprocess_task(data: dict, runtime: dict) -> dict:
-    """Preprocess ``data`` (a DataConfig as a dict); returns the dataset reference."""
-    result = preprocess(DataConfig(**data), RuntimeConfig(**runtime),
-                        echo=get_run_logger().info)
-    return result.summary()
+    """Preprocess ``data`` (a DataConfig as a dict); returns the dataset reference. Runs here, or
+    as a Ray Job when the Ray address is a Jobs API address (:mod:`tasks.stages`)."""
+    return execute("preprocess", {"data": data, "runtime": runtime},
+                   echo=get_run_logger().info)
 
 
 @flow(name="preprocess", log_prints=True)

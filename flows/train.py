@@ -5,24 +5,20 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from diffusion.pipeline import DiffusionConfig
-from diffusion.unet import UNetConfig
 from flows.config import PipelineConfig
-from tasks.datasets import DataConfig
+from flows.progress import ProgressArtifact
 from tasks.retry import transient_retries
-from tasks.runtime import RuntimeConfig
-from tasks.train import TrainConfig, run_training
+from tasks.stages import execute
 
 
-# A retry after a lost cluster connection resumes the run from its latest checkpoint.
+# A retry after a lost cluster connection resumes the run from its latest checkpoint (or, with
+# Ray Jobs, re-attaches to the job that still runs).
 @task(name="train", task_run_name="train {config[data][name]}", **transient_retries())
 def train_task(config: dict) -> dict:
-    """Train on the dataset named in ``config`` (a PipelineConfig as JSON)."""
-    res = run_training(
-        DataConfig(**config["data"]), UNetConfig.from_dict(config["model"]),
-        DiffusionConfig.from_dict(config["diffusion"]), TrainConfig(**config["train"]),
-        RuntimeConfig(**config["runtime"]), pipeline=config, echo=get_run_logger().info)
-    return res.summary()
+    """Train on the dataset named in ``config`` (a PipelineConfig as JSON), here or as a Ray
+    Job (:mod:`tasks.stages`)."""
+    return execute("train", {"config": config}, echo=get_run_logger().info,
+                   progress=ProgressArtifact("training steps done"))
 
 
 @flow(name="train", log_prints=True)

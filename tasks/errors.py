@@ -4,11 +4,13 @@
     ├── TransientError              worth retrying later (the retry policy, tasks.retry)
     │   ├── StorageUnavailable          (also a StorageError)
     │   ├── RegistryUnavailable         (also a RegistryError)
-    │   └── TrackingUnavailable         (also a TrackingError)
+    │   ├── TrackingUnavailable         (also a TrackingError)
+    │   └── ClusterUnreachable          the Ray Jobs API did not answer for too long
     ├── ConfigError                 the config cannot be built (the CLI exits with 2)
     └── StorageError, DatasetNotFound, PreprocessError, TrainConfigError, TrainingBusy,
         TrainingDiverged, RunNotFound, CheckpointError, LeaseBusy, EvalError, RegistryError,
-        TrackingError, GenerateError    fail at once; the same way every time
+        TrackingError, GenerateError, ClusterAuthError, StageJobFailed, StageTimeout
+                                    fail at once; the same way every time
 
 Each error also keeps the builtin base it always had (``ValueError``, ``RuntimeError``,
 ``LookupError``), so ``except ValueError`` around a stage still catches what it caught before.
@@ -105,3 +107,24 @@ class TrackingUnavailable(TrackingError, TransientError):
 
 class GenerateError(PipelineError, ValueError):
     """The job cannot run as configured; names the setting and what to do."""
+
+
+# Cluster execution (Ray Jobs)
+
+
+class ClusterUnreachable(TransientError, ConnectionError):
+    """The Ray Jobs API did not answer for longer than the wait allows. The job itself may still
+    be running: a rerun re-attaches to it rather than starting another."""
+
+
+class ClusterAuthError(PipelineError, PermissionError):
+    """The Ray cluster refused this client's credentials (its token); names what to set."""
+
+
+class StageJobFailed(PipelineError, RuntimeError):
+    """A stage's Ray Job failed without a pipeline error of its own (a crash, an OOM kill, a
+    stopped job); the message names the job and ends with the tail of its log."""
+
+
+class StageTimeout(PipelineError, TimeoutError):
+    """A stage ran past its timeout (``runtime.stage_timeouts``); names the stage and the job."""

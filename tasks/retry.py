@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.errors import TransientError
+from tasks.errors import PipelineError, TransientError
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -20,6 +20,8 @@ def is_transient(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, TransientError):
         return True
+    if isinstance(exc, PipelineError):  # e.g. StageTimeout, a TimeoutError that is no blip
+        return False
     # ray.init(address=...) raises ConnectionError when the cluster is not (yet) reachable;
     # sockets raise ConnectionError / TimeoutError subclasses.
     return isinstance(exc, ConnectionError | TimeoutError)

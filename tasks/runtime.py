@@ -1,8 +1,16 @@
 """Where the pipeline runs and stores things: the ``runtime.*`` config section and Ray start-up.
 
 On a laptop everything is embedded: a local Ray started on demand, files under
-``./pipeline-data``. On a cluster the same code connects to ``RAY_ADDRESS`` (or
-``runtime.ray_address``) and stores under an ``s3://`` root.
+``./pipeline-data``. On a cluster the same code reaches the cluster at ``RAY_ADDRESS`` (or
+``runtime.ray_address``) and stores under an ``s3://`` root:
+
+- ``http(s)://<head>:8265`` (the Ray Jobs API): each Ray stage runs inside the cluster as a Ray
+  Job (:mod:`tasks.jobs`); the flow run only submits, follows and reads back. The way to run
+  long or scheduled work.
+- ``ray://<head>:10001`` (Ray Client): this process drives the cluster over one connection,
+  which Ray ends when it is lost for more than 30 s. Kept for interactive use.
+- ``<head>:6379`` or ``auto``: this process joins the cluster as a driver (on a cluster node,
+  e.g. inside a Ray Job).
 """
 
 from __future__ import annotations
@@ -11,8 +19,9 @@ import logging
 import os
 import time
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.errors import ConfigError
 from tasks.storage import Location, StorageConfig, storage_options
 
 log = logging.getLogger(__name__)
@@ -22,13 +31,33 @@ log = logging.getLogger(__name__)
 ray_start_seconds: float | None = None
 
 
+class StageTimeouts(BaseModel):
+    """Seconds each Ray stage may run before it is stopped and the run fails naming it (the
+    ``runtime.stage_timeouts`` keys). A hung stage then fails this run instead of blocking
+    every later scheduled one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preprocess: float = Field(6 * 3600, gt=0, description="Seconds for preprocessing.")
+    train: float = Field(72 * 3600, gt=0, description="Seconds for one training run.")
+    evaluate: float = Field(6 * 3600, gt=0, description="Seconds for one evaluation.")
+    generate: float = Field(24 * 3600, gt=0, description="Seconds for one generation job.")
+
+
 class RuntimeConfig(StorageConfig):
     """The ``runtime`` section of the pipeline config."""
 
     root: str = Field("./pipeline-data", description="Storage root: a local path or s3://...")
     ray_address: str | None = Field(
-        None, description="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)."
+        None, description="Ray cluster: http(s)://head:8265 runs each Ray stage as a Ray Job "
+        "(recommended); ray://head:10001 drives it over Ray Client. Default: RAY_ADDRESS, "
+        "else a local Ray."
     )
+    stage_timeouts: StageTimeouts = Field(
+        default_factory=StageTimeouts, description="Seconds each Ray stage may run.")
+    ray_jobs_unreachable_s: float = Field(
+        600.0, gt=0, description="Seconds a flow run keeps polling a Ray Jobs API that does not "
+        "answer before it fails (the job runs on; a rerun re-attaches).")
     ray_num_cpus: int | None = Field(
         None, ge=1, description="CPUs for a local Ray (default: all); ignored on a cluster."
     )
@@ -52,6 +81,19 @@ class RuntimeConfig(StorageConfig):
         return Location.of(root, storage_options(root, self))
 
 
+def ray_address(cfg: RuntimeConfig) -> str | None:
+    """The configured Ray address (``runtime.ray_address``, else ``RAY_ADDRESS``), or None."""
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def jobs_address(cfg: RuntimeConfig) -> str | None:
+    """The Ray Jobs API address when the stages run as Ray Jobs, else None."""
+    from tasks.jobs import is_jobs_address
+
+    address = ray_address(cfg)
+    return address if is_jobs_address(address) else None
+
+
 def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
     """Connect to (or start) Ray unless this process already did. Returns the seconds it took."""
     global ray_start_seconds
@@ -59,12 +101,24 @@ def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
 
     if ray.is_initialized():
         return 0.0
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
+    from tasks.jobs import is_jobs_address
+
+    if is_jobs_address(address):  # a stage that runs in this process on a Jobs-mode config
+        raise ConfigError(
+            f"Ray address {address} is a Ray Jobs API address: stages submit Ray Jobs there and "
+            "cannot join it as a driver; this code path needs ray://head:10001, head:6379 or "
+            "no address (a local Ray)")
     t0 = time.perf_counter()
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
         if echo:
             echo(f"connecting to Ray at {address}")
+        if address.startswith("ray://"):
+            log.warning("Ray Client (%s) ends the workload when its connection is lost for "
+                        "more than 30 s; for long or scheduled runs set RAY_ADDRESS to the Ray "
+                        "Jobs API (http://<head>:8265) and each stage runs as a Ray Job",
+                        address)
         ray.init(address=address, **kwargs)
     else:
         if echo:

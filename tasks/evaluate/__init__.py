@@ -40,7 +40,7 @@ from tasks.evaluate.metrics import (
     nearest_rms,
     sample_labels,
 )
-from tasks.evaluate.placement import run_evaluation
+from tasks.evaluate.placement import run_evaluation, stored_evaluation
 from tasks.evaluate.reference import (
     FLOOR_EVERY,
     REFERENCE_DIR,
@@ -74,5 +74,6 @@ __all__ = [
     "result_location",
     "run_evaluation",
     "sample_labels",
+    "stored_evaluation",
     "table",
 ]

@@ -43,6 +43,17 @@ def run_evaluation(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: R
         raise
 
 
+def stored_evaluation(args: dict, *, echo=print) -> dict | None:
+    """The stored result of the evaluation ``args`` describe (``model_ref``, ``config`` as
+    JSON, ``dataset_version``), looked up on the CPU, or None: what a Ray Jobs driver checks
+    before it submits one."""
+    c = args["config"]
+    cfg = EvalConfig(**c.get("evaluate", {}))
+    return evaluate(args["model_ref"], DataConfig(**c["data"]),
+                    cfg.model_copy(update={"device": "cpu"}), RuntimeConfig(**c["runtime"]),
+                    dataset_version=args.get("dataset_version"), echo=echo, stored_only=True)
+
+
 def _evaluate_on_worker(model_ref: str, data: DataConfig, cfg: EvalConfig,
                         runtime: RuntimeConfig, dataset_version: str | None) -> dict:
     """The Ray task's body: :func:`evaluate` on the task's CPUs, its progress lines tagged."""

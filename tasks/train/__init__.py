@@ -30,13 +30,14 @@ _HOMES = {
     "run_identity": "config",
     "build_dataset": "data", "_batches": "data",
     "STATUS_FILE": "runs", "finished_run": "runs",
-    "TrainResult": "driver", "run_training": "driver",
+    "TrainResult": "driver", "run_training": "driver", "plan_run": "driver",
     "train_loop_per_worker": "worker",
     "_restore": "restore",
 }
 __all__ = [
     "EXECUTION_KEYS", "STATUS_FILE", "TrainConfig", "TrainResult", "build_dataset",
-    "check_config", "default_run_name", "finished_run", "optim_config", "run_identity",
+    "check_config", "default_run_name", "finished_run", "optim_config", "plan_run",
+    "run_identity",
     "run_training", "train_loop_per_worker", "validate",
 ]
 
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     )
     from tasks.train.data import _batches as _batches
     from tasks.train.data import build_dataset
-    from tasks.train.driver import TrainResult, run_training
+    from tasks.train.driver import TrainResult, plan_run, run_training
     from tasks.train.restore import _restore as _restore
     from tasks.train.runs import STATUS_FILE, finished_run
     from tasks.train.worker import train_loop_per_worker

@@ -114,6 +114,19 @@ def run_training(
                            f"{e}") from None
 
 
+def plan_run(pipeline: dict) -> tuple[str, bool]:
+    """(run name, finished) of the training run the pipeline config ``pipeline`` (JSON) names:
+    what a Ray Jobs driver needs to name the job, or to skip it, without Ray."""
+    from diffusion.unet import UNetConfig
+
+    data, runtime = DataConfig(**pipeline["data"]), RuntimeConfig(**pipeline["runtime"])
+    train = TrainConfig(**pipeline["train"])
+    fit = _resolve(data, UNetConfig.from_dict(pipeline["model"]),
+                   DiffusionConfig.from_dict(pipeline["diffusion"]), train, runtime, pipeline,
+                   lambda _: None, None)
+    return fit.run_name, isinstance(find_finished(fit.root, fit.run_name, train.steps), dict)
+
+
 def _resolve(data: DataConfig, model: Any, diffusion: DiffusionConfig, train: TrainConfig,
              runtime: RuntimeConfig, pipeline: dict | None, echo, fault: str | None) -> FitJob:
     """Open the dataset, validate the config against it, name the run and write its job."""

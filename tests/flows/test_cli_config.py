@@ -68,7 +68,7 @@ def test_config_with_an_unknown_key_suggests_one_and_lists_its_section_only():
     assert "data:" not in line and "resolution" not in line and len(line.splitlines()) == 1
 
 
-COMMANDS = [c.name or c.callback.__name__ for c in app.registered_commands]
+COMMANDS = [c.name or c.callback.__name__ for c in app.registered_commands if not c.hidden]
 
 
 def _words(text: str) -> str:

@@ -24,9 +24,11 @@ BUILTIN_BASE = {
     "LeaseBusy": RuntimeError, "EvalError": RuntimeError, "RegistryError": RuntimeError,
     "RegistryUnavailable": RuntimeError, "TrackingError": RuntimeError,
     "TrackingUnavailable": RuntimeError, "GenerateError": ValueError,
+    "ClusterUnreachable": ConnectionError, "ClusterAuthError": PermissionError,
+    "StageJobFailed": RuntimeError, "StageTimeout": TimeoutError,
 }
 TRANSIENT = {"StorageUnavailable": "StorageError", "RegistryUnavailable": "RegistryError",
-             "TrackingUnavailable": "TrackingError"}
+             "TrackingUnavailable": "TrackingError", "ClusterUnreachable": "TransientError"}
 
 
 def _defined_errors() -> set[str]:
