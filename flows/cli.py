@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -373,7 +374,7 @@ def job_run(
     (or its error) beside the request. The entrypoint of every stage's Ray Job (tasks.jobs)."""
     import json
 
-    from tasks.jobs import error_record
+    from tasks.jobs import error_line, error_record
     from tasks.stages import run_stage
     from tasks.storage import (
         Location,
@@ -391,15 +392,17 @@ def job_run(
     try:
         result = run_stage(req["stage"], req["args"], echo=echo)
     except BaseException as e:
-        out = req["error"]
-        atomic_write_bytes(Location.of(out, storage_options(out, options)),
-                           json.dumps(error_record(e), indent=2).encode())
         code = exit_code(e)
         if code is None:  # unexpected: the whole trace belongs in the job's log
             import traceback
 
             traceback.print_exc()
-        echo(f"error: {type(e).__name__}: {e}")
+        record = error_record(e)
+        with contextlib.suppress(Exception):  # storage may be what failed; the log line is enough
+            out = req["error"]
+            atomic_write_bytes(Location.of(out, storage_options(out, options)),
+                               json.dumps(record, indent=2).encode())
+        echo(error_line(record))
         raise typer.Exit(code=1 if code is None else code) from None
     out = req["result"]
     atomic_write_bytes(Location.of(out, storage_options(out, options)),

@@ -49,6 +49,7 @@ REQUEST = "request.json"
 RESULT = "result.json"
 ERROR = "error.json"
 ENTRYPOINT = "diffusion-pipeline job-run"
+ERROR_MARK = "diffusion-pipeline-error: "
 # HTTP timeouts of one Jobs API call: (connect, read) seconds. Without them a request sent into
 # a partition waits for the kernel's TCP timeouts (minutes).
 HTTP_TIMEOUT = (5.0, 30.0)
@@ -295,14 +296,16 @@ class JobRunner:
         status = _status(info)
         if status == "SUCCEEDED" and exists(where.child(RESULT)):
             return read_json(where.child(RESULT))
-        if exists(where.child(ERROR)):
-            raise error_from_record(read_json(where.child(ERROR)), sid)
-        tail = ""
         try:
             logs = self._api(f"reading the log of {sid}", lambda c: c.get_job_logs(sid)) or ""
-            tail = "\n".join(logs.strip().splitlines()[-15:])
         except ClusterUnreachable:
-            pass
+            logs = ""
+        record = error_in_log(logs)
+        if record is None and exists(where.child(ERROR)):
+            record = read_json(where.child(ERROR))
+        if record is not None:
+            raise error_from_record(record, sid)
+        tail = "\n".join(logs.strip().splitlines()[-15:])
         why = info.message or status.lower()
         raise StageJobFailed(f"stage {stage} failed: Ray job {sid} ended {status.lower()} "
                              f"({why}) without a result; rerun to resubmit it"
@@ -370,6 +373,23 @@ def _flow_run_cancelling() -> bool:
 def error_record(e: BaseException) -> dict:
     """What the job writes when its stage fails: the error's type and message."""
     return {"type": type(e).__name__, "module": type(e).__module__, "message": str(e)}
+
+
+def error_line(record: dict) -> str:
+    """The job's last log line when its stage fails: the error record as one JSON line. The
+    log reaches the driver through Ray, so the error does even when storage is what failed."""
+    return ERROR_MARK + json.dumps(record)
+
+
+def error_in_log(logs: str) -> dict | None:
+    """The error record of :func:`error_line` in a job's log, or None."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith(ERROR_MARK):
+            try:
+                return json.loads(line[len(ERROR_MARK):])
+            except ValueError:
+                return None
+    return None
 
 
 def error_from_record(record: dict, sid: str) -> BaseException:

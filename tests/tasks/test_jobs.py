@@ -202,6 +202,18 @@ def test_a_pipeline_error_in_the_job_is_raised_as_itself(root):
         runner(cluster, []).run(JOB)
 
 
+def test_an_error_reaches_the_driver_through_the_log_when_storage_is_down(root):
+    from tasks.jobs import error_line
+
+    def fail(sid, job, cluster):  # no error.json: the job could not write to storage
+        job.logs = "listing s3://b/raw\n" + error_line(error_record(
+            errors.StorageUnavailable("s3 endpoint http://s3:5000 did not answer"))) + "\n"
+        job.status = "FAILED"
+
+    with pytest.raises(errors.StorageUnavailable, match="did not answer"):
+        runner(FakeCluster(root, fail), []).run(JOB)
+
+
 def test_a_crashed_job_fails_with_its_log_tail(root):
     def crash(sid, job, cluster):
         job.logs = "starting\nKilled (OOM)\n"
@@ -375,5 +387,8 @@ def test_job_run_stores_the_stage_error_and_exits_non_zero(tmp_path):
     assert res.exit_code == 1, res.output
     record = json.loads((where / ERROR).read_text())
     assert record["type"] == "DatasetNotFound" and "digits" in record["message"]
+    from tasks.jobs import error_in_log
+
+    assert error_in_log(res.output) == record  # the same record, as the log's last line
     assert not (where / RESULT).exists()
     assert isinstance(error_from_record(record, "train-x"), errors.DatasetNotFound)
