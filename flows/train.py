@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, with_overrides
 from flows.progress import ProgressArtifact
 from tasks.retry import transient_retries
 from tasks.stages import execute
@@ -22,12 +22,13 @@ def train_task(config: dict) -> dict:
 
 
 @flow(name="train", log_prints=True)
-def train_flow(config: PipelineConfig) -> dict:
+def train_flow(config: PipelineConfig, overrides: list[str] | None = None) -> dict:
     """Train on ``config['data']['name']`` (latest committed version unless data.version).
 
     ``config`` is the pipeline config; Prefect validates a mapping (a deployment's parameters)
     into :class:`~flows.config.PipelineConfig` before the flow starts, so a run with bad
-    parameters fails before Ray is touched.
+    parameters fails before Ray is touched. ``overrides`` (``section.key=value``) change single
+    keys of it for one run, e.g. ``["train.steps=1000"]``.
     """
-    cfg = PipelineConfig.model_validate(config)
+    cfg = with_overrides(config, overrides)
     return train_task(cfg.to_json_dict())

@@ -33,7 +33,7 @@ class Window:
         np.add.at(self.qn, q, 1)
 
     def metrics(self, done: int, *, steps: int, start: int, nodes: int, lr: float,
-                batch_size: int) -> dict:
+                batch_size: int, world_size: int = 1) -> dict:
         """The interval's means as reported after step ``done`` of ``steps`` (``batch_size``:
         the global batch, for images per second)."""
         dt = time.perf_counter() - self.t0
@@ -43,6 +43,7 @@ class Window:
             "status": "running" if done < steps else "finished",
             "resumed_from": start,
             "nodes": nodes,
+            "world_size": world_size,
             "loss": self.loss / n,
             "grad_norm": self.grad / n,
             "lr": lr,

@@ -219,7 +219,8 @@ def _train(w: _Worker, s: _State, net, batches, start: int, nodes: int, tracker,
         is_ckpt = done % train.checkpoint_every == 0 or done == train.steps
         if done % train.log_every == 0 or is_ckpt:
             metrics = window.metrics(done, steps=train.steps, start=start, nodes=nodes,
-                                     lr=s.sched.get_last_lr()[0], batch_size=train.batch_size)
+                                     lr=s.sched.get_last_lr()[0], batch_size=train.batch_size,
+                                     world_size=w.world)
             w.echo(f"step {done}/{train.steps} loss {metrics['loss']:.4f} "
                    f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s")
             tracker.metrics(metrics, done)
