@@ -62,7 +62,7 @@ def test_infra_has_the_expected_files():
     expected = [
         "prefect.yaml", "compose.yaml", ".env.example", "README.md",
         "kubernetes/prefect-base-job-template.json", "kubernetes/raycluster.yaml",
-        "kubernetes/pipeline-env.yaml", "ray/cluster.yaml",
+        "kubernetes/pipeline-env.yaml", "kubernetes/rayjob-generate.yaml", "ray/cluster.yaml",
         "docker/Dockerfile", "docker/Dockerfile.dockerignore", "docker/mlflow.Dockerfile",
         "docker/mlflow_entrypoint.py", "postgres/init-databases.sh",
         "configs/digits.yaml", "configs/cifar-s3-gpu.yaml", "configs/conditional-cfg.yaml",
@@ -222,6 +222,23 @@ def test_schedules():
         assert deployment(name)["schedules"] == [], "generation runs on demand"
 
 
+def test_retrain_concurrency_skips_a_run_that_collides():
+    """One retrain per deployment; a run that finds the slot taken is cancelled (CANCEL_NEW), not
+    queued behind a training that may take days. What `prefect deploy` sends, as Prefect's
+    client models read it."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    for name in ("retrain-weekly", "retrain-weekly-k8s"):
+        spec = deployment(name)["concurrency_limit"]
+        config = ConcurrencyLimitConfig.model_validate(spec)
+        assert config.limit == 1
+        assert config.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+        assert config.grace_period_seconds and config.grace_period_seconds >= 300
+    for name in ("generate", "generate-k8s"):
+        # on demand: two runs of the same config re-attach to one Ray job; others may overlap
+        assert "concurrency_limit" not in deployment(name)
+
+
 def test_pull_steps_fit_each_pool():
     dockerfile = dockerfile_instructions("Dockerfile")
     workdirs = [args for instr, args in dockerfile if instr == "WORKDIR"]
@@ -260,7 +277,7 @@ def test_kubernetes_job_variables(name):
     for key, value in (dep_vars.get("env") or {}).items():
         assert not CREDENTIAL_NAME.search(key), f"{key} belongs in the Kubernetes Secret"
         assert "@" not in str(value), f"{key} looks like a URL with credentials"
-    assert dep_vars["env"]["RAY_ADDRESS"].startswith("ray://diffusion-pipeline-head-svc.")
+    assert dep_vars["env"]["RAY_ADDRESS"] == ray_jobs_address_in_kubernetes()
     # Render the job as the worker does: the variables' defaults, then the deployment's values.
     defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
     values = {**defaults, **dep_vars, "image": "registry/diffusion-pipeline:1"}
@@ -335,6 +352,11 @@ def test_ray_cluster_launcher_node_types():
     assert any("--gpus" in o for o in config["docker"]["worker_run_options"])
     starts = " ".join(config["head_start_ray_commands"])
     assert "--ray-client-server-port=10001" in starts, "RAY_ADDRESS=ray://<head>:10001"
+    # the Jobs API, RAY_ADDRESS=http://<head>:8265, must answer on the head's network address
+    assert "--dashboard-host=0.0.0.0" in starts and "--dashboard-port=8265" in starts
+    text = (INFRA / "ray/cluster.yaml").read_text()
+    assert "RAY_ADDRESS=http://<head private IP>:8265" in text
+    assert "RAY_AUTH_MODE=token" in text and "RAY_AUTH_TOKEN" in text
 
 
 @functools.cache
@@ -359,7 +381,10 @@ def test_raycluster_shape_and_version():
     head = rc["spec"]["headGroupSpec"]
     (head_container,) = head["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
-    assert ports["client"] == 10001 and ports["gcs"] == 6379
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+    params = head["rayStartParams"]
+    assert params["dashboard-host"] == "0.0.0.0", "the Jobs API must answer on the pod's address"
+    assert int(params.get("dashboard-port", 8265)) == ports["dashboard"]
     assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {})
     groups = rc["spec"]["workerGroupSpecs"]
     assert groups
@@ -386,13 +411,166 @@ def test_raycluster_credentials_only_by_reference():
             assert not literal, f"{group}: {literal} set literally, not from a secretKeyRef"
 
 
+def head_service_ports(rc: dict) -> dict[str, int]:
+    """The ports of the Service `<name>-head-svc` as KubeRay builds it (getServicePorts in
+    ray-operator/controllers/ray/common/service.go): the Ray container's ports (an unnamed one is
+    called `<port>-port`), KubeRay's defaults only when it has none, plus `metrics` (8080)."""
+    container = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p.get("name") or f"{p['containerPort']}-port": p["containerPort"]
+             for p in container.get("ports", [])}
+    if not ports:
+        ports = {"client": 10001, "gcs-server": 6379, "dashboard": 8265}
+    return ports | ({} if "metrics" in ports else {"metrics": 8080})
+
+
+def ray_jobs_address_in_kubernetes() -> str:
+    rc = raycluster()
+    meta = rc["metadata"]
+    port = head_service_ports(rc)["dashboard"]
+    return f"http://{meta['name']}-head-svc.{meta['namespace']}.svc.cluster.local:{port}"
+
+
+def test_head_service_exposes_the_ray_jobs_api():
+    """Flow-run pods submit each stage to the Jobs API through the head Service; KubeRay's RayJob
+    finds it by the port name `dashboard`."""
+    from tasks.jobs import is_jobs_address
+
+    rc = raycluster()
+    ports = head_service_ports(rc)
+    assert ports["dashboard"] == 8265 and ports["client"] == 10001
+    address = ray_jobs_address_in_kubernetes()
+    assert address == ("http://diffusion-pipeline-head-svc.diffusion-pipeline.svc.cluster.local"
+                       ":8265")
+    assert is_jobs_address(address)
+    for name in ("retrain-weekly-k8s", "generate-k8s"):
+        assert deployment(name)["work_pool"]["job_variables"]["env"]["RAY_ADDRESS"] == address
+    text = (INFRA / "kubernetes/raycluster.yaml").read_text()
+    assert f"RAY_ADDRESS={address}" in text, "the manifest says how the pipeline connects"
+
+
+def test_raycluster_token_auth_comes_from_the_credentials_secret():
+    """KubeRay (1.6+) sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (key auth_token of
+    authOptions.secretName) on every Ray container, the autoscaler and RayJob submitters."""
+    spec = raycluster()["spec"]
+    assert spec["authOptions"] == {"mode": "token", "secretName": CREDENTIALS_SECRET}
+    major, minor, _ = (int(x) for x in spec["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52), "Ray token authentication needs Ray 2.52 or newer"
+    for group, pod in ray_pods():
+        for container in pod["containers"]:
+            names = [e["name"] for e in container.get("env", [])]
+            assert "RAY_AUTH_TOKEN" not in names, f"{group}: KubeRay sets it from the Secret"
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay RayJob (one batch generation without Prefect)
+# --------------------------------------------------------------------------------------------
+
+# RayJobSpec's fields (ray-operator/apis/ray/v1/rayjob_types.go, KubeRay 1.6-1.7): a typo in a
+# key would be dropped silently by the API server's pruning.
+RAYJOB_SPEC_FIELDS = {
+    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate",
+    "metadata", "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy",
+    "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources",
+    "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
+    "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend",
+}
+
+
+@functools.cache
+def rayjob() -> dict:
+    return load_yaml("kubernetes/rayjob-generate.yaml")
+
+
+def test_rayjob_runs_on_the_pipeline_cluster():
+    from tasks.runtime import StageTimeouts
+
+    job = rayjob()
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["metadata"]["namespace"] == raycluster()["metadata"]["namespace"]
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC_FIELDS, set(spec) - RAYJOB_SPEC_FIELDS
+    assert spec["clusterSelector"] == {"ray.io/cluster": raycluster()["metadata"]["name"]}
+    assert "rayClusterSpec" not in spec
+    # KubeRay's validation (controllers/ray/utils/validation.go): with clusterSelector no
+    # backoffLimit > 0; ttlSecondsAfterFinished only with shutdownAfterJobFinishes; and a shared
+    # cluster is never shut down after the job.
+    assert spec.get("backoffLimit", 0) == 0
+    assert spec.get("shutdownAfterJobFinishes", False) is False
+    assert not spec.get("ttlSecondsAfterFinished")
+    assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode")
+    assert spec["activeDeadlineSeconds"] > StageTimeouts().generate, (
+        "the RayJob's deadline must not cut generation short of its own timeout")
+
+
+def cli_arguments(entrypoint: str) -> tuple[str, str, dict]:
+    """(program, sub-command, its parsed options) of a `diffusion-pipeline ...` command line,
+    parsed by the CLI's own (click) parser."""
+    import shlex
+
+    import typer
+
+    from flows.cli import app
+
+    argv = shlex.split(entrypoint)
+    group = typer.main.get_command(app)
+    ctx = group.make_context(argv[0], argv[1:], resilient_parsing=True)
+    sub = group.get_command(ctx, argv[1])
+    assert sub is not None, f"no sub-command {argv[1]!r}"
+    return argv[0], argv[1], sub.make_context(argv[1], argv[2:]).params
+
+
+def test_rayjob_entrypoint_is_the_cli_with_the_generate_deployments_config():
+    import tomllib
+
+    from flows.config import load_config
+
+    program, command, params = cli_arguments(rayjob()["spec"]["entrypoint"])
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert program in scripts, "the console script the image installs"
+    assert command == "generate"
+    assert params["config"] is None, "the image holds no config files: --set and --root only"
+    cfg = load_config(None, params["set_"] or [], params["root"])
+    dep = deployment("generate")
+    deployed = load_flow(dep["entrypoint"]).validate_parameters(dep["parameters"])["config"]
+    assert cfg == deployed, "keep rayjob-generate.yaml and the generate deployment in step"
+    assert cfg.runtime.root.startswith("s3://") and cfg.generate.gpus_per_actor > 0
+
+
+def test_rayjob_holds_no_credentials():
+    spec = rayjob()["spec"]
+    entrypoint = spec["entrypoint"]
+    assert not CREDENTIAL_NAME.search(entrypoint), "credentials come from the Ray pods' Secret"
+    assert not re.search(r"://[^/@\s]*@", entrypoint)
+    runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
+    for key in (runtime_env.get("env_vars") or {}):
+        assert not CREDENTIAL_NAME.search(key), f"{key} would show in the Ray dashboard"
+    assert "submitterPodTemplate" not in spec, "KubeRay's submitter gets the cluster's token"
+
+
+def test_stage_jobs_run_the_images_console_script():
+    """Every stage's Ray job runs `diffusion-pipeline job-run <request>` on the cluster: the
+    image installs that script and the CLI has that (hidden) command."""
+    import tomllib
+
+    from tasks.jobs import ENTRYPOINT
+
+    program = ENTRYPOINT.split()[0]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[program] == "flows.cli:main"
+    _, command, params = cli_arguments(f"{ENTRYPOINT} s3://bucket/jobs/train-x/request.json")
+    assert command == "job-run"
+    assert params["request"] == "s3://bucket/jobs/train-x/request.json"
+    runs = " ".join(a for i, a in dockerfile_instructions("Dockerfile") if i == "RUN")
+    assert f"{ENTRYPOINT} --help" in runs, "the image build checks the jobs' entrypoint"
+
+
 def test_pipeline_env_configmap_holds_no_credentials():
     cm = load_yaml("kubernetes/pipeline-env.yaml")
     assert cm["kind"] == "ConfigMap" and cm["data"], "the ConfigMap holds the pipeline's settings"
     for key, value in cm["data"].items():
         assert not CREDENTIAL_NAME.search(key), f"{key} belongs in the Secret"
         assert "@" not in value
-    assert "RAY_ADDRESS" not in cm["data"], "Ray pods must not point at Ray Client"
+    assert "RAY_ADDRESS" not in cm["data"], "Ray sets it for each job's driver on the Ray pods"
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,6 +755,10 @@ def test_pipeline_dockerfile():
     assert users[-1].split(":")[0] not in ("root", "0")
     runs = " ".join(a for i, a in instructions if i == "RUN")
     assert re.search(r"pip install \.(\s|$)", runs), "installs the package from the context"
+    (extras,) = re.findall(r'"ray\[([a-z,]+)\]==\$\{RAY_VERSION\}"', runs)
+    # default: dashboard, Jobs server and JobSubmissionClient; client: Ray Client's server
+    assert {"default", "client", "train", "data"} <= set(extras.split(","))
+    assert "diffusion-pipeline --help" in runs, "the console script is on PATH"
     assert not [i for i, _ in instructions if i == "ENTRYPOINT"], (
         "an ENTRYPOINT would swallow Prefect's and Ray's container commands")
     (cmd,) = [json.loads(a) for i, a in instructions if i == "CMD"]
@@ -725,6 +907,9 @@ LITERAL_SECRET = re.compile(
     r"""^\s*(?:export\s+|-\s+)?["']?(?P<key>[\w.-]*(?:password|passwd|secret|token|auth_string|
     access_key)[\w.-]*)["']?\s*[:=]\s*(?P<value>.*)$""", re.IGNORECASE | re.VERBOSE)
 ALLOWED_VALUE = re.compile(r"""^(["']?)(\$|\{\{|<|\1$|$|\{$|\[|\||>)""")
+# keys whose value names a Kubernetes Secret rather than holding one (KubeRay's
+# authOptions.secretName)
+SECRET_REFERENCE_KEY = re.compile(r"^secret_?name$", re.IGNORECASE)
 
 
 def scanned_files() -> list[Path]:
@@ -745,7 +930,8 @@ def test_no_secrets_in_infra():
             if line.lstrip().startswith("#"):
                 continue
             m = LITERAL_SECRET.match(line)
-            if m and not ALLOWED_VALUE.match(m.group("value").strip()):
+            if m and not ALLOWED_VALUE.match(m.group("value").strip()) and not (
+                    SECRET_REFERENCE_KEY.match(m.group("key"))):
                 found.append(f"{path.relative_to(REPO)}: literal {m.group('key')}: {line.strip()}")
     assert not found, "\n".join(found)
 
@@ -758,6 +944,10 @@ def test_secret_scan_catches_secrets():
                  '  "db_password": "hunter2"', "export AWS_SECRET_ACCESS_KEY=abc"):
         m = LITERAL_SECRET.match(line)
         assert m and not ALLOWED_VALUE.match(m.group("value").strip()), line
+    for line in ("secret: hunter2", "auth_token=abc", "RAY_AUTH_TOKEN=abc"):
+        m = LITERAL_SECRET.match(line)
+        assert m and not SECRET_REFERENCE_KEY.match(m.group("key")), line
+    assert SECRET_REFERENCE_KEY.match(LITERAL_SECRET.match("  secretName: creds").group("key"))
     for line in ("POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?set it}", "S3_SECRET_ACCESS_KEY=",
                  'MLFLOW_TRACKING_PASSWORD="$MLFLOW_ADMIN_PASSWORD"',
                  "export PREFECT_API_AUTH_STRING=<user:password>"):
@@ -776,13 +966,15 @@ def test_readme_documents_the_pieces():
         "prefect deploy --prefect-file infra/prefect.yaml --all",
         "ray up infra/ray/cluster.yaml",
         "kubectl apply",
+        "kubectl -n diffusion-pipeline apply -f infra/kubernetes/rayjob-generate.yaml",
+        "RAY_ADDRESS=http://diffusion-pipeline-head-svc.diffusion-pipeline.svc.cluster.local:8265",
         "SeaweedFS",
     ):
         assert needle in readme, needle
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
                 "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING",
                 "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "PIPELINE_DIR", "PIPELINE_IMAGE"):
+                "PIPELINE_DIR", "PIPELINE_IMAGE", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         assert f"`{var}`" in readme, var
 
 
