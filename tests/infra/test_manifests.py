@@ -29,7 +29,8 @@ INFRA = REPO / "infra"
 
 PROCESS_POOL = "diffusion-process"
 KUBERNETES_POOL = "diffusion-kubernetes"
-POOLS = {PROCESS_POOL, KUBERNETES_POOL}
+STAGING_POOL = "diffusion-staging"  # the testbed's (infra/testbed)
+POOLS = {PROCESS_POOL, KUBERNETES_POOL, STAGING_POOL}
 CREDENTIALS_SECRET = "diffusion-pipeline-credentials"
 IMAGE_CODE_DIR = "/opt/pipeline"
 
@@ -127,7 +128,7 @@ def test_prefect_project_keys():
     assert project["name"] == "diffusion-pipeline"
     assert str(project["prefect-version"]).split(".")[0] == "3"
     assert {d["name"] for d in deployments()} == {
-        "retrain-weekly", "retrain-weekly-k8s", "generate", "generate-k8s"}
+        "retrain-weekly", "retrain-weekly-k8s", "generate", "generate-k8s", "retrain-staging"}
     for dep in deployments():
         for key in ("name", "entrypoint", "parameters", "work_pool"):
             assert key in dep, f"deployment {dep.get('name')} lacks {key}"
@@ -142,7 +143,7 @@ def test_prefect_yaml_passes_prefects_own_model():
 
 
 @pytest.mark.parametrize("name", ["retrain-weekly", "retrain-weekly-k8s", "generate",
-                                  "generate-k8s"])
+                                  "generate-k8s", "retrain-staging"])
 def test_deployment_entrypoint_loads_and_parameters_validate(name):
     from flows.config import PipelineConfig
 
@@ -161,7 +162,8 @@ def test_deployment_entrypoint_loads_and_parameters_validate(name):
         assert validated["generate"] is True
         cfg = validated["config"]
         check_config(cfg.train, cfg.diffusion)  # the retrain flow's preflight checks
-        assert cfg.train.use_gpu and cfg.runtime.root.startswith("s3://")
+        assert cfg.runtime.root.startswith("s3://")
+        assert cfg.train.use_gpu == (name != "retrain-staging")
 
 
 def test_deployment_parameters_reject_unknown_keys():
@@ -243,7 +245,7 @@ def test_pull_steps_fit_each_pool():
     dockerfile = dockerfile_instructions("Dockerfile")
     workdirs = [args for instr, args in dockerfile if instr == "WORKDIR"]
     assert workdirs == [IMAGE_CODE_DIR]
-    assert len(deployments()) == 4
+    assert len(deployments()) == 5
     for dep in deployments():
         (step,) = pull_steps(dep)
         ((fn, kwargs),) = step.items()
@@ -260,10 +262,31 @@ def test_process_job_variables_fit_the_process_worker():
     schema = ProcessWorker.get_default_base_job_template()["variables"]
     checked = []
     for dep in deployments():
-        if dep["work_pool"]["name"] == PROCESS_POOL:
+        if dep["work_pool"]["name"] in (PROCESS_POOL, STAGING_POOL):
             jsonschema.validate(dep["work_pool"].get("job_variables") or {}, schema)
             checked.append(dep["name"])
-    assert sorted(checked) == ["generate", "retrain-weekly"]
+    assert sorted(checked) == ["generate", "retrain-staging", "retrain-weekly"]
+
+
+def test_staging_retrain_fits_the_testbed(tmp_path):
+    """The staging deployment is what infra/testbed deploys and its worker polls: the digits,
+    a tiny model and few steps, two Ray Train workers on two different worker hosts (each has
+    2 logical CPUs, the head none), everything under the testbed's bucket."""
+    from flows.config import load_config
+    from infra.testbed import DEPLOYMENT, POOL, ROOT
+
+    dep = deployment("retrain-staging")
+    assert f"{load_flow(dep['entrypoint']).name}/{dep['name']}" == DEPLOYMENT
+    assert dep["work_pool"]["name"] == POOL == STAGING_POOL
+    assert dep["schedules"] == [], "staging runs on demand"
+    path = tmp_path / "staging.yaml"  # as `diffusion-pipeline config --config` loads it
+    path.write_text(yaml.safe_dump(dep["parameters"]["config"]))
+    cfg = load_config(path)
+    assert (cfg.data.name, cfg.data.source, cfg.runtime.root) == ("digits", "digits", ROOT)
+    assert cfg.train.steps <= 200 and cfg.model.base_channels <= 16
+    assert cfg.train.num_workers == 2 and cfg.train.placement_strategy == "STRICT_SPREAD"
+    assert cfg.train.cpus_per_worker <= 2 and not cfg.train.use_gpu
+    assert cfg.evaluate.num_samples <= 128 and cfg.generate.num_samples <= 64
 
 
 @pytest.mark.parametrize("name", ["retrain-weekly-k8s", "generate-k8s"])
