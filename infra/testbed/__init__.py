@@ -17,10 +17,11 @@ from infra.testbed.core import (
     POOL,
     RAY_HOSTS,
     ROOT,
+    TRAIN_DEPLOYMENT,
     Testbed,
     TestbedError,
     addr,
 )
 
-__all__ = ["BUCKET", "DEPLOYMENT", "HOSTS", "POOL", "RAY_HOSTS", "ROOT", "Testbed",
-           "TestbedError", "addr"]
+__all__ = ["BUCKET", "DEPLOYMENT", "HOSTS", "POOL", "RAY_HOSTS", "ROOT", "TRAIN_DEPLOYMENT",
+           "Testbed", "TestbedError", "addr"]

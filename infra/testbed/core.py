@@ -45,6 +45,7 @@ BUCKET = "testbed"
 ROOT = f"s3://{BUCKET}/pipeline"
 POOL = "diffusion-staging"
 DEPLOYMENT = "retrain/retrain-staging"
+TRAIN_DEPLOYMENT = "train/train-staging"
 GCS_PORT, JOBS_PORT, S3_PORT, MLFLOW_PORT, PREFECT_PORT = 6379, 8265, 5000, 5000, 4200
 MLFLOW_ADMIN = "admin"
 
@@ -340,11 +341,12 @@ class Testbed:
                     self.start(host)
 
     def setup_prefect(self) -> None:
-        """From the driver: create the process work pool and deploy the staging retrain."""
+        """From the driver: create the process work pool and deploy the staging retrain and
+        training."""
         for argv in (["prefect", "work-pool", "create", POOL, "--type", "process"],
                      ["prefect", "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml",
                       # -n FLOW/NAME would match the entrypoint's function name, not the flow's
-                      "-n", DEPLOYMENT.split("/")[1]]):
+                      "-n", DEPLOYMENT.split("/")[1], "-n", TRAIN_DEPLOYMENT.split("/")[1]]):
             res = self.run_on("driver", argv, timeout=300)
             with self.log("driver-setup").open("a") as f:
                 f.write(f"$ {' '.join(argv)}\n{res.stdout}{res.stderr}\n")

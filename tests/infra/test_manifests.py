@@ -128,7 +128,8 @@ def test_prefect_project_keys():
     assert project["name"] == "diffusion-pipeline"
     assert str(project["prefect-version"]).split(".")[0] == "3"
     assert {d["name"] for d in deployments()} == {
-        "retrain-weekly", "retrain-weekly-k8s", "generate", "generate-k8s", "retrain-staging"}
+        "retrain-weekly", "retrain-weekly-k8s", "generate", "generate-k8s", "retrain-staging",
+        "train-staging"}
     for dep in deployments():
         for key in ("name", "entrypoint", "parameters", "work_pool"):
             assert key in dep, f"deployment {dep.get('name')} lacks {key}"
@@ -143,7 +144,7 @@ def test_prefect_yaml_passes_prefects_own_model():
 
 
 @pytest.mark.parametrize("name", ["retrain-weekly", "retrain-weekly-k8s", "generate",
-                                  "generate-k8s", "retrain-staging"])
+                                  "generate-k8s", "retrain-staging", "train-staging"])
 def test_deployment_entrypoint_loads_and_parameters_validate(name):
     from flows.config import PipelineConfig
 
@@ -152,7 +153,7 @@ def test_deployment_entrypoint_loads_and_parameters_validate(name):
     assert sep and not Path(path).is_absolute(), "entrypoints are relative to the repo root"
     assert (REPO / path).is_file(), dep["entrypoint"]
     flow = load_flow(dep["entrypoint"])
-    expected_flow = "retrain" if name.startswith("retrain") else "generate"
+    expected_flow = name.split("-")[0]
     assert flow.name == expected_flow
     validated = flow.validate_parameters(dep["parameters"])
     assert isinstance(validated["config"], PipelineConfig)
@@ -164,6 +165,8 @@ def test_deployment_entrypoint_loads_and_parameters_validate(name):
         check_config(cfg.train, cfg.diffusion)  # the retrain flow's preflight checks
         assert cfg.runtime.root.startswith("s3://")
         assert cfg.train.use_gpu == (name != "retrain-staging")
+    if name == "train-staging":  # the staging retrain's own config, trained alone
+        assert dep["parameters"]["config"] == deployment("retrain-staging")["parameters"]["config"]
 
 
 def test_deployment_parameters_reject_unknown_keys():
@@ -245,7 +248,7 @@ def test_pull_steps_fit_each_pool():
     dockerfile = dockerfile_instructions("Dockerfile")
     workdirs = [args for instr, args in dockerfile if instr == "WORKDIR"]
     assert workdirs == [IMAGE_CODE_DIR]
-    assert len(deployments()) == 5
+    assert len(deployments()) == 6
     for dep in deployments():
         (step,) = pull_steps(dep)
         ((fn, kwargs),) = step.items()
@@ -265,7 +268,7 @@ def test_process_job_variables_fit_the_process_worker():
         if dep["work_pool"]["name"] in (PROCESS_POOL, STAGING_POOL):
             jsonschema.validate(dep["work_pool"].get("job_variables") or {}, schema)
             checked.append(dep["name"])
-    assert sorted(checked) == ["generate", "retrain-staging", "retrain-weekly"]
+    assert sorted(checked) == ["generate", "retrain-staging", "retrain-weekly", "train-staging"]
 
 
 def test_staging_retrain_fits_the_testbed(tmp_path):

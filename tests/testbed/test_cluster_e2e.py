@@ -1,0 +1,263 @@
+"""The pipeline as users deploy it, on the multi-host testbed (infra/testbed), with real faults.
+
+A Prefect worker on the driver host runs the staging deployments; every Ray stage runs as a Ray
+Job on the cluster (head + two worker hosts) through the Jobs API; the storage root and MLflow's
+artifacts are on the S3 host; MLflow (basic auth) and Prefect have hosts of their own. Each test
+asserts outcomes read back from the services themselves: the Jobs API's job list, the run's
+record in S3, the registry's aliases, the flow run's state and logs.
+
+The tests share one testbed and the committed digits version (the first test makes it); each
+trains a run of its own (a different seed), so their jobs and runs are told apart by name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.testbed import BUCKET, DEPLOYMENT, TRAIN_DEPLOYMENT, addr
+
+PY = sys.executable
+OPS = str(Path(__file__).with_name("ops.py"))
+JOBS = f"http://{addr('head')}:8265"
+
+
+# -- talking to the services from inside the testbed --------------------------------------------
+
+
+def op(tb, host: str, *args: str, env: dict | None = None, timeout: float = 300):
+    res = tb.run_on(host, [PY, OPS, *args], env=env, timeout=timeout)
+    assert res.returncode == 0, f"{args} on {host}: {res.stdout[-2000:]}{res.stderr[-4000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def prefect_env(tb) -> dict:
+    """The Prefect client settings of the driver host, for a call from another host (the
+    driver may be partitioned)."""
+    d = tb.env_of("driver")
+    return {k: d[k] for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING") if k in d}
+
+
+def deploy(tb, name: str, params: dict) -> str:
+    return op(tb, "driver", "deploy", name, json.dumps(params))
+
+
+def wait_run(tb, run_id: str, timeout: float = 600) -> dict:
+    return op(tb, "prefect", "wait-flow-run", run_id, str(timeout), env=prefect_env(tb),
+              timeout=timeout + 120)
+
+
+def jobs(tb, prefix: str) -> list[dict]:
+    return op(tb, "head", "jobs", JOBS, prefix)  # from the head: works while the driver is cut
+
+
+def job_logs(tb, sid: str) -> str:
+    return op(tb, "head", "job-logs", JOBS, sid)
+
+
+def s3_json(tb, key: str):
+    text = op(tb, "worker1", "s3-get", BUCKET, key)
+    return None if text is None else json.loads(text)
+
+
+def run_status(tb, run_name: str) -> dict:
+    return s3_json(tb, f"pipeline/runs/{run_name}/_status.json") or {}
+
+
+def wait_for(what: str, fn, timeout: float, every: float = 2.0):
+    """Poll ``fn`` until it returns something truthy; fail naming ``what`` at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = fn()
+        if out:
+            return out
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def running_train_job(tb, at_step: int = 1, timeout: float = 300) -> tuple[str, int]:
+    """The one running train job once its log shows step ``at_step`` or later: (id, step)."""
+    def look():
+        running = [j for j in jobs(tb, "train-") if j["status"] == "RUNNING"]
+        if not running:
+            return None
+        sid = running[-1]["id"]
+        steps = [int(w.split("/")[0]) for w in job_logs(tb, sid).split("step ")[1:]
+                 if w.split("/")[0].isdigit()]
+        return (sid, max(steps)) if steps and max(steps) >= at_step else None
+    return wait_for(f"a train job at step {at_step}", look, timeout)
+
+
+def train_params(seed: int, steps: int, **more: str) -> dict:
+    sets = [f"train.seed={seed}", f"train.steps={steps}",
+            *(f"{k}={v}" for k, v in more.items())]
+    return {"overrides": sets}
+
+
+def run_name_of(sid: str) -> str:
+    name = sid.removeprefix("train-")
+    return name.rsplit("-a", 1)[0] if "-a" in name[-4:] else name
+
+
+# -- 1. a deployed run ---------------------------------------------------------------------------
+
+
+def test_a_deployed_run_trains_across_both_hosts_registers_promotes_and_samples(testbed):
+    run_id = deploy(testbed, DEPLOYMENT, {})
+    out = wait_run(testbed, run_id, timeout=900)
+    assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
+
+    trains = jobs(testbed, "train-")
+    assert len(trains) == 1 and trains[0]["status"] == "SUCCEEDED", trains
+    status = run_status(testbed, run_name_of(trains[0]["id"]))
+    assert status["status"] == "finished"
+    assert (status["world_size"], status["nodes"]) == (2, 2), status  # DDP over both hosts
+    assert [j["status"] for j in jobs(testbed, "preprocess-")] == ["SUCCEEDED"]
+    assert [j["status"] for j in jobs(testbed, "evaluate-")] == ["SUCCEEDED"]
+    assert [j["status"] for j in jobs(testbed, "generate-")] == ["SUCCEEDED"]
+
+    assert op(testbed, "driver", "mlflow-alias", "digits-staging", "champion") == "1"
+    gens = [k for k in op(testbed, "worker1", "s3-ls", BUCKET, "pipeline/generations/")
+            if k.endswith("/_manifest.json")]
+    assert len(gens) == 1
+    manifest = s3_json(testbed, gens[0])
+    assert manifest["num_samples"] == 32 and manifest["model_version"] == "1"
+    logs = "\n".join(out["logs"])
+    assert "submitted Ray job train-" in logs and "step 100/100" in logs  # streamed into Prefect
+
+
+# -- 2. driver loss ------------------------------------------------------------------------------
+
+
+def test_a_killed_driver_leaves_the_job_running_and_a_new_run_re_attaches(testbed):
+    params = train_params(seed=2, steps=400, **{"train.checkpoint_every": 100})
+    first = deploy(testbed, TRAIN_DEPLOYMENT, params)
+    sid, _ = running_train_job(testbed, at_step=25)
+    testbed.kill_driver()
+    try:
+        time.sleep(5)
+        assert [j["status"] for j in jobs(testbed, sid)] == ["RUNNING"]  # it runs on
+    finally:
+        testbed.start_driver()
+    second = deploy(testbed, TRAIN_DEPLOYMENT, params)
+    out = wait_run(testbed, second, timeout=600)
+    assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
+    logs = "\n".join(out["logs"])
+    assert f"re-attaching to Ray job {sid}" in logs
+    assert f"submitted Ray job {sid}" not in logs
+    assert [j["id"] for j in jobs(testbed, f"train-{run_name_of(sid)}")] == [sid]  # one job
+    status = run_status(testbed, run_name_of(sid))
+    assert (status["status"], status["step"]) == ("finished", 400)
+    assert first != second
+
+
+# -- 3. network partition ------------------------------------------------------------------------
+
+
+def test_a_partitioned_driver_waits_and_finishes_without_a_duplicate_job(testbed):
+    params = train_params(seed=3, steps=400, **{"train.checkpoint_every": 100})
+    run_id = deploy(testbed, TRAIN_DEPLOYMENT, params)
+    sid, _ = running_train_job(testbed, at_step=25)
+    testbed.link_down("driver")
+    try:
+        time.sleep(60)
+        assert [j["status"] for j in jobs(testbed, sid)] in (["RUNNING"], ["SUCCEEDED"])
+    finally:
+        testbed.link_up("driver")
+    out = wait_run(testbed, run_id, timeout=600)
+    assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
+    logs = "\n".join(out["logs"])
+    assert "does not answer" in logs  # it said it was waiting
+    assert [j["id"] for j in jobs(testbed, f"train-{run_name_of(sid)}")] == [sid]
+    status = run_status(testbed, run_name_of(sid))
+    assert (status["status"], status["step"]) == ("finished", 400)
+
+
+# -- 4. worker host loss -------------------------------------------------------------------------
+
+
+def test_a_lost_worker_host_costs_at_most_one_checkpoint_interval(testbed):
+    every = 50
+    params = train_params(seed=4, steps=300, **{"train.checkpoint_every": every})
+    run_id = deploy(testbed, TRAIN_DEPLOYMENT, params)
+    sid, killed_at = running_train_job(testbed, at_step=every + 10)
+    testbed.kill_host_ray("worker2")
+    time.sleep(10)
+    testbed.restart_host_ray("worker2")
+    out = wait_run(testbed, run_id, timeout=600)
+    assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
+    status = run_status(testbed, run_name_of(sid))
+    assert (status["status"], status["step"], status["nodes"]) == ("finished", 300, 2)
+    resumed = status["resumed_from"]  # Ray Train restarted the worker group from a checkpoint
+    assert resumed > 0 and killed_at - resumed <= every + 25, (killed_at, resumed)
+    assert [j["id"] for j in jobs(testbed, f"train-{run_name_of(sid)}")] == [sid]
+
+
+# -- 5. storage outage ---------------------------------------------------------------------------
+
+
+def _outage_during(tb, prefix: str, seconds: float = 30) -> None:
+    """Cut the S3 host off for ``seconds`` once a ``prefix`` job runs."""
+    wait_for(f"a running {prefix} job", lambda: [
+        j for j in jobs(tb, prefix) if j["status"] == "RUNNING"], 600, every=0.5)
+    tb.link_down("s3")
+    try:
+        time.sleep(seconds)
+    finally:
+        tb.link_up("s3")
+
+
+def _completes_or_fails_cleanly_then_reruns(tb, run_id: str, params: dict) -> dict:
+    out = wait_run(tb, run_id, timeout=900)
+    if out["state"] != "COMPLETED":
+        assert out["state"] == "FAILED", out
+        # one clear line: the error's message, not a traceback
+        assert out["message"] and "Traceback" not in out["message"], out["message"]
+        out = wait_run(tb, deploy(tb, DEPLOYMENT, params), timeout=900)
+    assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
+    return out
+
+
+def _committed_whole(tb, prefix: str, manifest_name: str = "_manifest.json") -> list[dict]:
+    """The manifests under ``prefix``; each file a manifest lists exists."""
+    keys = op(tb, "worker1", "s3-ls", BUCKET, prefix)
+    found = []
+    for key in (k for k in keys if k.endswith("/" + manifest_name)):
+        m = s3_json(tb, key)
+        base = key.rsplit("/", 1)[0] + "/"
+        listed = [f for s in (m.get("splits") or {}).values() for f in s.get("files", [])]
+        listed += [sh["file"] for sh in m.get("shards", []) if isinstance(sh, dict)
+                   and "file" in sh]
+        missing = [f for f in listed if not any(k == base + f or k.endswith("/" + f)
+                                                for k in keys)]
+        assert not missing, (key, missing)
+        found.append(m)
+    return found
+
+
+def test_a_storage_outage_fails_cleanly_or_completes_and_a_rerun_completes_once(testbed):
+    """S3 unreachable for 30 s while preprocessing (a new dataset version), then while
+    generating (a new generation job): each stage completes after bounded retries, or the run
+    fails with one clear line and nothing half-committed, and a rerun then completes once."""
+    before = len(_committed_whole(testbed, "pipeline/datasets/digits/"))
+    params = {"generate": False,
+              "overrides": ["data.val_fraction=0.2", "train.seed=5", "train.steps=50"]}
+    run_id = deploy(testbed, DEPLOYMENT, params)
+    _outage_during(testbed, "preprocess-")
+    _completes_or_fails_cleanly_then_reruns(testbed, run_id, params)
+    assert len(_committed_whole(testbed, "pipeline/datasets/digits/")) == before + 1
+
+    gens = len(_committed_whole(testbed, "pipeline/generations/"))
+    params = {"overrides": ["generate.num_samples=96", "generate.seed=5",
+                            "generate.shard_size=8"]}
+    run_id = deploy(testbed, DEPLOYMENT, params)
+    _outage_during(testbed, "generate-")
+    _completes_or_fails_cleanly_then_reruns(testbed, run_id, params)
+    committed = _committed_whole(testbed, "pipeline/generations/")
+    assert len(committed) == gens + 1
+    assert sorted(m["num_samples"] for m in committed)[-1] == 96
