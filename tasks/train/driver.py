@@ -20,7 +20,15 @@ from diffusion.pipeline import DiffusionConfig
 from tasks.datasets import DataConfig, DatasetRef, open_dataset
 from tasks.errors import LeaseBusy, TrainingBusy, TrainingDiverged
 from tasks.runtime import RuntimeConfig, ensure_ray
-from tasks.storage import Location, call, exists, protocol_of, read_json, storage_options
+from tasks.storage import (
+    Location,
+    call,
+    exists,
+    protocol_of,
+    read_json,
+    redact,
+    storage_options,
+)
 from tasks.train.config import TrainConfig, default_run_name, run_identity, validate
 from tasks.train.data import build_dataset, pyarrow_fs
 from tasks.train.runs import STATUS_FILE, find_finished
@@ -199,8 +207,9 @@ def _start_mlflow_run(fit: FitJob) -> str:
     job, ref = fit.job, fit.ref
     run_id = tracking.ensure_run(
         fit.uri, fit.root, fit.run_name,
-        params=tracking.flatten({k: v for k, v in (fit.pipeline or job).items()
-                                 if k in ("data", "model", "diffusion", "train")}),
+        params={k: redact(v) for k, v in tracking.flatten(
+            {k: v for k, v in (fit.pipeline or job).items()
+             if k in ("data", "model", "diffusion", "train")}).items()},  # no user:pass@ URL
         tags={"dataset.name": ref.name, "dataset.version": ref.version,
               "dataset.manifest": ref.manifest_uri,
               "config.sha256": hashlib.sha256(json.dumps(job["train"] | job["model"],
