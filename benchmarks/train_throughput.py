@@ -63,7 +63,7 @@ from preprocess_images import ensure_images
 
 from flows.config import load_config
 from tasks.preprocess import preprocess
-from tasks.runtime import RuntimeConfig, ensure_ray
+from tasks.runtime import RuntimeConfig, ensure_ray, ray_init_kwargs
 
 GOAL = 0.95
 DRIVER_THREADS = None  # torch's thread count in this process before the script changed it
@@ -135,8 +135,6 @@ def start_ray(runtime: RuntimeConfig) -> float:
     joins any cluster that ``ray start`` (or a test's cluster) left in /tmp/ray on this machine,
     and a benchmark must neither measure nor disturb someone else's Ray. An explicit address
     (``runtime.ray_address``, ``RAY_ADDRESS``) is honoured. Returns the seconds it took."""
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -144,8 +142,7 @@ def start_ray(runtime: RuntimeConfig) -> float:
     if runtime.ray_address or os.environ.get("RAY_ADDRESS"):
         return ensure_ray(runtime)
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=runtime.ray_num_cpus, include_dashboard=False,
-             logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=runtime.ray_num_cpus, **ray_init_kwargs(local=True))
     return time.perf_counter() - t0
 
 

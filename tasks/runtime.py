@@ -94,6 +94,47 @@ def jobs_address(cfg: RuntimeConfig) -> str | None:
     return address if is_jobs_address(address) else None
 
 
+# Ray-internal loggers whose records a *local* Ray keeps off the console, set in every worker
+# process of the job (``worker_process_setup_hook``). A local Ray is started without the
+# dashboard, so without the State API; Ray Train's detached placement-group cleaner polls that
+# API every second and logged "Failed to query Ray Train Controller actor state. State API may
+# be temporarily unavailable" at WARNING each time, hundreds of lines per run. Its job (removing
+# a dead controller's placement group) is moot there: a local Ray ends with its driver. On a
+# cluster (its dashboard serves the State API) nothing is changed.
+# Ray Train's worker context logs "Reporting training result N: TrainingReport(...)" at INFO
+# under a logger named after its file (``getLogger(__file__)``), so outside ``ray.train`` and
+# past RunConfig's LoggingConfig: one long line per report, every log_every steps.
+QUIET_RAY_LOGGERS: dict[str, int] = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray/train/v2/_internal/execution/context.py": logging.WARNING,  # a path below ray/
+}
+
+
+def local_ray_worker_setup() -> None:
+    """The local Ray's ``worker_process_setup_hook``, run in each of its worker processes once
+    connected: raise :data:`QUIET_RAY_LOGGERS`' levels, and point ``RAY_ADDRESS`` at this Ray
+    (unless set). Without it the State API client in a worker (the placement-group cleaner's)
+    guesses the cluster and, with another Ray running on the machine, fails with "Found
+    multiple active Ray instances", an uncaught ConnectionError that printed a traceback."""
+    import ray
+
+    for name, level in QUIET_RAY_LOGGERS.items():
+        if name.endswith(".py"):
+            name = os.path.join(os.path.dirname(os.path.dirname(ray.__file__)), name)
+        logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def ray_init_kwargs(local: bool) -> dict:
+    """Keyword arguments of :func:`ensure_ray`'s ``ray.init``: no dashboard and WARNING on the
+    driver's ``ray`` logger; a local Ray also runs :func:`local_ray_worker_setup` in its workers
+    (a cluster's are left alone: a Ray Jobs submission's own runtime_env would conflict)."""
+    kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if local:
+        kwargs["runtime_env"] = {"worker_process_setup_hook": local_ray_worker_setup}
+    return kwargs
+
+
 def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
     """Connect to (or start) Ray unless this process already did. Returns the seconds it took."""
     global ray_start_seconds
@@ -110,7 +151,6 @@ def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
             "cannot join it as a driver; this code path needs ray://head:10001, head:6379 or "
             "no address (a local Ray)")
     t0 = time.perf_counter()
-    kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
         if echo:
             echo(f"connecting to Ray at {address}")
@@ -119,12 +159,12 @@ def ensure_ray(cfg: RuntimeConfig, *, echo=None) -> float:
                         "more than 30 s; for long or scheduled runs set RAY_ADDRESS to the Ray "
                         "Jobs API (http://<head>:8265) and each stage runs as a Ray Job",
                         address)
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, **ray_init_kwargs(local=False))
     else:
         if echo:
             echo("starting a local Ray (set RAY_ADDRESS or runtime.ray_address for a cluster)")
         # address="local": always a new single-node Ray, never one that happens to run on this
         # machine already (a bare ray.init() would join it).
-        ray.init(address="local", num_cpus=cfg.ray_num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=cfg.ray_num_cpus, **ray_init_kwargs(local=True))
     ray_start_seconds = time.perf_counter() - t0
     return ray_start_seconds

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 from diffusion.pipeline import DiffusionConfig
 from tasks.datasets import DataConfig, DatasetRef, open_dataset
-from tasks.errors import LeaseBusy, TrainingBusy, TrainingDiverged
+from tasks.errors import LeaseBusy, TrainConfigError, TrainingBusy, TrainingDiverged
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import (
     Location,
@@ -218,12 +219,50 @@ def _start_mlflow_run(fit: FitJob) -> str:
     return run_id
 
 
+# Ray Train V2's switch (ray.train.v2._internal.constants.V2_ENABLED_ENV_VAR).
+V2_ENV = "RAY_TRAIN_V2_ENABLED"
+# Ray Train V2 replaces print() in its workers with a root-logger call that also tees to the
+# original print when sys.stdout is not sys.__stdout__, which is always so in a Ray worker (Ray
+# points sys.stdout at the worker's log file): every progress line reached the console twice.
+# Workers keep the plain print (stdout → the worker's log file → the driver's console, once).
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+
+def require_train_v2(trainer_cls) -> None:
+    """Refuse Ray Train V1: the driver relies on V2 (the controller's FailureConfig retries,
+    resuming a run name from its snapshot, ``ray.train.report`` with checkpoints); under V1 the
+    same calls run but behave differently. V2 is Ray's default from 2.51; ``RAY_TRAIN_V2_ENABLED``
+    =0 (or an older Ray) selects V1, whose TorchTrainer lives outside ``ray.train.v2``."""
+    if not trainer_cls.__module__.startswith("ray.train.v2."):
+        raise TrainConfigError(
+            f"Ray Train V2 is not active (TorchTrainer is {trainer_cls.__module__}."
+            f"{trainer_cls.__qualname__}): the training stage needs it. Unset "
+            f"RAY_TRAIN_V2_ENABLED or set it to 1 (it is {os.environ.get(V2_ENV, 'unset')!r}), "
+            f"and use ray>=2.51")
+
+
+def run_config_logging() -> dict:
+    """The RunConfig arguments that keep Ray Train's own chatter off the console: the print
+    patch off in the workers (:data:`PRINT_PATCH_ENV`, unless set on the driver) and, where this
+    Ray has ``ray.train.LoggingConfig``, Ray Train's INFO records ("Requesting resources",
+    "Reporting training result ...") only in its log files under the Ray session's logs/train/;
+    its warnings and errors still reach the console."""
+    import ray.train
+
+    kwargs: dict = {"worker_runtime_env": {
+        "env_vars": {PRINT_PATCH_ENV: os.environ.get(PRINT_PATCH_ENV, "0")}}}
+    if hasattr(ray.train, "LoggingConfig"):
+        kwargs["logging_config"] = ray.train.LoggingConfig(log_level="WARNING")
+    return kwargs
+
+
 def _trainer(fit: FitJob, job: dict, ds):
     """The TorchTrainer: ``train.num_workers`` workers running :func:`train_loop_per_worker`
     on ``job`` over the train split ``ds``, storing the run under ``<root>/runs/<run_name>``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    require_train_v2(TorchTrainer)
     train = fit.train
     resources = {"CPU": train.cpus_per_worker}
     if train.use_gpu:
@@ -240,6 +279,7 @@ def _trainer(fit: FitJob, job: dict, ds):
             storage_filesystem=pyarrow_fs(fit.root),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            **run_config_logging(),
         ),
         datasets={"train": ds},
     )

@@ -3,7 +3,10 @@ iterator and the default run name."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,3 +127,66 @@ def test_a_worker_imports_the_loop_without_the_driver():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# Console output: Ray's own chatter stays in the Ray session's log files (make demo printed
+# hundreds of placement-group-cleaner warnings and every training progress line twice).
+
+
+def test_training_refuses_ray_train_v1_naming_the_switch(monkeypatch):
+    from ray.train.torch import TorchTrainer
+
+    from tasks.train.driver import require_train_v2
+
+    require_train_v2(TorchTrainer)  # this Ray: V2, the default from 2.51
+    v1 = type("TorchTrainer", (), {"__module__": "ray.train.torch.torch_trainer"})
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    with pytest.raises(TrainConfigError, match=r"Ray Train V2 is not active .*"
+                       r"RAY_TRAIN_V2_ENABLED .*'0'.*ray>=2\.51"):
+        require_train_v2(v1)
+
+
+def test_ray_train_chatter_and_print_teeing_are_off_for_the_trainer(monkeypatch):
+    import ray.train
+
+    from tasks.train.driver import run_config_logging
+
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PRINT_PATCH", raising=False)
+    kw = run_config_logging()
+    # print() in a worker goes to the console once (Ray Train's patch printed it twice)
+    assert kw["worker_runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # Ray Train's INFO records only in its log files; warnings still on the console
+    assert kw["logging_config"].log_level == "WARNING"
+    ray.train.RunConfig(**kw)  # what _trainer passes is what this Ray's RunConfig takes
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")  # a driver's own setting wins
+    assert run_config_logging()["worker_runtime_env"]["env_vars"] == {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "1"}
+
+
+def test_a_local_ray_quiets_the_placement_group_cleaner_in_its_workers(monkeypatch):
+    """Without a dashboard (State API) Ray Train's placement-group cleaner warned every second;
+    with another Ray on the machine its State API client died guessing the cluster."""
+    import ray
+    import ray.train.v2._internal.execution.controller.placement_group_cleaner as pgc
+
+    from tasks.runtime import QUIET_RAY_LOGGERS, local_ray_worker_setup, ray_init_kwargs
+
+    assert ray_init_kwargs(local=True)["runtime_env"] == {
+        "worker_process_setup_hook": local_ray_worker_setup}
+    assert "runtime_env" not in ray_init_kwargs(local=False)  # a cluster's job env is its own
+    assert pgc.logger.name in QUIET_RAY_LOGGERS  # the logger Ray's cleaner really uses
+    import ray.train.v2._internal.execution.context as train_context
+
+    for logger in (pgc.logger, train_context.logger):
+        monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(gcs_address="192.0.2.7:6379"))
+    monkeypatch.setenv("RAY_ADDRESS", "192.0.2.1:6379")
+    local_ray_worker_setup()
+    assert not pgc.logger.isEnabledFor(logging.WARNING) and pgc.logger.isEnabledFor(logging.ERROR)
+    assert train_context.logger.name == train_context.__file__  # Ray names it by its path
+    assert not train_context.logger.isEnabledFor(logging.INFO)
+    assert os.environ["RAY_ADDRESS"] == "192.0.2.1:6379"  # one already set is kept
+    monkeypatch.delenv("RAY_ADDRESS")
+    local_ray_worker_setup()
+    assert os.environ["RAY_ADDRESS"] == "192.0.2.7:6379"  # else this worker's own Ray
