@@ -125,13 +125,42 @@ def local_ray_worker_setup() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
+def cluster_worker_setup() -> None:
+    """A cluster's ``worker_process_setup_hook`` (this process joined a cluster, e.g. inside a
+    Ray Job): point ``RAY_ADDRESS`` at the cluster (unless set) so a worker's State API client
+    never guesses among the Ray instances its machine runs, and keep "Reporting training
+    result" off the driver's log. The cleaner's warnings stay: with a dashboard they mean
+    something."""
+    import ray
+
+    for name, level in QUIET_RAY_LOGGERS.items():
+        if name.endswith(".py"):
+            logging.getLogger(os.path.join(os.path.dirname(os.path.dirname(ray.__file__)),
+                                           name)).setLevel(level)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def _job_runtime_env() -> dict | None:
+    """The runtime_env this process's Ray Job was submitted with, if it is one and has one."""
+    import json
+
+    text = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return (json.loads(text).get("runtime_env") or None) if text else None
+    except (ValueError, AttributeError):
+        return None
+
+
 def ray_init_kwargs(local: bool) -> dict:
     """Keyword arguments of :func:`ensure_ray`'s ``ray.init``: no dashboard and WARNING on the
-    driver's ``ray`` logger; a local Ray also runs :func:`local_ray_worker_setup` in its workers
-    (a cluster's are left alone: a Ray Jobs submission's own runtime_env would conflict)."""
+    driver's ``ray`` logger; a local Ray runs :func:`local_ray_worker_setup` in its workers, a
+    cluster :func:`cluster_worker_setup` (unless this process is a Ray Job submitted with a
+    runtime_env of its own, which a driver's would replace)."""
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
     if local:
         kwargs["runtime_env"] = {"worker_process_setup_hook": local_ray_worker_setup}
+    elif _job_runtime_env() is None:
+        kwargs["runtime_env"] = {"worker_process_setup_hook": cluster_worker_setup}
     return kwargs
 
 

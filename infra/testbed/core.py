@@ -125,7 +125,11 @@ class Testbed:
                          "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
                          "MLFLOW_TRACKING_PASSWORD": s["mlflow_password"]}
         ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
-        cluster = {**aws, **mlflow_client, **ray_auth, "RAY_USAGE_STATS_ENABLED": "0"}
+        # torch.distributed's Gloo picks its interface from the hostname, which every namespace
+        # shares (it resolves to the machine's own address): name the host's link instead, as a
+        # cluster with several NICs would (NCCL_SOCKET_IFNAME for GPUs).
+        cluster = {**aws, **mlflow_client, **ray_auth, "RAY_USAGE_STATS_ENABLED": "0",
+                   "GLOO_SOCKET_IFNAME": "eth0"}
         env = {h: base(h) | cluster for h in RAY_HOSTS}
         env["driver"] = base("driver") | cluster | {
             "RAY_ADDRESS": self.jobs_url, "PREFECT_API_URL": self.prefect_api,

@@ -173,7 +173,13 @@ def test_a_local_ray_quiets_the_placement_group_cleaner_in_its_workers(monkeypat
 
     assert ray_init_kwargs(local=True)["runtime_env"] == {
         "worker_process_setup_hook": local_ray_worker_setup}
-    assert "runtime_env" not in ray_init_kwargs(local=False)  # a cluster's job env is its own
+    from tasks.runtime import cluster_worker_setup
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_init_kwargs(local=False)["runtime_env"] == {
+        "worker_process_setup_hook": cluster_worker_setup}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"pip": ["x"]}}')
+    assert "runtime_env" not in ray_init_kwargs(local=False)  # a job's own env is kept
     assert pgc.logger.name in QUIET_RAY_LOGGERS  # the logger Ray's cleaner really uses
     import ray.train.v2._internal.execution.context as train_context
 
