@@ -6,7 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffusion import SamplerConfig, ScheduleConfig, UNetConfig
+from diffusion import SamplerConfig, UNetConfig
+from diffusion.pipeline import DiffusionConfig
 from diffusion.serialization import build_unet
 from flows.cli import app
 from flows.demo import DemoConfig, run_demo
@@ -21,7 +22,7 @@ TINY_UNET = UNetConfig(resolution=8, in_channels=1, base_channels=8, channel_mul
 def test_demo_trains_samples_and_writes_grid_and_weights(tmp_path):
     cfg = replace(
         DemoConfig(steps=12, batch_size=32, samples_per_class=2, nll_images=2),
-        sampler=SamplerConfig("ddim", steps=5), unet=TINY_UNET, schedule=ScheduleConfig(T=100),
+        sampler=SamplerConfig("ddim", steps=5), unet=TINY_UNET, diffusion=DiffusionConfig(T=100),
     )
     lines = []
     summary = run_demo(tmp_path, cfg, log=lines.append)
@@ -43,7 +44,7 @@ def test_demo_trains_samples_and_writes_grid_and_weights(tmp_path):
 
     loaded = load_model_ref(str(tmp_path / "model"), RuntimeConfig(root=str(tmp_path)))
     assert set(loaded.config) >= {"unet", "diffusion", "class_names"}
-    assert loaded.config["diffusion"] == DemoConfig().diffusion.to_dict()
+    assert loaded.config["diffusion"] == cfg.diffusion.to_dict()
 
 
 
