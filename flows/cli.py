@@ -119,6 +119,18 @@ def _quiet_console() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines and progress tables (logged every few seconds when stdout is not a
+    terminal, as in a Ray Job) off the console: its console handler keeps WARNING and above,
+    its log file (``ray-data.log`` in the Ray session) keeps everything. The stages report
+    their own progress."""
+    import ray.data  # noqa: F401 - configures its loggers on import
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+
+
 def _run_stage(config: Path | None, sets: list[str] | None, root: str | None, debug: bool,
                flow_name: str, **kwargs):
     """Load the config and run one stage's flow; expected errors become one red line."""
@@ -384,7 +396,7 @@ def job_run(
         storage_options,
     )
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray_data_console()
     options = StorageConfig(s3_endpoint_url=s3_endpoint_url)
     req = read_json(Location.of(request, storage_options(request, options)))
     echo = lambda m: print(m, flush=True)  # noqa: E731 - the job's log is what the driver shows

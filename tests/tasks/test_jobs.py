@@ -392,3 +392,17 @@ def test_job_run_stores_the_stage_error_and_exits_non_zero(tmp_path):
     assert error_in_log(res.output) == record  # the same record, as the log's last line
     assert not (where / RESULT).exists()
     assert isinstance(error_from_record(record, "train-x"), errors.DatasetNotFound)
+
+
+def test_a_job_keeps_ray_datas_progress_tables_in_its_log_file_not_on_the_console():
+    import logging
+
+    from flows.cli import quiet_ray_data_console
+
+    quiet_ray_data_console()
+    handlers = logging.getLogger("ray.data").handlers
+    files = [h for h in handlers if "File" in type(h).__name__]
+    console = [h for h in handlers if h not in files]
+    assert files and console
+    assert all(h.level >= logging.WARNING for h in console)
+    assert all(h.level <= logging.INFO for h in files)  # the session's ray-data.log keeps them
