@@ -398,11 +398,15 @@ def job_run(
 
     quiet_ray_data_console()
     options = StorageConfig(s3_endpoint_url=s3_endpoint_url)
-    req = read_json(Location.of(request, storage_options(request, options)))
     echo = lambda m: print(m, flush=True)  # noqa: E731 - the job's log is what the driver shows
-    echo(f"running stage {req['stage']} (job key {req['key']}, attempt {req['attempt']})")
-    try:
+    req: dict = {}
+    try:  # reading the request and writing the result are part of the stage: storage may fail
+        req = read_json(Location.of(request, storage_options(request, options)))
+        echo(f"running stage {req['stage']} (job key {req['key']}, attempt {req['attempt']})")
         result = run_stage(req["stage"], req["args"], echo=echo)
+        out = req["result"]
+        atomic_write_bytes(Location.of(out, storage_options(out, options)),
+                           json.dumps(result, indent=2, default=str).encode())
     except BaseException as e:
         code = exit_code(e)
         if code is None:  # unexpected: the whole trace belongs in the job's log
@@ -410,15 +414,13 @@ def job_run(
 
             traceback.print_exc()
         record = error_record(e)
-        with contextlib.suppress(Exception):  # storage may be what failed; the log line is enough
-            out = req["error"]
-            atomic_write_bytes(Location.of(out, storage_options(out, options)),
-                               json.dumps(record, indent=2).encode())
+        if "error" in req:
+            with contextlib.suppress(Exception):  # storage may be what failed: the line is enough
+                out = req["error"]
+                atomic_write_bytes(Location.of(out, storage_options(out, options)),
+                                   json.dumps(record, indent=2).encode())
         echo(error_line(record))
         raise typer.Exit(code=1 if code is None else code) from None
-    out = req["result"]
-    atomic_write_bytes(Location.of(out, storage_options(out, options)),
-                       json.dumps(result, indent=2, default=str).encode())
     echo(f"stage {req['stage']} done")
 
 

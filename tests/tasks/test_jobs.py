@@ -406,3 +406,15 @@ def test_a_job_keeps_ray_datas_progress_tables_in_its_log_file_not_on_the_consol
     assert files and console
     assert all(h.level >= logging.WARNING for h in console)
     assert all(h.level <= logging.INFO for h in files)  # the session's ray-data.log keeps them
+
+
+def test_job_run_reports_an_unreadable_request_as_its_error_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.jobs import error_in_log
+
+    res = CliRunner().invoke(app, ["job-run", str(tmp_path / "nowhere" / REQUEST)])
+    assert res.exit_code != 0
+    record = error_in_log(res.output)
+    assert record is not None and "nowhere" in record["message"], res.output
