@@ -135,7 +135,9 @@ def test_a_deployed_run_trains_across_both_hosts_registers_promotes_and_samples(
 
 
 def test_a_killed_driver_leaves_the_job_running_and_a_new_run_re_attaches(testbed):
-    params = train_params(seed=2, steps=200, **{"train.checkpoint_every": 100})
+    # long enough (about a minute of training on 2 cores) that the job still runs when the new
+    # run starts: a finished one would be found finished and never re-attached
+    params = train_params(seed=2, steps=600, **{"train.checkpoint_every": 200})
     first = deploy(testbed, TRAIN_DEPLOYMENT, params)
     sid, _ = running_train_job(testbed, at_step=25)
     testbed.kill_driver()
@@ -152,7 +154,7 @@ def test_a_killed_driver_leaves_the_job_running_and_a_new_run_re_attaches(testbe
     assert f"submitted Ray job {sid}" not in logs
     assert [j["id"] for j in jobs(testbed, f"train-{run_name_of(sid)}")] == [sid]  # one job
     status = run_status(testbed, run_name_of(sid))
-    assert (status["status"], status["step"]) == ("finished", 200)
+    assert (status["status"], status["step"]) == ("finished", 600)
     assert first != second
 
 
