@@ -13,7 +13,6 @@ from prefect.cache_policies import NO_CACHE
 from flows.config import PipelineConfig
 from flows.evaluate import evaluate_task
 from tasks.errors import RegistryError
-from tasks.evaluate import run_evaluation
 from tasks.models import fetch_model_dir
 from tasks.registry import (
     RegistryConfig,
@@ -26,6 +25,7 @@ from tasks.registry import (
     rollback,
 )
 from tasks.retry import transient_retries
+from tasks.stages import execute
 from tasks.storage import storage_options
 
 # Registry calls change shared state: never answered from a cache.
@@ -115,8 +115,13 @@ def promote_flow(config: PipelineConfig, version: str | None = None) -> dict:
     def reevaluate(champion_ref: str) -> dict:
         ref = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"
         challenger = resolve(ref, uri)["tags"]
-        return run_evaluation(champion_ref, cfg.data, cfg.evaluate, cfg.runtime,
-                              dataset_version=challenger.get("dataset.version"))
+        # the evaluate stage: here, or as a Ray Job when the cluster is reached through the
+        # Jobs API (this runs inside promote_task: its run logger takes the lines)
+        from prefect.logging import get_run_logger
+
+        return execute("evaluate", {"model_ref": champion_ref, "config": cfg.to_json_dict(),
+                                    "dataset_version": challenger.get("dataset.version")},
+                       echo=get_run_logger().info)
 
     res = promote_task(name, version, tracking_uri=uri, cfg=cfg.registry.model_dump(mode="json"),
                        lock_dir=default_lock_dir(root.url), evaluate=reevaluate,
