@@ -192,7 +192,7 @@ class JobRunner:
             info = self._info(sid)
             if info is None:
                 break
-            status = str(info.status.value if hasattr(info.status, "value") else info.status)
+            status = _status(info)
             if status in ("PENDING", "RUNNING"):
                 self.echo(f"re-attaching to Ray job {sid} ({status.lower()} since "
                           f"{_when(info.start_time)}) instead of submitting another")

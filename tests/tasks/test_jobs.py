@@ -268,23 +268,9 @@ def test_a_stage_past_its_timeout_is_stopped(root):
     assert cluster.stopped == ["train-digits-abc-123"]
 
 
-def test_an_interrupted_driver_leaves_the_job_running(root, monkeypatch):
-    cluster = FakeCluster(root)
-    cluster.jobs["train-digits-abc-123"] = FakeJob(status="RUNNING")
-
-    def interrupt(self, sid):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(FakeClient, "get_job_logs", interrupt)
-    lines: list[str] = []
-    with pytest.raises(KeyboardInterrupt):
-        runner(cluster, lines).run(JOB)
-    assert cluster.stopped == []
-    assert any("keeps running on the cluster" in m and "ray job stop train-digits-abc-123" in m
-               for m in lines)
-
-
-def test_a_cancelled_flow_run_stops_the_job(root, monkeypatch):
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_an_interrupted_driver_stops_the_job_only_when_the_flow_run_is_cancelled(
+        root, monkeypatch, cancelled):
     import tasks.jobs
 
     cluster = FakeCluster(root)
@@ -294,12 +280,17 @@ def test_a_cancelled_flow_run_stops_the_job(root, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(FakeClient, "get_job_logs", interrupt)
-    monkeypatch.setattr(tasks.jobs, "_flow_run_cancelling", lambda: True)
+    monkeypatch.setattr(tasks.jobs, "_flow_run_cancelling", lambda: cancelled)
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         runner(cluster, lines).run(JOB)
-    assert cluster.stopped == ["train-digits-abc-123"]
-    assert any("flow run cancelled: stopped Ray job" in m for m in lines)
+    if cancelled:
+        assert cluster.stopped == ["train-digits-abc-123"]
+        assert any("flow run cancelled: stopped Ray job" in m for m in lines)
+    else:
+        assert cluster.stopped == []
+        assert any("keeps running on the cluster" in m
+                   and "ray job stop train-digits-abc-123" in m for m in lines)
 
 
 def test_a_refused_token_is_explained(root):
