@@ -15,6 +15,13 @@ difference is the job mode's overhead (submission, the job's Python start and im
 streaming at the poll interval, the result read back from storage). The pairs run
 interleaved (in-process, job, in-process, job, ...) and ``--repeat`` times, so the machine's
 drift hits both sides alike. Goal (issue 13): ≤ 15 s per stage.
+
+``--default-run`` compares the whole default run instead (``diffusion-pipeline run`` on the
+embedded digits, the README's main job, default config), twice in fresh roots and fresh Prefect
+homes: the *local default* (no ``RAY_ADDRESS``: the run starts its own Ray in-process, as
+``make demo`` does) and *job mode* (``RAY_ADDRESS=http://<head>:8265``: every Ray stage a Ray
+Job on the already running head, whose start is not counted: a cluster exists before its jobs).
+Written to ``jobs_default_run.{json,md}``.
 """
 
 from __future__ import annotations
@@ -117,6 +124,44 @@ def seed_root(src: Path, dst: Path, upto: str) -> None:
         shutil.copytree(src / name, dst / name)
 
 
+def default_runs(tmp: Path, jobs: str, env: dict, repeat: int) -> dict:
+    """The default run, local default and job mode interleaved ``repeat`` times."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline_run import run_once
+
+    runs: dict[str, list[dict]] = {"local default": [], "job mode": []}
+    for r in range(repeat):
+        for mode in runs:
+            d = tmp / f"default-{mode.replace(' ', '-')}-{r}"
+            d.mkdir()
+            run_env = {**env, "PREFECT_HOME": str(d / "prefect-home")}
+            for k in ("PREFECT_API_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+                run_env.pop(k, None)
+            if mode == "job mode":
+                run_env["RAY_ADDRESS"] = jobs
+            out = run_once(d / "root", run_env, d / "run.log", d / "summary.json")
+            runs[mode].append(out)
+            print(f"  {mode:14s} {out['wall_s']:6.1f} s  "
+                  + "  ".join(f"{k} {v['seconds']:.1f}" for k, v in out["stages"].items()),
+                  flush=True)
+    return runs
+
+
+def default_markdown(runs: dict) -> str:
+    local, job = runs["local default"], runs["job mode"]
+    stages = list(local[0]["stages"])
+    med = statistics.median
+    lines = ["| | local default (s) | job mode (s) | job − local (s) |", "|---|---:|---:|---:|"]
+    for name in stages:
+        a = med(r["stages"][name]["seconds"] for r in local)
+        b = med(r["stages"].get(name, {"seconds": 0.0})["seconds"] for r in job)
+        lines.append(f"| {name} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+    a, b = med(r["wall_s"] for r in local), med(r["wall_s"] for r in job)
+    lines.append(f"| **process wall time** | **{a:.1f}** | **{b:.1f}** | **{b - a:+.1f}** "
+                 f"(×{b / a:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=2)
@@ -124,6 +169,8 @@ def main() -> None:
     ap.add_argument("--root")
     ap.add_argument("--address")
     ap.add_argument("--model")
+    ap.add_argument("--default-run", action="store_true",
+                    help="compare the whole default run, local default vs job mode")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/jobs_overhead.json"))
     a = ap.parse_args()
     if a.one:
@@ -133,6 +180,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="jobs-bench-"))
     gcs, jobs, env = start_head(tmp)
     print(f"Ray head: {gcs}, Jobs API {jobs}", flush=True)
+    if a.default_run:
+        try:
+            runs = default_runs(tmp, jobs, env, a.repeat)
+        finally:
+            stop_head(tmp)
+        out = Path(a.out).with_name("jobs_default_run.json")
+        out.write_text(json.dumps(runs, indent=2))
+        print(default_markdown(runs))
+        out.with_suffix(".md").write_text(default_markdown(runs))
+        return
     rows: dict[str, dict[str, list[float]]] = {s: {"in-process": [], "job": []} for s in STAGES}
     try:
         # the inputs every stage starts from, made once in-process

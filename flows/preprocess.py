@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, with_overrides
 from tasks.retry import transient_retries
 from tasks.stages import execute
 
@@ -19,12 +19,13 @@ def preprocess_task(data: dict, runtime: dict) -> dict:
 
 
 @flow(name="preprocess", log_prints=True)
-def preprocess_flow(config: PipelineConfig) -> dict:
+def preprocess_flow(config: PipelineConfig, overrides: list[str] | None = None) -> dict:
     """Preprocess ``config.data`` under ``config.runtime``; returns the dataset reference.
 
     ``config`` is the pipeline config; Prefect validates a mapping (a deployment's parameters)
     into :class:`~flows.config.PipelineConfig` before the flow starts, so bad parameters fail at
-    once.
+    once. ``overrides`` (``section.key=value``) change single keys of it for one run, e.g.
+    ``["data.val_fraction=0.2"]``.
     """
-    cfg = PipelineConfig.model_validate(config)
+    cfg = with_overrides(config, overrides)
     return preprocess_task(cfg.data.model_dump(mode="json"), cfg.runtime.model_dump(mode="json"))

@@ -13,8 +13,11 @@ Needs root (``ip netns``) and the pipeline's virtualenv. See infra/README.md, "T
 from infra.testbed.core import (
     BUCKET,
     DEPLOYMENT,
+    DEPLOYMENTS,
+    GENERATE_DEPLOYMENT,
     HOSTS,
     POOL,
+    PREPROCESS_DEPLOYMENT,
     RAY_HOSTS,
     ROOT,
     TRAIN_DEPLOYMENT,
@@ -23,5 +26,6 @@ from infra.testbed.core import (
     addr,
 )
 
-__all__ = ["BUCKET", "DEPLOYMENT", "HOSTS", "POOL", "RAY_HOSTS", "ROOT", "TRAIN_DEPLOYMENT",
-           "Testbed", "TestbedError", "addr"]
+__all__ = ["BUCKET", "DEPLOYMENT", "DEPLOYMENTS", "GENERATE_DEPLOYMENT", "HOSTS", "POOL",
+           "PREPROCESS_DEPLOYMENT", "RAY_HOSTS", "ROOT", "TRAIN_DEPLOYMENT", "Testbed",
+           "TestbedError", "addr"]

@@ -10,7 +10,7 @@ Hosts and what runs there (one long-running service per host, logged to ``logs/<
                             to s3://testbed/mlflow
     prefect  198.51.100.23  prefect server start :4200 (auth string, SQLite)
     driver   198.51.100.31  prefect worker start --pool diffusion-staging (a process worker in
-                            the checkout); the pool and the retrain-staging deployment are
+                            the checkout); the pool and the four staging deployments are
                             created from here
 
 Each host's processes get an environment built here from nothing (:meth:`Testbed.env_of`), as a
@@ -46,6 +46,9 @@ ROOT = f"s3://{BUCKET}/pipeline"
 POOL = "diffusion-staging"
 DEPLOYMENT = "retrain/retrain-staging"
 TRAIN_DEPLOYMENT = "train/train-staging"
+PREPROCESS_DEPLOYMENT = "preprocess/preprocess-staging"
+GENERATE_DEPLOYMENT = "generate/generate-staging"
+DEPLOYMENTS = (DEPLOYMENT, TRAIN_DEPLOYMENT, PREPROCESS_DEPLOYMENT, GENERATE_DEPLOYMENT)
 GCS_PORT, JOBS_PORT, S3_PORT, MLFLOW_PORT, PREFECT_PORT = 6379, 8265, 5000, 5000, 4200
 MLFLOW_ADMIN = "admin"
 
@@ -130,10 +133,18 @@ class Testbed:
         # cluster with several NICs would (NCCL_SOCKET_IFNAME for GPUs).
         cluster = {**aws, **mlflow_client, **ray_auth, "RAY_USAGE_STATS_ENABLED": "0",
                    "GLOO_SOCKET_IFNAME": "eth0"}
-        env = {h: base(h) | cluster for h in RAY_HOSTS}
+        # RAY_ADDRESS on the Ray hosts, as KubeRay sets it in its pods: every process there
+        # (Ray Train's own actors included) finds this cluster without scanning the machine's
+        # processes, where it would also see other Ray instances (all namespaces share one
+        # PID space) and fail with "Found multiple active Ray instances".
+        env = {h: base(h) | cluster | {"RAY_ADDRESS": f"{addr('head')}:{GCS_PORT}"}
+               for h in RAY_HOSTS}
         env["driver"] = base("driver") | cluster | {
             "RAY_ADDRESS": self.jobs_url, "PREFECT_API_URL": self.prefect_api,
-            "PREFECT_API_AUTH_STRING": s["prefect_auth"], "PIPELINE_DIR": str(REPO)}
+            "PREFECT_API_AUTH_STRING": s["prefect_auth"], "PIPELINE_DIR": str(REPO),
+            # the worker looks for scheduled runs every 2 s instead of 10: a deployment run
+            # starts sooner (the tests start about fifteen)
+            "PREFECT_WORKER_QUERY_SECONDS": "2"}
         env["s3"] = base("s3")
         env["mlflow"] = base("mlflow") | {
             "MLFLOW_AUTH_CONFIG_PATH": str(self.dir / "secrets" / "mlflow_auth.ini"),
@@ -345,12 +356,12 @@ class Testbed:
                     self.start(host)
 
     def setup_prefect(self) -> None:
-        """From the driver: create the process work pool and deploy the staging retrain and
-        training."""
+        """From the driver: create the process work pool and deploy the staging deployments
+        (:data:`DEPLOYMENTS`)."""
         for argv in (["prefect", "work-pool", "create", POOL, "--type", "process"],
                      ["prefect", "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml",
                       # -n FLOW/NAME would match the entrypoint's function name, not the flow's
-                      "-n", DEPLOYMENT.split("/")[1], "-n", TRAIN_DEPLOYMENT.split("/")[1]]):
+                      *(a for d in DEPLOYMENTS for a in ("-n", d.split("/")[1]))]):
             res = self.run_on("driver", argv, timeout=300)
             with self.log("driver-setup").open("a") as f:
                 f.write(f"$ {' '.join(argv)}\n{res.stdout}{res.stderr}\n")

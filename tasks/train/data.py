@@ -4,7 +4,8 @@ tensors) and each worker's endless batch iterator over its shard."""
 from __future__ import annotations
 
 from tasks.datasets import part_files
-from tasks.pixels import to_arrays
+from tasks.pixels import read_pixel_files, to_arrays
+from tasks.storage import call
 
 
 def pyarrow_fs(root):
@@ -38,14 +39,33 @@ def build_dataset(root, manifest: dict, *, materialize_below_bytes: int = 512 * 
 def _build_dataset(root, manifest: dict, materialize_below_bytes: int):
     import ray
 
+    size = sum(f["bytes"] for f in manifest["splits"]["train"]["files"])
+    if size * 4 < materialize_below_bytes:
+        # Small (the decoded rows fit the object store many times over): read and decode on the
+        # driver and hand Ray Data the arrays. A Ray Data read would run file listing and read
+        # tasks, each starting a worker process on a cluster node that then opens the storage:
+        # 40-50 s before the first step on the testbed, for a split of a few MB.
+        x, labels = call(root, read_pixel_files, root.fs, part_files(root, manifest, "train"),
+                         manifest["shape"])
+        return ray.data.from_arrow(_blocks(x, labels))
     paths = part_files(root, manifest, "train")
     ds = ray.data.read_parquet(paths, filesystem=pyarrow_fs(root)).select_columns(
         ["label", "pixels"])
-    ds = ds.map_batches(to_arrays, batch_format="pyarrow", fn_kwargs={"shape": manifest["shape"]})
-    size = sum(f["bytes"] for f in manifest["splits"]["train"]["files"])
-    if size * 4 < materialize_below_bytes:  # small: decode once, iterate from the object store
-        ds = ds.materialize()
-    return ds
+    return ds.map_batches(to_arrays, batch_format="pyarrow",
+                          fn_kwargs={"shape": manifest["shape"]})
+
+
+def _blocks(x, labels, rows_per_block: int | None = None) -> list:
+    """(uint8 [N, C, H, W], int64 [N]) as Arrow tables of about 16 MB each, in row order: the
+    layout that ``map_batches(to_arrays)`` produces (an Arrow tensor column ``x``)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(x)
+    step = rows_per_block or max(1, (16 * 2**20) // max(1, x[0].nbytes if n else 1))
+    return [pa.table({"x": ArrowTensorArray.from_numpy(x[i:i + step]),
+                      "label": pa.array(labels[i:i + step])})
+            for i in (range(0, n, step) if n else [0])]
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,6 +71,37 @@ def test_trains_checkpoints_and_a_rerun_is_a_no_op(digits_root):
     assert again.mlflow_run_id == res.mlflow_run_id
 
 
+def test_a_small_split_read_on_the_driver_has_the_rows_of_the_ray_data_read(digits_root):
+    """Small splits are decoded on the driver (no Ray Data tasks); the rows, their order and
+    the column types are those of the streaming Ray Data read used for large ones."""
+    import numpy as np
+    from ray.data.dataset import MaterializedDataset
+
+    from tasks.datasets import open_dataset
+    from tasks.storage import Location
+    from tasks.train.data import _blocks, build_dataset
+
+    root = Location.of(str(digits_root))
+    _, manifest = open_dataset(root, "digits")
+    small = build_dataset(root, manifest)
+    streamed = build_dataset(root, manifest, materialize_below_bytes=0)
+    assert isinstance(small, MaterializedDataset)
+    assert not isinstance(streamed, MaterializedDataset)
+
+    def rows(ds):
+        got = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        return np.concatenate([b["x"] for b in got]), np.concatenate([b["label"] for b in got])
+
+    (xa, ya), (xb, yb) = rows(small), rows(streamed)
+    assert xa.dtype == xb.dtype == np.uint8 and ya.dtype == yb.dtype == np.int64
+    assert xa.shape == xb.shape == (manifest["splits"]["train"]["rows"], *manifest["shape"])
+    order = np.lexsort(xb.reshape(len(xb), -1).T)  # Ray Data may reorder blocks
+    assert np.array_equal(np.sort(ya), np.sort(yb))
+    assert np.array_equal(xa[np.lexsort(xa.reshape(len(xa), -1).T)], xb[order])
+    parts = _blocks(xa, ya, rows_per_block=100)  # blocks keep the row order
+    assert [len(t) for t in parts][:2] == [100, 100] and sum(map(len, parts)) == len(xa)
+
+
 def test_a_run_being_trained_elsewhere_is_refused_naming_its_holder(digits_root, monkeypatch):
     """One driver per training run: the run's lease is held by a live process (here, this
     one's lease object), so a second driver waits LEASE_WAIT_S and fails before Ray or MLflow.

@@ -6,8 +6,10 @@ artifacts are on the S3 host; MLflow (basic auth) and Prefect have hosts of thei
 asserts outcomes read back from the services themselves: the Jobs API's job list, the run's
 record in S3, the registry's aliases, the flow run's state and logs.
 
-The tests share one testbed and the committed digits version (the first test makes it); each
-trains a run of its own (a different seed), so their jobs and runs are told apart by name.
+The tests share one testbed and one deployed run (the ``deployed`` fixture: the committed
+digits version and the promoted champion the other tests start from); each fault test trains a
+run of its own (a different seed), so their jobs and runs are told apart by name. The storage
+tests run the single-stage deployments, so an outage costs one stage, not a retrain.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.testbed import BUCKET, DEPLOYMENT, TRAIN_DEPLOYMENT, addr
+from infra.testbed import (
+    BUCKET,
+    DEPLOYMENT,
+    GENERATE_DEPLOYMENT,
+    PREPROCESS_DEPLOYMENT,
+    TRAIN_DEPLOYMENT,
+    addr,
+)
 
 PY = sys.executable
 OPS = str(Path(__file__).with_name("ops.py"))
@@ -107,9 +116,16 @@ def run_name_of(sid: str) -> str:
 # -- 1. a deployed run ---------------------------------------------------------------------------
 
 
-def test_a_deployed_run_trains_across_both_hosts_registers_promotes_and_samples(testbed):
-    run_id = deploy(testbed, DEPLOYMENT, {})
-    out = wait_run(testbed, run_id, timeout=900)
+@pytest.fixture(scope="module")
+def deployed(testbed) -> dict:
+    """The staging retrain, deployed and run once: its flow run (state, logs). The fault tests
+    start from what it leaves: a committed digits version and a promoted champion."""
+    return wait_run(testbed, deploy(testbed, DEPLOYMENT, {}), timeout=900)
+
+
+def test_a_deployed_run_trains_across_both_hosts_registers_promotes_and_samples(testbed,
+                                                                                   deployed):
+    out = deployed
     assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
 
     trains = jobs(testbed, "train-")
@@ -134,7 +150,7 @@ def test_a_deployed_run_trains_across_both_hosts_registers_promotes_and_samples(
 # -- 2. driver loss ------------------------------------------------------------------------------
 
 
-def test_a_killed_driver_leaves_the_job_running_and_a_new_run_re_attaches(testbed):
+def test_a_killed_driver_leaves_the_job_running_and_a_new_run_re_attaches(testbed, deployed):
     # long enough (about a minute of training on 2 cores) that the job still runs when the new
     # run starts: a finished one would be found finished and never re-attached
     params = train_params(seed=2, steps=600, **{"train.checkpoint_every": 200})
@@ -161,7 +177,7 @@ def test_a_killed_driver_leaves_the_job_running_and_a_new_run_re_attaches(testbe
 # -- 3. network partition ------------------------------------------------------------------------
 
 
-def test_a_partitioned_driver_waits_and_finishes_without_a_duplicate_job(testbed):
+def test_a_partitioned_driver_waits_and_finishes_without_a_duplicate_job(testbed, deployed):
     params = train_params(seed=3, steps=200, **{"train.checkpoint_every": 100})
     run_id = deploy(testbed, TRAIN_DEPLOYMENT, params)
     sid, _ = running_train_job(testbed, at_step=25)
@@ -183,7 +199,7 @@ def test_a_partitioned_driver_waits_and_finishes_without_a_duplicate_job(testbed
 # -- 4. worker host loss -------------------------------------------------------------------------
 
 
-def test_a_lost_worker_host_costs_at_most_one_checkpoint_interval(testbed):
+def test_a_lost_worker_host_costs_at_most_one_checkpoint_interval(testbed, deployed):
     every = 50
     params = train_params(seed=4, steps=200, **{"train.checkpoint_every": every})
     run_id = deploy(testbed, TRAIN_DEPLOYMENT, params)
@@ -214,13 +230,14 @@ def _outage_during(tb, prefix: str, seconds: float = 30) -> None:
         tb.link_up("s3")
 
 
-def _completes_or_fails_cleanly_then_reruns(tb, run_id: str, params: dict) -> dict:
-    out = wait_run(tb, run_id, timeout=900)
+def _completes_or_fails_cleanly_then_reruns(tb, deployment: str, run_id: str,
+                                            params: dict) -> dict:
+    out = wait_run(tb, run_id, timeout=600)
     if out["state"] != "COMPLETED":
         assert out["state"] == "FAILED", out
         # one clear line: the error's message, not a traceback
         assert out["message"] and "Traceback" not in out["message"], out["message"]
-        out = wait_run(tb, deploy(tb, DEPLOYMENT, params), timeout=900)
+        out = wait_run(tb, deploy(tb, deployment, params), timeout=600)
     assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
     return out
 
@@ -241,25 +258,27 @@ def _committed_whole(tb, prefix: str, manifest_name: str = "_manifest.json") -> 
     return found
 
 
-def test_a_storage_outage_fails_cleanly_or_completes_and_a_rerun_completes_once(testbed):
-    """S3 unreachable for 30 s while preprocessing (a new dataset version), then while
-    generating (a new generation job): each stage completes after bounded retries, or the run
-    fails with one clear line and nothing half-committed, and a rerun then completes once."""
+def test_a_storage_outage_while_preprocessing_fails_cleanly_or_completes_once(testbed,
+                                                                              deployed):
+    """S3 unreachable for 30 s while preprocessing a new dataset version: the stage completes
+    after bounded retries, or the run fails with one clear line and nothing half-committed, and
+    a rerun then completes; either way exactly one new version is committed, whole."""
     before = len(_committed_whole(testbed, "pipeline/datasets/digits/"))
-    same = ["data.val_fraction=0.2", "train.seed=5", "train.steps=50"]
-    params = {"generate": False, "overrides": same}
-    run_id = deploy(testbed, DEPLOYMENT, params)
+    params = {"overrides": ["data.val_fraction=0.2"]}
+    run_id = deploy(testbed, PREPROCESS_DEPLOYMENT, params)
     _outage_during(testbed, "preprocess-")
-    _completes_or_fails_cleanly_then_reruns(testbed, run_id, params)
+    _completes_or_fails_cleanly_then_reruns(testbed, PREPROCESS_DEPLOYMENT, run_id, params)
     assert len(_committed_whole(testbed, "pipeline/datasets/digits/")) == before + 1
 
-    gens = len(_committed_whole(testbed, "pipeline/generations/"))
-    # the same run again: every stage reused but a new generation job
-    params = {"overrides": [*same, "generate.num_samples=96", "generate.seed=5",
+
+def test_a_storage_outage_while_generating_fails_cleanly_or_completes_once(testbed, deployed):
+    """The same for a generation job from the champion: one new generation, whole."""
+    before = _committed_whole(testbed, "pipeline/generations/")
+    params = {"overrides": ["generate.num_samples=96", "generate.seed=5",
                             "generate.shard_size=8"]}
-    run_id = deploy(testbed, DEPLOYMENT, params)
+    run_id = deploy(testbed, GENERATE_DEPLOYMENT, params)
     _outage_during(testbed, "generate-")
-    _completes_or_fails_cleanly_then_reruns(testbed, run_id, params)
+    _completes_or_fails_cleanly_then_reruns(testbed, GENERATE_DEPLOYMENT, run_id, params)
     committed = _committed_whole(testbed, "pipeline/generations/")
-    assert len(committed) == gens + 1
+    assert len(committed) == len(before) + 1
     assert sorted(m["num_samples"] for m in committed)[-1] == 96

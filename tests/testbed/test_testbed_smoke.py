@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from infra.testbed import BUCKET, DEPLOYMENT, POOL, ROOT, TestbedError, addr
+from infra.testbed import BUCKET, DEPLOYMENTS, POOL, ROOT, TestbedError, addr
 
 PY = sys.executable
 
@@ -119,16 +119,18 @@ def test_mlflow_needs_a_login_and_proxies_artifacts_to_s3(testbed):
     assert len(out["stored"]) == 1 and out["stored"][0].endswith("/hello.txt")
 
 
-def test_the_prefect_worker_is_online_and_the_staging_deployment_exists(testbed):
+def test_the_prefect_worker_is_online_and_the_staging_deployments_exist(testbed):
     assert testbed.probe("worker", POOL) == ["driver"]
-    dep = testbed.probe("deployment", DEPLOYMENT)
-    assert (dep["work_pool_name"], dep["root"]) == (POOL, ROOT)
+    for name in DEPLOYMENTS:
+        dep = testbed.probe("deployment", name)
+        assert (dep["work_pool_name"], dep["root"]) == (POOL, ROOT), name
 
 
 def test_each_host_gets_only_its_own_environment(testbed):
     driver, worker, s3 = (testbed.env_of(h) for h in ("driver", "worker1", "s3"))
     assert driver["RAY_ADDRESS"] == testbed.jobs_url and driver["PIPELINE_DIR"]
-    assert "RAY_ADDRESS" not in worker and "PREFECT_API_URL" not in worker
+    assert worker["RAY_ADDRESS"] == f"{addr('head')}:6379"  # the GCS, as KubeRay's pods have it
+    assert "PREFECT_API_URL" not in worker
     assert {"AWS_ENDPOINT_URL", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_MODE"} <= set(worker)
     assert not any(k.startswith(("AWS_", "MLFLOW_", "RAY_")) for k in s3)
     res = testbed.run_on("worker1", ["env"], check=True)
