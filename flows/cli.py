@@ -16,6 +16,11 @@ import typer
 # The embedded (ephemeral) Prefect server's telemetry heartbeat races its own SQLite database at
 # start-up ("database is locked", PrefectHQ/prefect#15170) and phones home; off unless asked.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Without PREFECT_API_URL, Prefect starts that server in a subprocess and gives it 20 s to answer.
+# Its first start creates and migrates the SQLite database; on a busy 2-core machine that took
+# longer and the run failed before its first stage ("Timed out while attempting to connect to
+# ephemeral Prefect API server"). Two minutes, unless set.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     name="diffusion-pipeline",

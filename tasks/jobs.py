@@ -18,7 +18,9 @@ but the log lines it missed.
   error are JSON files under ``<root>/jobs/<submission id>/``. Nothing secret goes into the
   job's entrypoint, metadata or ``runtime_env`` (the dashboard shows them): the cluster's
   nodes hold their own credentials (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD).
-- **Following.** The job's log is streamed into ``echo`` (the Prefect run log). While the Jobs
+- **Following.** The job's log is streamed into ``echo`` (the Prefect run log): its status is
+  polled every ``poll_s``, its log as often while short and less often as it grows
+  (:func:`log_interval`; the API returns the whole log each time). While the Jobs
   API does not answer (a network partition, a restarting head), the driver keeps polling for up
   to ``runtime.ray_jobs_unreachable_s`` and says so once; the job runs on regardless. A stage
   past its timeout (``runtime.stage_timeouts``) is stopped and fails with
@@ -232,6 +234,7 @@ class JobRunner:
     def _follow(self, sid: str, stage: str):
         """Stream the job's log into ``echo`` until it ends; returns its final JobDetails."""
         shown = 0  # characters of the log already echoed
+        next_log = 0.0  # when to fetch the log next (time.monotonic)
         try:
             while True:
                 info = self._info(sid)
@@ -239,9 +242,13 @@ class JobRunner:
                     raise StageJobFailed(f"Ray job {sid} disappeared from {self.address} (the "
                                          "head node restarted without its job table?); rerun "
                                          "to resubmit it")
-                logs = self._api(f"reading the log of {sid}", lambda c: c.get_job_logs(sid))
-                shown = self._echo_new(logs or "", shown, final=_status(info) in _TERMINAL)
-                if _status(info) in _TERMINAL:
+                final = _status(info) in _TERMINAL
+                if final or time.monotonic() >= next_log:
+                    logs = self._api(f"reading the log of {sid}",
+                                     lambda c: c.get_job_logs(sid)) or ""
+                    shown = self._echo_new(logs, shown, final=final)
+                    next_log = time.monotonic() + log_interval(len(logs), self.poll_s)
+                if final:
                     return info
                 started = (info.start_time or time.time() * 1000) / 1000
                 if self.timeout_s is not None and time.time() - started > self.timeout_s:
@@ -310,6 +317,19 @@ class JobRunner:
         raise StageJobFailed(f"stage {stage} failed: Ray job {sid} ended {status.lower()} "
                              f"({why}) without a result; rerun to resubmit it"
                              + (f". Last lines of its log:\n{tail}" if tail else ""))
+
+
+# The Jobs API returns a job's whole log on every call (it has no offset). Following a job that
+# runs for days re-reads a log that keeps growing, so the log is fetched less often as it grows:
+# about LOG_BYTES_PER_S on average, at least every poll and at most LOG_MAX_INTERVAL_S apart
+# (the job's status is still polled at every poll; its end always fetches the rest).
+LOG_BYTES_PER_S = 128 * 1024
+LOG_MAX_INTERVAL_S = 60.0
+
+
+def log_interval(size: int, poll_s: float) -> float:
+    """Seconds until the next fetch of a log of ``size`` characters."""
+    return min(LOG_MAX_INTERVAL_S, max(poll_s, size / LOG_BYTES_PER_S))
 
 
 def _authenticated(address: str, fn: Callable[[Any], Any], client: Any) -> Any:

@@ -103,11 +103,27 @@ def jobs_address(cfg: RuntimeConfig) -> str | None:
 # cluster (its dashboard serves the State API) nothing is changed.
 # Ray Train's worker context logs "Reporting training result N: TrainingReport(...)" at INFO
 # under a logger named after its file (``getLogger(__file__)``), so outside ``ray.train`` and
-# past RunConfig's LoggingConfig: one long line per report, every log_every steps.
+# past RunConfig's LoggingConfig: one long line per report, every log_every steps. botocore says
+# "Found credentials in environment variables." at INFO each time a worker opens S3.
+WORKER_QUIET_LOGGERS: dict[str, int] = {
+    "ray/train/v2/_internal/execution/context.py": logging.WARNING,  # a path below ray/
+    "botocore.credentials": logging.WARNING,
+}
 QUIET_RAY_LOGGERS: dict[str, int] = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
-    "ray/train/v2/_internal/execution/context.py": logging.WARNING,  # a path below ray/
+    **WORKER_QUIET_LOGGERS,
 }
+
+
+def quiet_loggers(levels: dict[str, int]) -> None:
+    """Raise these loggers' levels in this process (a name ending in ``.py`` is a path below
+    the directory holding the ``ray`` package: Ray names some loggers by their file)."""
+    import ray
+
+    for name, level in levels.items():
+        if name.endswith(".py"):
+            name = os.path.join(os.path.dirname(os.path.dirname(ray.__file__)), name)
+        logging.getLogger(name).setLevel(level)
 
 
 def local_ray_worker_setup() -> None:
@@ -118,25 +134,21 @@ def local_ray_worker_setup() -> None:
     multiple active Ray instances", an uncaught ConnectionError that printed a traceback."""
     import ray
 
-    for name, level in QUIET_RAY_LOGGERS.items():
-        if name.endswith(".py"):
-            name = os.path.join(os.path.dirname(os.path.dirname(ray.__file__)), name)
-        logging.getLogger(name).setLevel(level)
+    quiet_loggers(QUIET_RAY_LOGGERS)
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def cluster_worker_setup() -> None:
     """A cluster's ``worker_process_setup_hook`` (this process joined a cluster, e.g. inside a
     Ray Job): point ``RAY_ADDRESS`` at the cluster (unless set) so a worker's State API client
-    never guesses among the Ray instances its machine runs, and keep "Reporting training
-    result" off the driver's log. The cleaner's warnings stay: with a dashboard they mean
-    something."""
+    never guesses among the Ray instances its machine runs, and keep
+    :data:`WORKER_QUIET_LOGGERS` off the driver's log. The cleaner's warnings stay: with a
+    dashboard they mean something. (Ray Train's workers also apply
+    :data:`WORKER_QUIET_LOGGERS` themselves: on the testbed, a Ray Job's train workers were seen
+    without this hook's effect.)"""
     import ray
 
-    for name, level in QUIET_RAY_LOGGERS.items():
-        if name.endswith(".py"):
-            logging.getLogger(os.path.join(os.path.dirname(os.path.dirname(ray.__file__)),
-                                           name)).setLevel(level)
+    quiet_loggers(WORKER_QUIET_LOGGERS)
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 

@@ -33,6 +33,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     Build the model, resume from the run's newest usable checkpoint, train to ``train.steps``."""
     import ray.train
 
+    from tasks.runtime import WORKER_QUIET_LOGGERS, quiet_loggers
+
+    quiet_loggers(WORKER_QUIET_LOGGERS)  # Ray Train's "Reporting training result N: ..." lines
     w = _worker(cfg)
     _share_cpu_cores(w)
     s = _build(w)

@@ -409,3 +409,33 @@ def test_job_run_reports_an_unreadable_request_as_its_error_line(tmp_path):
     assert res.exit_code != 0
     record = error_in_log(res.output)
     assert record is not None and "nowhere" in record["message"], res.output
+
+
+def test_a_long_log_is_fetched_less_often_and_its_end_always_arrives(root, monkeypatch):
+    """The Jobs API returns the whole log each time: a 1 MB log is not re-read at every poll
+    (8 s apart at 128 KiB/s), and the job's last lines still arrive when it ends."""
+    from tasks.jobs import LOG_MAX_INTERVAL_S, log_interval
+
+    assert log_interval(0, 2.0) == 2.0 and log_interval(2**20, 2.0) == 8.0
+    assert log_interval(2**30, 2.0) == LOG_MAX_INTERVAL_S
+    fetched = []
+
+    def script(sid, job, cluster):
+        if job.status == "PENDING":
+            job.status, job.logs = "RUNNING", "x" * 2**20 + "\nstep 1/2\n"
+        elif cluster.calls > 40:
+            job.logs += "step 2/2\n"
+            where = Path(job_dir(cluster.root, sid).path)
+            where.mkdir(parents=True, exist_ok=True)
+            (where / RESULT).write_text(json.dumps({"ok": 1}))
+            job.status = "SUCCEEDED"
+
+    cluster = FakeCluster(root, script)
+    original = FakeClient.get_job_logs
+    monkeypatch.setattr(FakeClient, "get_job_logs",
+                        lambda self, sid: fetched.append(sid) or original(self, sid))
+    lines: list[str] = []
+    assert runner(cluster, lines).run(JOB) == {"ok": 1}
+    assert len(fetched) <= 3  # not one per poll (about 20 polls)
+    assert lines[-1] == "step 2/2" and "step 1/2" in lines
+

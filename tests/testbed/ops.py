@@ -4,11 +4,15 @@ itself cannot reach the hosts' network. Each op prints one JSON line.
 
     jobs ADDRESS [PREFIX]            the Ray Jobs API's jobs (id, status, start), oldest first
     job-logs ADDRESS ID              one job's log
+    job-step ADDRESS PREFIX          the newest running job's id and the last "step N/M" in its
+                                     log (null if none runs)
     deploy NAME PARAMS_JSON          start a run of a deployment; its flow run id
     flow-run ID                      a flow run's state and its logs' messages
     wait-flow-run ID TIMEOUT         the flow run's state once final (or at the timeout)
     s3-get BUCKET KEY                an object's text (null if missing)
     s3-ls BUCKET PREFIX              the keys under a prefix
+    committed BUCKET PREFIX          the manifests under a prefix, each with the files it lists
+                                     but the bucket lacks
     mlflow-alias MODEL ALIAS         the registered version an alias points at (null if none)
 """
 
@@ -33,6 +37,17 @@ def job_logs(address: str, sid: str) -> str:
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address).get_job_logs(sid)
+
+
+def job_step(address: str, prefix: str) -> list | None:
+    import re
+
+    running = [j for j in jobs(address, prefix) if j["status"] == "RUNNING"]
+    if not running:
+        return None
+    sid = running[-1]["id"]
+    steps = [int(n) for n in re.findall(r"\bstep (\d+)/\d+", job_logs(address, sid))]
+    return [sid, max(steps, default=0)]
 
 
 def deploy(name: str, params: str) -> str:
@@ -107,6 +122,19 @@ def s3_ls(bucket: str, prefix: str) -> list[str]:
     return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
 
+def committed(bucket: str, prefix: str) -> list[dict]:
+    keys = set(s3_ls(bucket, prefix))
+    found = []
+    for key in sorted(k for k in keys if k.endswith("/_manifest.json")):
+        m = json.loads(s3_get(bucket, key))
+        base = key.rsplit("/", 1)[0] + "/"
+        listed = [f["path"] for s in (m.get("splits") or {}).values() for f in s["files"]]
+        listed += [sh["path"] for sh in m.get("shards", [])]
+        found.append({"key": key, "manifest": m, "listed": len(listed),
+                      "missing": [f for f in listed if base + f not in keys]})
+    return found
+
+
 def mlflow_alias(model: str, alias: str) -> str | None:
     from mlflow import MlflowClient
 
@@ -116,9 +144,9 @@ def mlflow_alias(model: str, alias: str) -> str | None:
         return None
 
 
-OPS = {"jobs": jobs, "job-logs": job_logs, "deploy": deploy, "flow-run": flow_run,
-       "wait-flow-run": wait_flow_run, "s3-get": s3_get, "s3-ls": s3_ls,
-       "mlflow-alias": mlflow_alias}
+OPS = {"jobs": jobs, "job-logs": job_logs, "job-step": job_step, "deploy": deploy,
+       "flow-run": flow_run, "wait-flow-run": wait_flow_run, "s3-get": s3_get, "s3-ls": s3_ls,
+       "committed": committed, "mlflow-alias": mlflow_alias}
 
 if __name__ == "__main__":
     print(json.dumps(OPS[sys.argv[1]](*sys.argv[2:]), default=str))
