@@ -66,7 +66,10 @@ def start_head(tmp: Path) -> tuple[str, str, dict]:
                RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
                     str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                    "--num-cpus", "2", "--temp-dir", str(tmp / "ray"), "--include-dashboard",
+                    "--num-cpus", "2", "--temp-dir", str(tmp / "ray"),
+                    # the agent's default port (52365) may be held by another Ray on the machine:
+                    # the Jobs API then answers "No available agent to submit job"
+                    "--dashboard-agent-listen-port", str(_free_port()), "--include-dashboard",
                     "true", "--disable-usage-stats"], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     return f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env

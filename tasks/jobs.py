@@ -116,6 +116,18 @@ def _unreachable_errors() -> tuple[type[BaseException], ...]:
     return (requests.exceptions.RequestException, ConnectionError, TimeoutError)
 
 
+# The SDK raises RuntimeError("Request failed with status code N: ...") for any non-2xx answer.
+# These mean "not now" rather than "no": a proxy or load balancer in front of the head (502,
+# 503, 504), and Ray's own 500 "No available agent to submit job, please try again later" while
+# the head's dashboard agent (re)starts (seen on a loopback head during a benchmark).
+_RETRY_LATER = re.compile(r"status code 50[234]\b|try again later", re.IGNORECASE)
+
+
+def _not_now(e: BaseException) -> bool:
+    """Whether ``e`` is an answer of the Jobs API that asks to try again later."""
+    return isinstance(e, RuntimeError) and bool(_RETRY_LATER.search(str(e)))
+
+
 class JobRunner:
     """Runs :class:`StageJob` s on the cluster at ``address`` (a Jobs API address)."""
 
@@ -140,8 +152,9 @@ class JobRunner:
     # -- the Jobs API, with partitions tolerated ---------------------------------------------
 
     def _api(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        """``fn(client)``, retried while the Jobs API does not answer, for up to
-        ``unreachable_s``; then :class:`ClusterUnreachable`."""
+        """``fn(client)``, retried while the Jobs API does not answer (or answers "try again
+        later": :func:`_not_now`), for up to ``unreachable_s``; then
+        :class:`ClusterUnreachable`."""
         t0 = time.monotonic()
         warned = False
         while True:
@@ -153,7 +166,9 @@ class JobRunner:
                     self.echo(f"the Ray Jobs API at {self.address} answers again after "
                               f"{time.monotonic() - t0:.0f} s")
                 return out
-            except _unreachable_errors() as e:
+            except Exception as e:
+                if not (isinstance(e, _unreachable_errors()) or _not_now(e)):
+                    raise
                 waited = time.monotonic() - t0
                 if waited > self.unreachable_s:
                     raise ClusterUnreachable(
@@ -162,9 +177,11 @@ class JobRunner:
                         "the cluster: a rerun re-attaches to it. Check the head node and the "
                         "network (runtime.ray_jobs_unreachable_s sets the wait)") from None
                 if not warned:
-                    self.echo(f"the Ray Jobs API at {self.address} does not answer "
-                              f"({type(e).__name__}) while {what}; retrying for up to "
-                              f"{self.unreachable_s:.0f} s (the job itself runs on)")
+                    how = ("answers \"try again later\"" if _not_now(e)
+                           else f"does not answer ({type(e).__name__})")
+                    self.echo(f"the Ray Jobs API at {self.address} {how} while {what}; "
+                              f"retrying for up to {self.unreachable_s:.0f} s (the job itself "
+                              "runs on)")
                     warned = True
                 time.sleep(min(self.poll_s * 2, 10.0))
 

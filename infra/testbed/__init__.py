@@ -24,8 +24,9 @@ from infra.testbed.core import (
     Testbed,
     TestbedError,
     addr,
+    unavailable_reason,
 )
 
 __all__ = ["BUCKET", "DEPLOYMENT", "DEPLOYMENTS", "GENERATE_DEPLOYMENT", "HOSTS", "POOL",
            "PREPROCESS_DEPLOYMENT", "RAY_HOSTS", "ROOT", "TRAIN_DEPLOYMENT", "Testbed",
-           "TestbedError", "addr"]
+           "TestbedError", "addr", "unavailable_reason"]

@@ -57,6 +57,20 @@ class TestbedError(RuntimeError):
     __test__ = False  # not a pytest test class
 
 
+def unavailable_reason() -> str | None:
+    """Why the testbed cannot run on this machine (it needs root and ``ip netns``), or None."""
+    if os.geteuid() != 0:
+        return "the testbed needs root (it creates network namespaces with `ip netns`)"
+    if not shutil.which("ip"):
+        return "no `ip` command (iproute2) on this machine"
+    ns = "dpt-canary"
+    made = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    if made.returncode:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    return None
+
+
 def addr(host: str) -> str:
     return f"{netns.SUBNET}.{HOSTS[host]}"
 

@@ -46,6 +46,7 @@ class FakeCluster:
         self.stopped: list[str] = []
         self.script = script
         self.down = 0  # the next N calls fail as if the network were partitioned
+        self.busy = 0  # the next N calls are answered "try again later"
         self.calls = 0
 
     def client(self, address: str):
@@ -61,6 +62,10 @@ class FakeClient:
         if self.c.down > 0:
             self.c.down -= 1
             raise requests.exceptions.ConnectionError("no route to host")
+        if self.c.busy > 0:
+            self.c.busy -= 1
+            raise RuntimeError("Request failed with status code 500: No available agent to "
+                               "submit job, please try again later..")
 
     def get_job_info(self, sid):
         self._net()
@@ -247,6 +252,23 @@ def test_a_partition_is_waited_out(root):
     assert sum("does not answer" in m for m in lines) == 1
     assert any("answers again" in m for m in lines)
     assert cluster.submitted == ["train-digits-abc-123"]
+
+
+def test_try_again_later_is_waited_out_like_a_partition_and_other_errors_are_not(root):
+    """Ray's 500 "No available agent to submit job, please try again later" (its dashboard
+    agent restarting) and a proxy's 502/503/504 are retried; any other answer is an error."""
+    from tasks.jobs import _not_now
+
+    cluster = FakeCluster(root, succeed({"ok": 1}))
+    cluster.busy = 3
+    lines: list[str] = []
+    r = runner(cluster, lines, unreachable_s=30)
+    assert r.run(JOB) == {"ok": 1}
+    assert sum('answers "try again later"' in m for m in lines) == 1
+    assert cluster.submitted == ["train-digits-abc-123"]
+    assert _not_now(RuntimeError("Request failed with status code 503: Service Unavailable."))
+    assert not _not_now(RuntimeError("Request failed with status code 500: bad runtime_env."))
+    assert not _not_now(RuntimeError("Request failed with status code 400: try later"))
 
 
 def test_a_long_partition_fails_as_transient_without_stopping_the_job(root):

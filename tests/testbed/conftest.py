@@ -10,13 +10,9 @@ by hand) is used as it is and left up.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-
 import pytest
 
-from infra.testbed import Testbed, TestbedError
+from infra.testbed import Testbed, TestbedError, unavailable_reason
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
@@ -27,23 +23,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.testbed)
 
 
-def _cannot_run() -> str | None:
-    """Why the testbed cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "the testbed needs root (it creates network namespaces with `ip netns`)"
-    if not shutil.which("ip"):
-        return "no `ip` command (iproute2) on this machine"
-    ns = "dpt-canary"
-    made = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    if made.returncode:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    return None
-
-
 @pytest.fixture(scope="session")
 def testbed():
-    reason = _cannot_run()
+    reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
     tb = Testbed()
