@@ -361,7 +361,9 @@ class Testbed:
         ``ray start`` gave up (GCS too slow to answer on a loaded machine)."""
         while True:
             try:
-                return self.probe("ray", self.jobs_url, str(len(hosts)), timeout=10)
+                # from the head: the driver host may be cut off (a partition test)
+                return self.probe("ray", self.jobs_url, str(len(hosts)), host="head",
+                                  timeout=10)
             except TestbedError:
                 if time.monotonic() > deadline:
                     raise

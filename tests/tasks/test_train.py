@@ -173,14 +173,14 @@ def test_negative_steps_is_a_config_error():
 def test_multi_node_cluster_survives_a_node_removed_mid_run(tmp_path):
     """ray.cluster_utils.Cluster (3 raylets here), one worker per node, a node hosting a worker
     removed after the first checkpoint and replaced: training resumes and ends at exactly the
-    step count. Where the testbed runs (root, network namespaces), its worker-host-loss test
-    shows the same on separate hosts through the Jobs API, and this one is skipped: it would
-    add nearly two minutes to the suite for nothing new."""
+    step count. Where the testbed runs (root, network namespaces), tests/testbed shows the same
+    (a worker host lost mid-training) on separate hosts through the Jobs API, and this one is
+    skipped: it would add nearly two minutes to the suite for nothing new."""
     from infra.testbed import unavailable_reason
 
     if unavailable_reason() is None:
-        pytest.skip("covered on separate hosts by tests/testbed/test_cluster_e2e.py::"
-                    "test_a_lost_worker_host_costs_at_most_one_checkpoint_interval")
+        pytest.skip("covered on separate hosts by tests/testbed/test_cluster_e2e.py (a worker "
+                    "host lost mid-training)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
