@@ -129,7 +129,7 @@ def test_prefect_project_keys():
     assert str(project["prefect-version"]).split(".")[0] == "3"
     assert {d["name"] for d in deployments()} == {
         "retrain-weekly", "retrain-weekly-k8s", "generate", "generate-k8s", "retrain-staging",
-        "train-staging"}
+        "train-staging", "preprocess-staging", "generate-staging"}
     for dep in deployments():
         for key in ("name", "entrypoint", "parameters", "work_pool"):
             assert key in dep, f"deployment {dep.get('name')} lacks {key}"
@@ -144,7 +144,8 @@ def test_prefect_yaml_passes_prefects_own_model():
 
 
 @pytest.mark.parametrize("name", ["retrain-weekly", "retrain-weekly-k8s", "generate",
-                                  "generate-k8s", "retrain-staging", "train-staging"])
+                                  "generate-k8s", "retrain-staging", "train-staging",
+                                  "preprocess-staging", "generate-staging"])
 def test_deployment_entrypoint_loads_and_parameters_validate(name):
     from flows.config import PipelineConfig
 
@@ -165,7 +166,7 @@ def test_deployment_entrypoint_loads_and_parameters_validate(name):
         check_config(cfg.train, cfg.diffusion)  # the retrain flow's preflight checks
         assert cfg.runtime.root.startswith("s3://")
         assert cfg.train.use_gpu == (name != "retrain-staging")
-    if name == "train-staging":  # the staging retrain's own config, trained alone
+    if name.endswith("-staging") and name != "retrain-staging":  # its config, one stage alone
         assert dep["parameters"]["config"] == deployment("retrain-staging")["parameters"]["config"]
 
 
@@ -248,7 +249,7 @@ def test_pull_steps_fit_each_pool():
     dockerfile = dockerfile_instructions("Dockerfile")
     workdirs = [args for instr, args in dockerfile if instr == "WORKDIR"]
     assert workdirs == [IMAGE_CODE_DIR]
-    assert len(deployments()) == 6
+    assert len(deployments()) == 8
     for dep in deployments():
         (step,) = pull_steps(dep)
         ((fn, kwargs),) = step.items()
@@ -268,7 +269,8 @@ def test_process_job_variables_fit_the_process_worker():
         if dep["work_pool"]["name"] in (PROCESS_POOL, STAGING_POOL):
             jsonschema.validate(dep["work_pool"].get("job_variables") or {}, schema)
             checked.append(dep["name"])
-    assert sorted(checked) == ["generate", "retrain-staging", "retrain-weekly", "train-staging"]
+    assert sorted(checked) == ["generate", "generate-staging", "preprocess-staging",
+                               "retrain-staging", "retrain-weekly", "train-staging"]
 
 
 def test_staging_retrain_fits_the_testbed(tmp_path):
