@@ -103,11 +103,13 @@ def jobs_address(cfg: RuntimeConfig) -> str | None:
 # cluster (its dashboard serves the State API) nothing is changed.
 # Ray Train's worker context logs "Reporting training result N: TrainingReport(...)" at INFO
 # under a logger named after its file (``getLogger(__file__)``), so outside ``ray.train`` and
-# past RunConfig's LoggingConfig: one long line per report, every log_every steps. botocore says
-# "Found credentials in environment variables." at INFO each time a worker opens S3.
+# past RunConfig's LoggingConfig: one long line per report, every log_every steps. botocore and
+# aiobotocore (s3fs) say "Found credentials in environment variables." at INFO each time a
+# worker opens S3.
 WORKER_QUIET_LOGGERS: dict[str, int] = {
     "ray/train/v2/_internal/execution/context.py": logging.WARNING,  # a path below ray/
     "botocore.credentials": logging.WARNING,
+    "aiobotocore.credentials": logging.WARNING,
 }
 QUIET_RAY_LOGGERS: dict[str, int] = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
