@@ -44,7 +44,8 @@ def read_pixel_files(fs, paths: list[str], shape: list[int],
     return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
 
 
-def read_split(root: Location, manifest: dict, split: str, limit: int) -> tuple[np.ndarray,
-                                                                                np.ndarray]:
-    """Up to ``limit`` rows of one split in manifest order (see :func:`read_pixel_files`)."""
+def read_split(root: Location, manifest: dict, split: str,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``limit`` (default: all) rows of one split in manifest order (see
+    :func:`read_pixel_files`)."""
     return read_pixel_files(root.fs, part_files(root, manifest, split), manifest["shape"], limit)

@@ -4,7 +4,7 @@ tensors) and each worker's endless batch iterator over its shard."""
 from __future__ import annotations
 
 from tasks.datasets import part_files
-from tasks.pixels import read_pixel_files, to_arrays
+from tasks.pixels import read_split, to_arrays
 from tasks.storage import call
 
 
@@ -45,8 +45,7 @@ def _build_dataset(root, manifest: dict, materialize_below_bytes: int):
         # driver and hand Ray Data the arrays. A Ray Data read would run file listing and read
         # tasks, each starting a worker process on a cluster node that then opens the storage:
         # 40-50 s before the first step on the testbed, for a split of a few MB.
-        x, labels = call(root, read_pixel_files, root.fs, part_files(root, manifest, "train"),
-                         manifest["shape"])
+        x, labels = call(root, read_split, root, manifest, "train")
         return ray.data.from_arrow(_blocks(x, labels))
     paths = part_files(root, manifest, "train")
     ds = ray.data.read_parquet(paths, filesystem=pyarrow_fs(root)).select_columns(
@@ -61,11 +60,10 @@ def _blocks(x, labels, rows_per_block: int | None = None) -> list:
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    n = len(x)
-    step = rows_per_block or max(1, (16 * 2**20) // max(1, x[0].nbytes if n else 1))
+    step = rows_per_block or max(1, (16 * 2**20) // max(1, x.strides[0]))  # bytes per row
     return [pa.table({"x": ArrowTensorArray.from_numpy(x[i:i + step]),
                       "label": pa.array(labels[i:i + step])})
-            for i in (range(0, n, step) if n else [0])]
+            for i in range(0, max(len(x), 1), step)]  # an empty split: one empty block
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,6 +97,14 @@ def flow_logs(tb, run_id: str) -> str:
     return "\n".join(op(tb, "prefect", "flow-run", run_id, env=prefect_env(tb))["logs"])
 
 
+def committed_whole(tb, prefix: str) -> list[dict]:
+    """The manifests under ``prefix``; each file a manifest lists exists."""
+    found = op(tb, "worker1", "committed", BUCKET, prefix)
+    for m in found:
+        assert m["listed"] and not m["missing"], m
+    return [m["manifest"] for m in found]
+
+
 def train_params(seed: int, steps: int, **more: str) -> dict:
     sets = [f"train.seed={seed}", f"train.steps={steps}",
             *(f"{k}={v}" for k, v in more.items())]
@@ -133,10 +141,7 @@ def test_a_deployed_run_trains_across_both_hosts_registers_promotes_and_samples(
     assert [j["status"] for j in jobs(testbed, "generate-")] == ["SUCCEEDED"]
 
     assert op(testbed, "driver", "mlflow-alias", "digits-staging", "champion") == "1"
-    gens = [k for k in op(testbed, "worker1", "s3-ls", BUCKET, "pipeline/generations/")
-            if k.endswith("/_manifest.json")]
-    assert len(gens) == 1
-    manifest = s3_json(testbed, gens[0])
+    (manifest,) = committed_whole(testbed, "pipeline/generations/")
     assert manifest["num_samples"] == 32 and manifest["model_version"] == "1"
     logs = "\n".join(out["logs"])
     assert "submitted Ray job train-" in logs and "step 100/100" in logs  # streamed into Prefect
@@ -216,14 +221,6 @@ def _completes_or_fails_cleanly_then_reruns(tb, deployment: str, run_id: str,
     return out
 
 
-def _committed_whole(tb, prefix: str) -> list[dict]:
-    """The manifests under ``prefix``; each file a manifest lists exists."""
-    found = op(tb, "worker1", "committed", BUCKET, prefix)
-    for m in found:
-        assert m["listed"] and not m["missing"], m
-    return [m["manifest"] for m in found]
-
-
 def test_a_storage_outage_while_preprocessing_and_generating_commits_each_once(testbed,
                                                                                deployed):
     """S3 unreachable for 30 s while a new dataset version is preprocessed and, at the same
@@ -231,8 +228,8 @@ def test_a_storage_outage_while_preprocessing_and_generating_commits_each_once(t
     completes after bounded retries, or its run fails with one clear line and nothing
     half-committed and a rerun completes; either way exactly one new dataset version and one
     new generation are committed, whole."""
-    datasets = len(_committed_whole(testbed, "pipeline/datasets/digits/"))
-    generations = len(_committed_whole(testbed, "pipeline/generations/"))
+    datasets = len(committed_whole(testbed, "pipeline/datasets/digits/"))
+    generations = len(committed_whole(testbed, "pipeline/generations/"))
     runs = {PREPROCESS_DEPLOYMENT: {"overrides": ["data.val_fraction=0.2"]},
             GENERATE_DEPLOYMENT: {"overrides": ["generate.num_samples=96", "generate.seed=5",
                                                 "generate.shard_size=8"]}}
@@ -248,7 +245,7 @@ def test_a_storage_outage_while_preprocessing_and_generating_commits_each_once(t
         testbed.link_up("s3")
     for name, params in runs.items():
         _completes_or_fails_cleanly_then_reruns(testbed, name, ids[name], params)
-    assert len(_committed_whole(testbed, "pipeline/datasets/digits/")) == datasets + 1
-    committed = _committed_whole(testbed, "pipeline/generations/")
+    assert len(committed_whole(testbed, "pipeline/datasets/digits/")) == datasets + 1
+    committed = committed_whole(testbed, "pipeline/generations/")
     assert len(committed) == generations + 1
     assert sorted(m["num_samples"] for m in committed)[-1] == 96
