@@ -9,7 +9,8 @@ only takes as URIs or files:
   ``MLFLOW_DB_PASSWORD`` and ``MLFLOW_DB_NAME``;
 * the basic-auth app's config file (``MLFLOW_AUTH_CONFIG_PATH``, an ini file): its user store on
   the same server (database ``MLFLOW_AUTH_DB_NAME``) and the admin account from
-  ``MLFLOW_AUTH_ADMIN_USERNAME`` / ``MLFLOW_AUTH_ADMIN_PASSWORD``.
+  ``MLFLOW_AUTH_ADMIN_USERNAME`` / ``MLFLOW_AUTH_ADMIN_PASSWORD``, and how long a checked
+  credential is cached (``MLFLOW_AUTH_CACHE_TTL_SECONDS``, default 60).
 
 The ini file holds the database password, so it is written at every start, readable by this
 user only, into a directory that is not persisted (compose mounts a tmpfs there); nothing
@@ -74,6 +75,12 @@ def auth_config(env: Mapping[str, str]) -> configparser.ConfigParser:
         "admin_username": env["MLFLOW_AUTH_ADMIN_USERNAME"],
         "admin_password": env["MLFLOW_AUTH_ADMIN_PASSWORD"],
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+        # Without a cache the server checks the password hash (a deliberately slow scrypt) on
+        # every request: 0.4 s each on a 2-core host, and logging one model makes dozens.
+        # MLflow releases with mlflow/mlflow#22817 (spring 2026) cache a good credential this
+        # long (older ones ignore the key); a changed password or a deleted user takes effect
+        # within it. 0 turns the cache off (MLflow's own default).
+        "auth_cache_ttl_seconds": env.get("MLFLOW_AUTH_CACHE_TTL_SECONDS") or "60",
     }
     # MLflow reads the file with configparser's default interpolation, where '%' starts a
     # reference: a URL-quoted password is full of them. Written escaped ('%%'), read back as '%'.

@@ -123,7 +123,8 @@ def test_run_on_s3_killed_resumed_rerun_and_no_credential_leaks(prefect_env, s3,
     ini = tmp_path / "auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   "auth_cache_ttl_seconds = 60\n")  # as infra/docker/mlflow_entrypoint.py
     server_env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
     server_env.pop("MLFLOW_TRACKING_PASSWORD")
     port = free_port()

@@ -862,6 +862,7 @@ def test_mlflow_entrypoint_writes_an_auth_config_mlflow_reads(tmp_path, monkeypa
     assert make_url(auth.database_uri).database == "mlflow_auth"
     assert make_url(auth.database_uri).password == "p@ss/w:rd%x"
     assert auth.default_permission == "READ"
+    assert auth.auth_cache_ttl_seconds == 60  # not a hash check per request
 
 
 def test_mlflow_entrypoint_refuses_missing_or_weak_credentials(tmp_path):
