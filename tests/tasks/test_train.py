@@ -123,6 +123,15 @@ def test_a_run_being_trained_elsewhere_is_refused_naming_its_holder(digits_root,
 
 
 def test_worker_killed_mid_run_resumes_from_last_checkpoint(digits_root):
+    """A Ray Train worker killed at step 6 of 12: FailureConfig restarts the group from the
+    step-4 checkpoint. Where the testbed runs, tests/testbed shows the same recovery on separate
+    hosts (a worker host's Ray killed mid-training: exact final step, lost work at most one
+    checkpoint interval), and this one is skipped."""
+    from infra.testbed import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("covered on separate hosts by tests/testbed/test_cluster_e2e.py (a worker "
+                    "host lost mid-training)")
     cfg = cfg_for(digits_root, "train.steps=12", "train.num_workers=2", "train.run_name=kill")
     res = train(cfg, fault="kill@6")
     assert res.metrics["step"] == 12 and res.metrics["status"] == "finished"
