@@ -9,6 +9,7 @@ itself cannot reach the hosts' network. Each op prints one JSON line.
     deploy NAME PARAMS_JSON          start a run of a deployment; its flow run id
     flow-run ID                      a flow run's state and its logs' messages
     wait-flow-run ID TIMEOUT         the flow run's state once final (or at the timeout)
+    cancel-flow-run ID               cancel a flow run as the UI's Cancel does (state CANCELLING)
     s3-get BUCKET KEY                an object's text (null if missing)
     s3-ls BUCKET PREFIX              the keys under a prefix
     committed BUCKET PREFIX          the manifests under a prefix, each with the files it lists
@@ -103,6 +104,14 @@ def wait_flow_run(run_id: str, timeout: str) -> dict:
     return flow_run(run_id)
 
 
+def cancel_flow_run(run_id: str) -> str:
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as c:
+        return c.set_flow_run_state(run_id, Cancelling()).status.value
+
+
 def s3_get(bucket: str, key: str) -> str | None:
     import boto3
 
@@ -145,7 +154,8 @@ def mlflow_alias(model: str, alias: str) -> str | None:
 
 
 OPS = {"jobs": jobs, "job-logs": job_logs, "job-step": job_step, "deploy": deploy,
-       "flow-run": flow_run, "wait-flow-run": wait_flow_run, "s3-get": s3_get, "s3-ls": s3_ls,
+       "flow-run": flow_run, "wait-flow-run": wait_flow_run,
+       "cancel-flow-run": cancel_flow_run, "s3-get": s3_get, "s3-ls": s3_ls,
        "committed": committed, "mlflow-alias": mlflow_alias}
 
 if __name__ == "__main__":

@@ -249,3 +249,26 @@ def test_a_storage_outage_while_preprocessing_and_generating_commits_each_once(t
     committed = committed_whole(testbed, "pipeline/generations/")
     assert len(committed) == generations + 1
     assert sorted(m["num_samples"] for m in committed)[-1] == 96
+
+
+# -- cancelling a flow run -----------------------------------------------------------------------
+
+
+def test_cancelling_a_flow_run_stops_its_ray_job(testbed, deployed):
+    """A generation run cancelled in Prefect (as the UI's Cancel does) while its Ray job runs:
+    the Prefect worker terminates the flow-run process, which stops the job on its way out
+    instead of leaving it running on the cluster; the run ends Cancelled; nothing is
+    committed. (A driver that dies without being cancelled leaves its job running, to be
+    re-attached: the driver-loss test above.)"""
+    generations = len(committed_whole(testbed, "pipeline/generations/"))
+    run_id = deploy(testbed, GENERATE_DEPLOYMENT, {"overrides": [
+        "generate.num_samples=100000", "generate.seed=11"]})  # minutes of sampling
+    (job,) = wait_for("its generate job running", lambda: [
+        j for j in jobs(testbed, "generate-") if j["status"] == "RUNNING"], 300, every=0.5)
+    op(testbed, "prefect", "cancel-flow-run", run_id, env=prefect_env(testbed))
+    out = wait_run(testbed, run_id, timeout=300)
+    assert out["state"] == "CANCELLED", (out["state"], out["message"], out["logs"][-20:])
+    wait_for(f"job {job['id']} stopped", lambda: [
+        j["status"] for j in jobs(testbed, job["id"])] == ["STOPPED"], 60)
+    assert f"flow run cancelled: stopped Ray job {job['id']}" in "\n".join(out["logs"])
+    assert len(committed_whole(testbed, "pipeline/generations/")) == generations
