@@ -27,9 +27,11 @@ from tasks.storage import Location, call
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
-# Modes Pillow converts to L / RGB faithfully. 16-bit and float modes ("I;16", "I", "F") would
-# be clipped, not rescaled, so they are refused instead of silently saturating.
+# Modes Pillow converts to L / RGB faithfully, and the 16-bit greyscale modes of a 16-bit PNG,
+# which are rescaled here (Pillow's own "I;16" -> "L" conversion clips at 255 instead). Float
+# ("F") and other modes are refused rather than guessed at.
 SUPPORTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+SIXTEEN_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # "I": how older Pillow opens them
 
 
 class SkipInput(Exception):
@@ -60,9 +62,9 @@ def decode_image(data: bytes | None, *, resolution: int, mode: str, max_pixels: 
             )
         if w == 0 or h == 0:
             raise SkipInput(f"empty image ({w}x{h})")
-        if img.mode not in SUPPORTED_MODES:
-            raise SkipInput(f"unsupported mode {img.mode!r} (16-bit or float images are not "
-                            "converted; supported: 8-bit L, LA, P, RGB, RGBA, CMYK, YCbCr)")
+        if img.mode not in SUPPORTED_MODES | SIXTEEN_BIT_GREY:
+            raise SkipInput(f"unsupported mode {img.mode!r} (supported: L, LA, P, RGB, RGBA, "
+                            "CMYK, YCbCr and 16-bit greyscale)")
         if img.format == "JPEG":
             img.draft(mode, (resolution, resolution))  # decode at the smallest scale ≥ target
         try:
@@ -70,7 +72,25 @@ def decode_image(data: bytes | None, *, resolution: int, mode: str, max_pixels: 
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise SkipInput(f"corrupt or truncated image data: {e}") from None
     if "exif" in img.info:  # JPEG APP1, PNG eXIf, WebP EXIF; parsing it costs ~6% otherwise
-        img = ImageOps.exif_transpose(img)
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as e:  # Pillow raises SyntaxError, ValueError, struct.error, ...
+            raise SkipInput(f"unreadable EXIF metadata: {type(e).__name__}: {e}") from None
+    try:
+        return _to_array(img, resolution=resolution, mode=mode)
+    except MemoryError:
+        raise
+    except Exception as e:  # about this one image, whatever Pillow raises
+        raise SkipInput(f"could not convert the image: {type(e).__name__}: {e}") from None
+
+
+def _to_array(img, *, resolution: int, mode: str) -> np.ndarray:
+    """A loaded image → uint8 [C, resolution, resolution]: alpha over white, ``mode``, fit."""
+    from PIL import Image, ImageOps
+
+    if img.mode in SIXTEEN_BIT_GREY:  # 0..65535 -> 0..255, rounded: v / 257
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")
     if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (
         img.mode == "P" and "transparency" in img.info
     ):
@@ -110,6 +130,10 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
             rows.append((key, label, arr.tobytes(), None))
         except SkipInput as e:
             rows.append((key, label, None, str(e)))
+        except MemoryError:
+            raise
+        except Exception as e:  # any other failure decoding this file skips this file only
+            rows.append((key, label, None, f"could not decode: {type(e).__name__}: {e}"))
 
     if units and "pixels" in units[0]:  # digits: raw uint8 [1, 8, 8]
         for u in units:

@@ -248,8 +248,8 @@ BAD_FILES = {
     "empty.png": "empty file",
     "notes.txt": "not an image file",
     "truncated.png": "corrupt or truncated",
-    "sixteen.png": "unsupported mode",
     "bomb.png": "decompression bomb",
+    "bad-exif.png": "unreadable EXIF metadata",
 }
 
 
@@ -260,9 +260,16 @@ def bad_file_bytes() -> dict[str, bytes]:
         "empty.png": b"",
         "notes.txt": b"hello",
         "truncated.png": good[: len(good) // 2],
-        "sixteen.png": png_bytes(np.full((4, 4), 40000, np.uint16)),
         "bomb.png": bomb_png(60_000, 60_000),
+        "bad-exif.png": bad_exif_png(),
     }
+
+
+def bad_exif_png() -> bytes:
+    """A 16x16 PNG whose eXIf chunk is garbage: Pillow's EXIF parser raises SyntaxError."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="PNG", exif=b"NOTATIFFHEADER")
+    return buf.getvalue()
 
 
 def make_folder(root: Path, *, per_class: int = 6, unlabelled: int = 3, bad: bool = True,

@@ -59,6 +59,40 @@ def test_formats_jpeg_webp_bmp_palette_cmyk():
         assert decode_image(data, resolution=8, mode="RGB", max_pixels=10**6).shape == (3, 8, 8)
 
 
+def test_real_world_modes_convert_to_the_right_pixel_values():
+    """CMYK JPEG, a palette with a transparent index, grey with alpha, 16-bit greyscale and an
+    animated WebP (its first frame), checked by pixel value."""
+    def rgb(data, mode="RGB"):
+        return decode_image(data, resolution=16, mode=mode, max_pixels=10**6)
+
+    solid = Image.new("RGB", (16, 16), (200, 40, 90))
+    assert rgb(encode(solid.convert("CMYK"), "JPEG", quality=95))[:, 8, 8].tolist() == \
+        [200, 40, 90]
+
+    pal = Image.new("P", (16, 16), 0)  # index 0 transparent, index 1 opaque orange
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    pal.paste(1, (0, 0, 8, 16))
+    pal.info["transparency"] = 0
+    out = rgb(encode(pal, "PNG"))
+    assert out[:, 8, 2].tolist() == [200, 100, 50] and out[:, 8, 12].tolist() == [255] * 3
+
+    la = np.dstack([np.full((16, 16), 100, np.uint8), np.full((16, 16), 128, np.uint8)])
+    over_white = round(100 * 128 / 255 + 255 * (1 - 128 / 255))
+    assert rgb(encode(Image.fromarray(la, "LA"), "PNG"), "L")[0, 8, 8] == over_white
+
+    # 16-bit greyscale: rescaled (v / 257, rounded), not clipped at 255 as Pillow's "L" does
+    sixteen = np.array([[0, 257, 40000, 65535]] * 4, np.uint16)
+    out = decode_image(png_bytes(sixteen), resolution=4, mode="L", max_pixels=10**6)
+    assert out[0, 0].tolist() == [0, 1, 156, 255]
+    assert decode_image(png_bytes(sixteen), resolution=4, mode="RGB",
+                        max_pixels=10**6)[:, 0, 2].tolist() == [156] * 3
+
+    frames = [Image.new("RGB", (16, 16), (10 + 60 * i, 0, 0)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert rgb(buf.getvalue())[:, 8, 8].tolist() == [10, 0, 0]  # the first frame
+
+
 @pytest.mark.parametrize("name", sorted(set(BAD_FILES) - {"notes.txt"}))
 def test_bad_inputs_are_refused_with_a_reason(name):
     data = bad_file_bytes()[name]
@@ -110,3 +144,35 @@ def test_reads_from_bytes_io_only():
     with pytest.raises(SkipInput):
         decode_image(b"/etc/passwd", resolution=8, mode="L", max_pixels=10**6)
     assert isinstance(io.BytesIO(b"x"), io.BytesIO)
+
+
+def test_any_failure_decoding_one_file_skips_that_file_only(tmp_path, monkeypatch):
+    """decode_batch, the per-file guard: whatever one file's decoding raises (here a bug-like
+    RuntimeError from inside Pillow) is that file's skip reason; the batch goes on."""
+    import pyarrow as pa
+
+    import tasks.decode
+    from tasks.decode import decode_batch
+
+    names = ["a.png", "boom.png", "bad-exif.png"]
+    boom = np.full((8, 8, 3), 7, np.uint8)  # the one image the patched step fails on
+    for name, data in zip(names, [png_bytes(smooth_rgb(1, 8, 8)), png_bytes(boom),
+                                  bad_file_bytes()["bad-exif.png"]], strict=True):
+        (tmp_path / name).write_bytes(data)
+    real = tasks.decode._to_array
+
+    def flaky(img, **kw):
+        if (np.asarray(img) == 7).all():
+            raise RuntimeError("pillow internals")
+        return real(img, **kw)
+
+    monkeypatch.setattr(tasks.decode, "_to_array", flaky)
+    units = pa.Table.from_pylist([{"path": str(tmp_path / n), "key": n, "label": 0}
+                                  for n in names])
+    out = decode_batch(units, resolution=8, channels=3, max_pixels=10**6, val_fraction=0.0,
+                       image_column="image", label_column=None, key_column=None,
+                       source=str(tmp_path), options={}).to_pylist()
+    errors = {r["key"]: r["error"] for r in out}
+    assert errors["a.png"] is None and out[0]["pixels"] is not None
+    assert errors["boom.png"] == "could not convert the image: RuntimeError: pillow internals"
+    assert errors["bad-exif.png"].startswith("unreadable EXIF metadata: SyntaxError")
