@@ -76,9 +76,12 @@ def _find_local(root: str) -> dict[str, dict]:
     """``fs.find(detail=True)`` for a local folder by os.scandir (4× faster on 20k files).
 
     Same keys, sizes and mtimes as fsspec's, so versions do not depend on which path listed.
-    Symlinked folders are followed once (a link loop is not walked twice).
+    Symbolic links are followed only where they stay inside the source folder (a link loop is
+    not walked twice); a link that leads outside it is listed with ``"outside": True`` and
+    nothing behind it is read (the listing's consumers skip it with the reason).
     """
     out: dict[str, dict] = {}
+    real_root = os.path.realpath(root)
     todo, seen = [root], set()
     while todo:
         d = todo.pop()
@@ -88,13 +91,23 @@ def _find_local(root: str) -> dict[str, dict]:
         seen.add((st.st_dev, st.st_ino))
         with os.scandir(d) as it:
             for e in it:
-                if e.is_dir():
+                if e.is_symlink() and not _inside(os.path.realpath(e.path), real_root):
+                    out[e.path] = {"name": e.path, "size": 0, "type": "file", "outside": True,
+                                   "mtime": e.stat(follow_symlinks=False).st_mtime}
+                elif e.is_dir():
                     todo.append(e.path)
                 elif e.is_file():
                     st = e.stat()
                     out[e.path] = {"name": e.path, "size": st.st_size, "type": "file",
                                    "mtime": st.st_mtime}
     return out
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+OUTSIDE = "a symbolic link to outside data.source (not followed)"
 
 
 def _visible(rel: str) -> bool:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from tasks.datasets import DataConfig
 from tasks.errors import PreprocessError
-from tasks.preprocess.listing import Listing, _find, _rel, _stamp, _visible
+from tasks.preprocess.listing import OUTSIDE, Listing, _find, _rel, _stamp, _visible
 from tasks.storage import Location, call
 
 
@@ -39,6 +39,10 @@ def _list_parquet(loc: Location, cfg: DataConfig) -> Listing:
         p: i for p, i in _find(loc).items()
         if _visible(_rel(loc, p)) and p.endswith(".parquet") and not _rel(loc, p).startswith("_")
     }
+    outside = sorted(_rel(loc, p) for p, i in files.items() if i.get("outside"))
+    if outside:  # a Parquet source is one table: a part of it elsewhere is an error, not a skip
+        raise PreprocessError(f"data.source {loc.describe()}: {outside[0]} is {OUTSIDE}; copy "
+                              "the file into the source folder or point data.source at it")
     entries, units = [], []
     class_names: list[str] | None = None
     label_column = cfg.label_column

@@ -13,7 +13,15 @@ import posixpath
 
 from tasks.datasets import DataConfig
 from tasks.decode import IMAGE_EXTENSIONS
-from tasks.preprocess.listing import Listing, _absolute, _find, _rel, _stamp, _visible
+from tasks.preprocess.listing import (
+    OUTSIDE,
+    Listing,
+    _absolute,
+    _find,
+    _rel,
+    _stamp,
+    _visible,
+)
 from tasks.preprocess.parquet_source import _list_parquet
 from tasks.runtime import RuntimeConfig
 from tasks.storage import Location, check_bucket, storage_options
@@ -74,6 +82,9 @@ def _list_images(loc: Location, found: dict | None = None) -> Listing:
         if not _visible(rel):
             continue
         entries.append((rel, int(info.get("size") or 0), _stamp(info)))
+        if info.get("outside"):
+            skipped.append({"key": rel, "reason": OUTSIDE})
+            continue
         ext = posixpath.splitext(rel)[1].lower()
         if ext not in IMAGE_EXTENSIONS:
             skipped.append({"key": rel, "reason": f"not an image file (extension {ext or 'none'!r};"

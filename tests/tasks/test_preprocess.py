@@ -337,3 +337,33 @@ def test_local_listing_matches_fsspec_and_survives_link_loops(tmp_path):
     }
     (src / "cat" / "loop").symlink_to(src / "cat", target_is_directory=True)
     assert set(_find(loc)) >= set(_find_local(str(src))) - {""}
+
+
+def test_links_that_lead_outside_the_source_are_not_followed(tmp_path):
+    """An image folder with symbolic links: one to a file elsewhere and one to a folder
+    elsewhere are skipped with the reason, nothing behind them is listed; a link that stays
+    inside the source is followed as before. A Parquet source refuses such a part."""
+    from tasks.preprocess.sources import list_source
+
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    make_folder(src, per_class=2, unlabelled=0, bad=False)
+    make_folder(elsewhere, per_class=3, unlabelled=0, bad=False, classes=("secret",))
+    (src / "cat" / "passwd.png").symlink_to(elsewhere / "secret" / "img000.png")
+    (src / "bird").symlink_to(elsewhere / "secret", target_is_directory=True)
+    (src / "dog" / "again.png").symlink_to(src / "cat" / "img000.png")  # inside: followed
+
+    listing = list_source(DataConfig(source=str(src)), RuntimeConfig())
+    keys = {u["key"] for u in listing.units}
+    assert "dog/again.png" in keys
+    assert not any(k.startswith(("bird", "cat/passwd")) for k in keys)
+    assert {s["key"]: s["reason"] for s in listing.skipped} == {
+        "cat/passwd.png": "a symbolic link to outside data.source (not followed)",
+        "bird": "a symbolic link to outside data.source (not followed)"}
+    assert listing.class_names == ["cat", "dog"]
+
+    pq_src = tmp_path / "pq"
+    pq_src.mkdir()
+    pq.write_table(pa.table({"image": [b"x"]}), elsewhere / "part.parquet")
+    (pq_src / "part-0.parquet").symlink_to(elsewhere / "part.parquet")
+    with pytest.raises(PreprocessError, match=r"part-0.parquet is a symbolic link to outside"):
+        list_source(DataConfig(source=str(pq_src), format="parquet"), RuntimeConfig())
