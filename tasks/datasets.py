@@ -57,6 +57,16 @@ class DataConfig(BaseModel):
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Refuse images declaring more pixels (decompression bombs)."
     )
+    max_file_bytes: int = Field(
+        64 * 2**20, ge=1,
+        description="Image sources: skip files larger than this (bytes, from the listing) "
+        "before reading them.",
+    )
+    fetch_bytes: int = Field(
+        256 * 2**20, ge=1,
+        description="Image sources: at most this many bytes of encoded files are held at once "
+        "per decoding task (files are fetched in groups of this size).",
+    )
     rows_per_file: int = Field(4096, ge=1, description="Target rows per written part file.")
     version: str | None = Field(
         None, description="Readers: which committed version to use (default: the latest)."

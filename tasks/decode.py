@@ -114,11 +114,14 @@ def output_schema(channels: int, resolution: int) -> pa.Schema:
 
 def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels: int,
                  val_fraction: float, image_column: str, label_column: str | None,
-                 key_column: str | None, source: str, options: dict) -> pa.Table:
+                 key_column: str | None, source: str, options: dict,
+                 max_file_bytes: int = 64 * 2**20, fetch_bytes: int = 256 * 2**20) -> pa.Table:
     """One batch of listing units → rows of (key, label, pixels, split, error).
 
     ``source`` is the source URL and ``options`` its fsspec options; unit paths are paths on
-    that file system.
+    that file system. Image files are fetched in groups of at most ``fetch_bytes`` (by their
+    listed sizes), so a task holds that much encoded data at a time, not its whole batch; a
+    file over ``max_file_bytes`` when read (it grew since the listing) is skipped.
     """
     mode = "L" if channels == 1 else "RGB"
     units = batch.to_pylist()
@@ -150,23 +153,28 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
         loc = Location.of(source, options)
         for u in units:
             _decode_row_group(u, loc.fs, add, image_column, label_column, key_column)
-    elif units:  # image files: fetch the batch concurrently (s3fs runs the GETs in parallel)
+    elif units:  # image files: fetch each group concurrently (s3fs runs the GETs in parallel)
         loc = Location.of(source, options)
-        paths = [u["path"] for u in units]
-        if loc.is_local:
-            blobs = {p: _read_local(p) for p in paths}
-        else:
-            blobs = call(loc, loc.fs.cat, paths, on_error="return") if len(paths) > 1 else {
-                paths[0]: _cat_one(loc, paths[0])}
-        for u in units:
-            data = blobs.get(u["path"], _MISSING)
-            if data is _MISSING:
-                data = FileNotFoundError(u["path"])
-            if isinstance(data, BaseException):
-                rows.append((u["key"], u["label"], None, f"unreadable: {type(data).__name__}: "
-                             f"{data}"))
+        for group in _groups(units, fetch_bytes):
+            paths = [u["path"] for u in group]
+            if loc.is_local:
+                blobs = {p: _read_local(p, max_file_bytes) for p in paths}
             else:
-                add(u["key"], u["label"], data)
+                blobs = call(loc, loc.fs.cat, paths, on_error="return") if len(paths) > 1 else {
+                    paths[0]: _cat_one(loc, paths[0])}
+            for u in group:
+                data = blobs.pop(u["path"], _MISSING)
+                if data is _MISSING:
+                    data = FileNotFoundError(u["path"])
+                if isinstance(data, BaseException):
+                    rows.append((u["key"], u["label"], None, f"unreadable: "
+                                 f"{type(data).__name__}: {data}"))
+                elif len(data) > max_file_bytes:
+                    rows.append((u["key"], u["label"], None, f"over data.max_file_bytes="
+                                 f"{max_file_bytes} when read (it grew after the listing)"))
+                else:
+                    add(u["key"], u["label"], data)
+            del blobs
     keys = [r[0] for r in rows]
     return pa.Table.from_arrays(
         [
@@ -183,10 +191,27 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
 _MISSING = object()
 
 
-def _read_local(path: str):
+def _groups(units: list[dict], budget: int) -> Iterable[list[dict]]:
+    """``units`` in order, in groups whose listed sizes add up to at most ``budget`` (a file
+    larger than the budget is a group of its own)."""
+    group: list[dict] = []
+    size = 0
+    for u in units:
+        n = int(u.get("size") or 0)
+        if group and size + n > budget:
+            yield group
+            group, size = [], 0
+        group.append(u)
+        size += n
+    if group:
+        yield group
+
+
+def _read_local(path: str, limit: int):
+    """A local file's bytes, at most ``limit + 1`` of them (more means it is over the cap)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit + 1)
     except OSError as e:  # unreadable file: recorded, not fatal
         return e
 

@@ -20,6 +20,9 @@ from tasks.errors import PreprocessError
 from tasks.storage import Location, call
 
 FINGERPRINT_VERSION = 1
+# Raised when decoding files changes what a version holds (2: 16-bit greyscale is converted, any
+# per-file failure skips the file, links out of the source are not followed, the byte cap).
+DECODER_REVISION = 2
 
 
 @dataclass
@@ -45,6 +48,8 @@ def version_of(listing: Listing, cfg: DataConfig) -> str:
         "source": {"kind": listing.kind, "uri": listing.uri, "listing": listing.fingerprint},
         "preprocessing": cfg.preprocessing(),
     }
+    if listing.kind != "digits":  # what decides which files become rows, and how
+        payload["decoder"] = {"revision": DECODER_REVISION, "max_file_bytes": cfg.max_file_bytes}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

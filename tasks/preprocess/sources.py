@@ -41,7 +41,7 @@ def list_source(cfg: DataConfig, runtime: RuntimeConfig) -> Listing:
         kind = "parquet" if _looks_parquet(loc, found) else "images"
     if kind == "parquet":
         return _list_parquet(loc, cfg)
-    return _list_images(loc, found)
+    return _list_images(loc, cfg, found)
 
 
 def _looks_parquet(loc: Location, found: dict | None = None) -> bool:
@@ -74,7 +74,7 @@ def _list_digits() -> Listing:
                    list(CLASS_NAMES))
 
 
-def _list_images(loc: Location, found: dict | None = None) -> Listing:
+def _list_images(loc: Location, cfg: DataConfig, found: dict | None = None) -> Listing:
     files = found if found is not None else _find(loc)
     entries, candidates, skipped = [], [], []
     for path, info in sorted(files.items()):
@@ -90,11 +90,17 @@ def _list_images(loc: Location, found: dict | None = None) -> Listing:
             skipped.append({"key": rel, "reason": f"not an image file (extension {ext or 'none'!r};"
                             f" expected one of {', '.join(sorted(IMAGE_EXTENSIONS))})"})
             continue
-        candidates.append((rel, path, int(info.get("size") or 0)))
+        size = int(info.get("size") or 0)
+        if size > cfg.max_file_bytes:  # refused from the listing: never read
+            skipped.append({"key": rel, "reason": f"{size} bytes, over data.max_file_bytes="
+                            f"{cfg.max_file_bytes}"})
+            continue
+        candidates.append((rel, path, size))
     class_names = sorted({rel.split("/", 1)[0] for rel, _, _ in candidates if "/" in rel})
     index = {c: i for i, c in enumerate(class_names)}
     units = [
-        {"key": rel, "path": path, "label": index[rel.split("/", 1)[0]] if "/" in rel else None}
-        for rel, path, _ in candidates
+        {"key": rel, "path": path, "label": index[rel.split("/", 1)[0]] if "/" in rel else None,
+         "size": size}
+        for rel, path, size in candidates
     ]
     return Listing("images", loc.describe(), entries, units, class_names or None, skipped)

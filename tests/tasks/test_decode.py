@@ -176,3 +176,51 @@ def test_any_failure_decoding_one_file_skips_that_file_only(tmp_path, monkeypatc
     assert errors["a.png"] is None and out[0]["pixels"] is not None
     assert errors["boom.png"] == "could not convert the image: RuntimeError: pillow internals"
     assert errors["bad-exif.png"].startswith("unreadable EXIF metadata: SyntaxError")
+
+
+def test_a_batch_holds_at_most_fetch_bytes_of_files_and_skips_files_over_the_cap(tmp_path):
+    """Ten 1 MiB files in one batch: fetched in groups of fetch_bytes, the task's peak memory is
+    about one group, not the batch. A file that grew past max_file_bytes after the listing
+    (the listing's size is what the driver checked) is skipped when read, not decoded."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from tasks.decode import decode_batch
+
+    rng = np.random.default_rng(0)
+    units = []
+    for i in range(10):
+        p = tmp_path / f"f{i}.png"
+        p.write_bytes(rng.bytes(2**20))  # not an image: skipped after reading
+        units.append({"path": str(p), "key": p.name, "label": 0, "size": 2**20})
+    grown = tmp_path / "grown.png"
+    grown.write_bytes(rng.bytes(3 * 2**20))  # over the cap of 2 MiB below
+    units.append({"path": str(grown), "key": "grown.png", "label": 0, "size": 10})
+
+    def peak(fetch_bytes: int) -> tuple[int, list[dict]]:
+        tracemalloc.start()
+        out = decode_batch(pa.Table.from_pylist(units), resolution=8, channels=1,
+                           max_pixels=10**6, val_fraction=0.0, image_column="image",
+                           label_column=None, key_column=None, source=str(tmp_path),
+                           options={}, max_file_bytes=2 * 2**20,
+                           fetch_bytes=fetch_bytes).to_pylist()
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top, out
+
+    whole, _ = peak(2**40)
+    grouped, out = peak(2 * 2**20)
+    assert whole > 10 * 2**20 and grouped < 6 * 2**20, (whole, grouped)
+    reasons = {r["key"]: r["error"] for r in out}
+    assert reasons["grown.png"] == ("over data.max_file_bytes=2097152 when read (it grew after "
+                                    "the listing)")
+    assert reasons["f0.png"].startswith("not a decodable")
+    assert all(r["pixels"] is None for r in out)
+
+
+def test_groups_keep_order_and_fit_the_budget():
+    from tasks.decode import _groups
+
+    units = [{"size": s} for s in (5, 5, 3, 20, 1, 1)]
+    assert [[u["size"] for u in g] for g in _groups(units, 10)] == [[5, 5], [3], [20], [1, 1]]

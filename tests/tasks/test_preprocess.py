@@ -367,3 +367,23 @@ def test_links_that_lead_outside_the_source_are_not_followed(tmp_path):
     (pq_src / "part-0.parquet").symlink_to(elsewhere / "part.parquet")
     with pytest.raises(PreprocessError, match=r"part-0.parquet is a symbolic link to outside"):
         list_source(DataConfig(source=str(pq_src), format="parquet"), RuntimeConfig())
+
+
+def test_a_file_over_the_byte_cap_is_skipped_from_the_listing_unread(tmp_path):
+    """A 300 MB file named .jpg (sparse: nothing is written) is refused by its listed size,
+    before any task reads it; the cap is a setting, and part of the version."""
+    from tasks.preprocess.listing import version_of
+    from tasks.preprocess.sources import list_source
+
+    src = tmp_path / "src"
+    make_folder(src, per_class=2, unlabelled=0, bad=False)
+    with open(src / "cat" / "huge.jpg", "wb") as f:
+        f.truncate(300 * 10**6)
+    cfg = DataConfig(source=str(src))
+    listing = list_source(cfg, RuntimeConfig())
+    assert "cat/huge.jpg" not in {u["key"] for u in listing.units}
+    assert listing.skipped == [{"key": "cat/huge.jpg", "reason":
+                                f"300000000 bytes, over data.max_file_bytes={64 * 2**20}"}]
+    roomy = DataConfig(source=str(src), max_file_bytes=400 * 10**6)
+    assert "cat/huge.jpg" in {u["key"] for u in list_source(roomy, RuntimeConfig()).units}
+    assert version_of(listing, cfg) != version_of(listing, roomy)
