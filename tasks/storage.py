@@ -205,7 +205,8 @@ def commit_bytes(loc: Location, data: bytes) -> bool:
     Readers never see a partial file: locally the bytes go to a temporary file that is fsynced
     and then hard-linked into place (``link`` fails if the name exists); on S3 a single PUT is
     atomic and ``If-None-Match: *`` makes it fail if the key exists. Other stores fall back to
-    check-then-write.
+    check-then-write. A refusal where the key already holds these very bytes is this call's own
+    earlier attempt (a retried PUT whose first answer was lost), so it counts as published.
     """
     if loc.is_local:
         tmp = _local_temp_copy(loc.path, data)
@@ -221,11 +222,22 @@ def commit_bytes(loc: Location, data: bytes) -> bool:
             call(loc, loc.fs.pipe_file, loc.path, data, mode="create")
             return True
         except FileExistsError:
-            return False
+            return _holds(loc, data)
     if exists(loc):
-        return False
+        return _holds(loc, data)
     call(loc, loc.fs.pipe_file, loc.path, data)
     return True
+
+
+def _holds(loc: Location, data: bytes) -> bool:
+    """True if ``loc`` holds exactly ``data``: a create-only write refused because this very
+    write landed before (its answer was lost and botocore's retry got 412 Precondition Failed).
+    Every caller's payload is unique to its writer (a run id, a timestamp), so equal bytes mean
+    the same writer."""
+    try:
+        return call(loc, loc.fs.cat_file, loc.path) == data
+    except FileNotFoundError:  # removed since: not ours either way
+        return False
 
 
 def atomic_write_bytes(loc: Location, data: bytes) -> None:

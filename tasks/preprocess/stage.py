@@ -96,9 +96,11 @@ def preprocess(cfg: DataConfig, runtime: RuntimeConfig, *, echo: Echo = print) -
     manifest = _manifest(cfg, listing, version, splits, skipped, writer)
     maybe_die("preprocess-before-commit")
     if not commit_bytes(manifest_loc, manifest_json(manifest)):
-        # Another run committed this version first: same inputs, same settings. Keep theirs.
-        _discard_run(vdir, run_id)
+        # Another run committed this version first: same inputs, same settings. Keep theirs;
+        # our part files go only if the manifest that won is not ours (it lists them).
         manifest = load_manifest(vdir)
+        if manifest.get("writer", {}).get("run_id") != run_id:
+            _discard_run(vdir, run_id)
         echo(f"version {version} was committed by a concurrent run; using it")
         return PreprocessResult(ref, manifest, True, time.perf_counter() - t0, ray_s)
     echo(f"committed {manifest_loc.describe()}: {splits['train']['rows']} train, "

@@ -95,6 +95,25 @@ def test_manifest_commit_is_exclusive_on_s3(s3):
     assert s3.client.cat(f"{bucket}/d/_manifest.json") == b"first"
 
 
+def test_a_commit_whose_answer_was_lost_is_still_its_own(s3, monkeypatch):
+    """The create-only PUT lands but its answer is lost; botocore's retry is refused with 412.
+    That refusal is this writer's own commit, not a concurrent winner's (preprocessing used to
+    take it for one and delete the part files its own committed manifest lists)."""
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/d/_manifest.json"
+    loc = Location.of(url, storage_options(url, RuntimeConfig(s3_endpoint_url=s3.endpoint)))
+    put = loc.fs.pipe_file
+
+    def answer_lost(path, data, **kw):
+        put(path, data, **kw)  # the PUT lands ...
+        return put(path, data, **kw)  # ... and its retry gets 412 Precondition Failed
+
+    monkeypatch.setattr(loc.fs, "pipe_file", answer_lost)
+    assert commit_bytes(loc, b"mine")
+    assert not commit_bytes(loc, b"another writer's")
+    assert s3.client.cat(f"{bucket}/d/_manifest.json") == b"mine"
+
+
 def test_manifest_commit_is_exclusive_locally(tmp_path):
     loc = Location.of(str(tmp_path / "v" / "_manifest.json"))
     assert commit_bytes(loc, b"first") and not commit_bytes(loc, b"second")
