@@ -70,16 +70,18 @@ class Stages:
 @task(name="preflight", **transient_retries())
 def preflight_task(config: PipelineConfig) -> dict:
     """Fail in seconds, not after hours of training: the training settings hold together, the
-    storage root and MLflow answer (a SQLite store and the experiment are created here on first
+    storage root answers and refuses a second create-only write of one key (exactly-once commits
+    rely on it), and MLflow answers (a SQLite store and the experiment are created here on first
     use)."""
     from tasks import tracking
-    from tasks.storage import check_bucket
+    from tasks.storage import check_bucket, check_exclusive_create
     from tasks.train import check_config
 
     check_config(config.train, config.diffusion)
     root = config.runtime.root_location()
     t0 = time.perf_counter()
     check_bucket(root)
+    check_exclusive_create(root.child("_probe"))  # probes under the root itself
     storage_s = time.perf_counter() - t0
     uri = tracking.tracking_uri(config.runtime, root)
     t0 = time.perf_counter()

@@ -16,10 +16,12 @@ Everything the pipeline writes goes through here, so the rules hold in one place
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -218,15 +220,89 @@ def commit_bytes(loc: Location, data: bytes) -> bool:
         finally:
             os.unlink(tmp)
     if protocol_of(loc.url) == "s3":
-        try:
-            call(loc, loc.fs.pipe_file, loc.path, data, mode="create")
-            return True
-        except FileExistsError:
-            return _holds(loc, data)
+        check_exclusive_create(loc)
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                call(loc, loc.fs.pipe_file, loc.path, data, mode="create")
+                return True
+            except OSError as e:
+                answer = _create_refused(e)
+                if answer == "exists":
+                    return _holds(loc, data)
+                if answer != "conflict" or attempt == CONFLICT_RETRIES:
+                    raise
+                time.sleep(0.2 * 2**attempt)  # another conditional write to the key is in flight
     if exists(loc):
         return _holds(loc, data)
     call(loc, loc.fs.pipe_file, loc.path, data)
     return True
+
+
+# How S3-compatible stores refuse a create-only PUT (If-None-Match: *). s3fs makes AWS's 412
+# that names the If-None-Match condition a FileExistsError; other stores answer 412 without the
+# condition (s3fs: a bare OSError), and AWS answers 409 ConditionalRequestConflict while another
+# conditional write to the same key is in flight (retry: it turns into a success or a 412).
+EXISTS_CODES = frozenset({"PreconditionFailed", "412"})
+CONFLICT_CODES = frozenset({"ConditionalRequestConflict", "409"})
+CONFLICT_RETRIES = 4
+
+
+def _create_refused(e: OSError) -> str | None:
+    """"exists" if ``e`` says the key already exists, "conflict" for a concurrent conditional
+    write, else None (some other failure)."""
+    if isinstance(e, FileExistsError):
+        return "exists"
+    response = getattr(e.__cause__, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = str((response.get("Error") or {}).get("Code", ""))
+    status = str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", ""))
+    if code in EXISTS_CODES or status == "412":
+        return "exists"
+    if code in CONFLICT_CODES or status == "409":
+        return "conflict"
+    return None
+
+
+_EXCLUSIVE_CHECKED: set[tuple[str, str]] = set()
+
+
+def check_exclusive_create(loc: Location) -> None:
+    """StorageError unless the S3 store holding ``loc`` refuses a second create-only write of one
+    key (checked once per process, endpoint and bucket). Exactly-once commits, the training
+    lease and generation jobs rely on it; a store (or an s3fs older than its exclusive-write
+    release) that ignores If-None-Match would silently overwrite."""
+    if protocol_of(loc.url) != "s3":
+        return
+    bucket = loc.path.split("/", 1)[0]
+    seen = (str(getattr(loc.fs, "endpoint_url", None) or ""), bucket)
+    if seen in _EXCLUSIVE_CHECKED:
+        return
+    # beside the key about to be written: the same prefix, so the same permissions
+    name = f"_create_probe-{uuid.uuid4().hex}"
+    probe = Location(f"s3://{posixpath.dirname(loc.path)}/{name}", loc.fs,
+                     f"{posixpath.dirname(loc.path)}/{name}")
+    call(probe, loc.fs.pipe_file, probe.path, b"first", mode="create")
+    try:
+        try:
+            call(probe, loc.fs.pipe_file, probe.path, b"second", mode="create")
+            refused = False
+        except OSError as e:
+            if _create_refused(e) != "exists":
+                raise explain(e, probe) from e
+            refused = True
+        if not refused or call(probe, loc.fs.cat_file, probe.path) != b"first":
+            endpoint = seen[0] or "AWS S3"
+            raise StorageError(
+                f"the S3 store at {endpoint} (bucket {bucket!r}) overwrote an object on a "
+                "create-only write (If-None-Match: *): the pipeline's exactly-once commits, "
+                "training lease and generation jobs need it refused. Use a store that honours "
+                "conditional writes (AWS S3, or an S3-compatible server with If-None-Match "
+                "support) and s3fs >= 2024.12.0 with botocore >= 1.35.2")
+    finally:
+        with contextlib.suppress(Exception):  # best effort: a leftover probe is harmless
+            loc.fs.rm_file(probe.path)
+    _EXCLUSIVE_CHECKED.add(seen)
 
 
 def _holds(loc: Location, data: bytes) -> bool:

@@ -10,7 +10,7 @@ from tasks.datasets import MANIFEST, DataConfig, open_dataset, part_files
 from tasks.errors import StorageError
 from tasks.preprocess import preprocess
 from tasks.runtime import RuntimeConfig
-from tasks.storage import Location, commit_bytes, storage_options
+from tasks.storage import Location, check_exclusive_create, commit_bytes, storage_options
 from tests.helpers import make_folder
 
 
@@ -102,6 +102,7 @@ def test_a_commit_whose_answer_was_lost_is_still_its_own(s3, monkeypatch):
     bucket = s3.bucket()
     url = f"s3://{bucket}/d/_manifest.json"
     loc = Location.of(url, storage_options(url, RuntimeConfig(s3_endpoint_url=s3.endpoint)))
+    check_exclusive_create(loc)  # the store's probe, once, before its answers are tampered with
     put = loc.fs.pipe_file
 
     def answer_lost(path, data, **kw):
@@ -112,6 +113,67 @@ def test_a_commit_whose_answer_was_lost_is_still_its_own(s3, monkeypatch):
     assert commit_bytes(loc, b"mine")
     assert not commit_bytes(loc, b"another writer's")
     assert s3.client.cat(f"{bucket}/d/_manifest.json") == b"mine"
+
+
+def _refusal(code: str, status: int, condition: str | None = None) -> OSError:
+    """What s3fs raises for an S3 error answer (its own translation of botocore's error)."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    error = {"Code": code, "Message": f"{code} answer"}
+    if condition:
+        error["Condition"] = condition
+    return translate_boto_error(ClientError(
+        {"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"))
+
+
+def test_every_form_of_already_exists_is_recognised(s3, monkeypatch):
+    """AWS's 412 naming If-None-Match (s3fs: FileExistsError), another store's bare 412 (s3fs: an
+    OSError) and AWS's 409 ConditionalRequestConflict (a concurrent conditional write: retried
+    until it resolves) all mean "not published by this call"; any other error propagates."""
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/d/_manifest.json"
+    loc = Location.of(url, storage_options(url, RuntimeConfig(s3_endpoint_url=s3.endpoint)))
+    check_exclusive_create(loc)
+    assert commit_bytes(loc, b"theirs")
+    put = loc.fs.pipe_file
+    answers: list[OSError] = []
+
+    def refusing(path, data, **kw):
+        if answers:
+            raise answers.pop(0)
+        return put(path, data, **kw)
+
+    monkeypatch.setattr(loc.fs, "pipe_file", refusing)
+    for refusal in (_refusal("PreconditionFailed", 412, "If-None-Match"),
+                    _refusal("PreconditionFailed", 412), _refusal("412", 412)):
+        answers[:] = [refusal]
+        assert not commit_bytes(loc, b"mine"), refusal
+    answers[:] = [_refusal("ConditionalRequestConflict", 409)] * 2  # then the real 412
+    assert not commit_bytes(loc, b"mine") and answers == []
+    answers[:] = [_refusal("InternalError", 500)]
+    with pytest.raises(OSError, match="InternalError"):
+        commit_bytes(loc, b"mine")
+    assert s3.client.cat(f"{bucket}/d/_manifest.json") == b"theirs"
+
+
+def test_a_store_that_overwrites_on_create_is_refused_before_any_commit(s3, monkeypatch):
+    """A store (or an s3fs before its exclusive-write release) that ignores If-None-Match
+    would let two runs both "commit": the probe writes one key twice create-only and refuses
+    to go on when the second write is not refused, naming the store and the fix."""
+    import tasks.storage
+    from tasks.errors import StorageError
+
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/d/_manifest.json"
+    loc = Location.of(url, storage_options(url, RuntimeConfig(s3_endpoint_url=s3.endpoint)))
+    put = loc.fs.pipe_file
+    monkeypatch.setattr(loc.fs, "pipe_file", lambda path, data, **kw: put(path, data))
+    monkeypatch.setattr(tasks.storage, "_EXCLUSIVE_CHECKED", set())
+    with pytest.raises(StorageError, match=rf"S3 store at {s3.endpoint} \(bucket '{bucket}'\) "
+                                           r"overwrote an object on a create-only write"):
+        commit_bytes(loc, b"mine")
+    assert s3.client.find(bucket) == []  # nothing committed; the probe cleaned up after itself
 
 
 def test_manifest_commit_is_exclusive_locally(tmp_path):
