@@ -93,7 +93,8 @@ def register_flow(config: PipelineConfig, model: str | None = None) -> dict:
                            cfg.fingerprint())
     d = evaluation["default_sampler"]
     defaults = {"sampler": dataclasses.asdict(SamplerConfig(d["name"], steps=d["steps"])),
-                "guidance_scale": evaluation["guidance_scale"]}
+                "guidance_scale": evaluation["guidance_scale"],
+                "max_rows": cfg.registry.serving_max_rows}
     with tempfile.TemporaryDirectory() as tmp:
         local = fetch_model_dir(run["checkpoint_uri"], cfg.runtime, f"{tmp}/model")
         res = register_task(local, tracking_uri=uri, run_id=run_id,

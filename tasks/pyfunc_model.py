@@ -55,6 +55,7 @@ SERVING_FORMAT = "diffusion-pipeline/pyfunc-v1"
 INPUT_COLUMNS = ("seed", "index", "label", "sampler", "steps", "guidance_scale")
 UNCONDITIONAL = -1  # the output label of an unconditional sample
 DEFAULT_BATCH_SIZE = 256
+DEFAULT_MAX_ROWS = 1024  # versions registered before serving.json recorded a bound get this
 
 
 def signature():
@@ -143,6 +144,12 @@ def resolve_rows(table: pd.DataFrame, defaults: dict, unet: UNetConfig, T: int) 
 def generate(model: UNet, config: dict, defaults: dict, table: pd.DataFrame,
              batch_size: int = DEFAULT_BATCH_SIZE) -> pd.DataFrame:
     """Images for a request table (see the module docstring for the columns)."""
+    max_rows = int(defaults.get("max_rows", DEFAULT_MAX_ROWS))
+    if len(table) > max_rows:
+        raise ValueError(
+            f"the request has {len(table)} rows; this model makes at most {max_rows} images per "
+            "request (registry.serving_max_rows when it was registered): split the request, or "
+            "run a batch generation job (diffusion-pipeline generate) for large numbers")
     unet = model.config
     diffusion = DiffusionConfig.from_dict(config["diffusion"])
     schedule = diffusion.build_schedule()
@@ -198,7 +205,8 @@ def serving_document(weights_sha256: str, defaults: dict) -> dict:
     return {"format": SERVING_FORMAT, "weights_sha256": weights_sha256,
             "defaults": {"sampler": asdict(sampler),
                          "guidance_scale": float(defaults.get("guidance_scale", 1.0)),
-                         "batch_size": int(defaults.get("batch_size", DEFAULT_BATCH_SIZE))}}
+                         "batch_size": int(defaults.get("batch_size", DEFAULT_BATCH_SIZE)),
+                         "max_rows": int(defaults.get("max_rows", DEFAULT_MAX_ROWS))}}
 
 
 class DiffusionImageModel(mlflow.pyfunc.PythonModel):

@@ -41,6 +41,10 @@ class RegistryConfig(BaseModel):
         600, gt=0, description="A promotion lease not refreshed for this long is broken.")
     lock_wait_s: float = Field(
         120, gt=0, description="How long a promotion waits for another one to finish.")
+    serving_max_rows: int = Field(
+        1024, ge=1, le=1_000_000,
+        description="Images the served model makes per request, at most (recorded in the "
+        "version's serving.json at registration); a larger request is refused.")
 
     @field_validator("model_name")
     @classmethod

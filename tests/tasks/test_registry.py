@@ -180,6 +180,27 @@ def test_pyfunc_predict_matches_local_sampling_whatever_the_batch(store, models)
         pyfunc.predict(pd.DataFrame({"seed": [1], "label": [12.0]}))
 
 
+def test_the_served_model_refuses_a_request_over_its_row_bound(store, models):
+    """serving.json records registry.serving_max_rows; a request with more rows is a clear
+    error (HTTP 400 under `mlflow models serve`) before any sampling."""
+    import mlflow
+
+    name = unique_name()
+    register_model(str(models[1]), tracking_uri=store["uri"], run_id=None, cfg=CFG,
+                   model_name=name, evaluation=evaluation(10.0, "a" * 16), lineage=lineage(),
+                   defaults={**DEFAULTS, "max_rows": 2})
+    from tasks.registry.session import _fluent_tracking_uri
+
+    with _fluent_tracking_uri(store["uri"]):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    assert len(pyfunc.predict(pd.DataFrame({"seed": [1, 2]}))) == 2
+    with pytest.raises(Exception, match=r"the request has 3 rows; this model makes at most 2 "
+                                        r"images per request"):
+        pyfunc.predict(pd.DataFrame({"seed": [1, 2, 3]}))
+    _, _, defaults = load_version(f"models:/{name}/1", store["uri"])
+    assert defaults["max_rows"] == 2
+
+
 def test_missing_name_alias_and_version_list_what_exists(store, models):
     name = unique_name()
     reg(store, models[0], name, fd=10.0)
