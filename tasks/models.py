@@ -61,8 +61,11 @@ def load_model_ref(ref: str, runtime: RuntimeConfig) -> LoadedModel:
     object storage. The weights are checked against their recorded digest before use."""
     if ref.startswith("models:/"):
         uri = tracking.tracking_uri(runtime, runtime.root_location())
-        model, config, defaults = registry.load_version(ref, uri)
+        # Resolved once, to a version: an alias that moves meanwhile cannot pair one version's
+        # weights with another's digest or lineage.
         info = registry.resolve(ref, uri)
+        model, config, defaults = registry.load_version(
+            f"models:/{info['name']}/{info['version']}", uri)
         tags = info["tags"]
         if "dataset.name" in tags and "dataset.version" in tags:
             config.setdefault("dataset", {"name": tags["dataset.name"],

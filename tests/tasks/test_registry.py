@@ -201,6 +201,37 @@ def test_the_served_model_refuses_a_request_over_its_row_bound(store, models):
     assert defaults["max_rows"] == 2
 
 
+def test_an_alias_moving_while_a_model_loads_does_not_mix_two_versions(store, models,
+                                                                         monkeypatch):
+    """@champion is resolved once, to a version: if the alias moves while the weights load, the
+    loaded model's weights, digest and version are still all one version's."""
+    from mlflow import MlflowClient
+
+    from tasks import models as model_refs
+    from tasks.runtime import RuntimeConfig
+
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    reg(store, models[1], name, fd=9.0)
+    client = MlflowClient(store["uri"], store["uri"])
+    client.set_registered_model_alias(name, "champion", "1")
+    load = registry.load_version
+
+    def load_then_move(ref, uri, dst=None):
+        out = load(ref, uri, dst)
+        client.set_registered_model_alias(name, "champion", "2")  # a promotion lands meanwhile
+        return out
+
+    monkeypatch.setattr(registry, "load_version", load_then_move)
+    loaded = model_refs.load_model_ref(f"models:/{name}@champion",
+                                       RuntimeConfig(mlflow_uri=store["uri"]))
+    v1 = client.get_model_version(name, "1").tags["weights_sha256"]
+    assert (loaded.version, loaded.weights_sha256) == ("1", v1)
+    want, _, _ = load(f"models:/{name}/1", store["uri"])
+    for a, b in zip(loaded.model.state_dict().values(), want.state_dict().values(), strict=True):
+        assert (a == b).all()
+
+
 def test_missing_name_alias_and_version_list_what_exists(store, models):
     name = unique_name()
     reg(store, models[0], name, fd=10.0)
