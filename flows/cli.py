@@ -307,8 +307,10 @@ def promote(
     debug: bool = DebugOpt,
 ) -> None:
     """Move `champion` to the challenger if it beats the champion by registry.margin on
-    registry.metric (the first champion must pass registry.thresholds)."""
-    res = _run_stage(config, set_, root, debug, "promote", version=version)
+    registry.metric (the first champion must pass registry.thresholds). A version that was
+    rolled back is promoted again only when named with --version."""
+    res = _run_stage(config, set_, root, debug, "promote", version=version,
+                     explicit=version is not None)
     verdict = "promoted" if res["promoted"] else "not promoted"
     typer.echo(f"{res['name']} v{res['challenger']} {verdict}: {res['reason']}")
     typer.echo(f"  champion: v{res['champion']}" if res["champion"] else "  champion: none")

@@ -131,8 +131,12 @@ def promote(
     lock_dir: str,
     evaluate: Callable[[str], dict] | None = None,
     lock_options: dict | None = None,
+    explicit: bool = False,
 ) -> dict:
     """Make ``version`` (default: the ``challenger``) the ``champion`` if the gate passes.
+
+    A version that was rolled back is never promoted again by a scheduled run: only an
+    ``explicit`` request (a person naming the version) judges it again.
 
     When the champion was evaluated on another set or seeds (``eval.key`` differs), ``evaluate``
     re-evaluates it on the challenger's (it gets ``models:/<name>/<champion version>`` and returns
@@ -152,6 +156,14 @@ def promote(
                   "improvement": None}
         if previous is not None and str(previous) == str(chall.version):
             return result | {"reason": f"v{chall.version} is already the champion"}
+        tags = chall.tags or {}
+        if tags.get("promotion.decision") == "rolled_back" and not explicit:
+            return result | {
+                "rolled_back": True,
+                "reason": f"v{chall.version} was rolled back at "
+                          f"{tags.get('promotion.rolled_back_at', '?')} and is not promoted "
+                          "again automatically; to promote it anyway: diffusion-pipeline "
+                          f"promote --version {chall.version}"}
         policy = _policy(cfg)
         earlier = _earlier_rejection(chall, previous, policy)
         if earlier is not None:  # the same challenger, champion and policy: the same verdict

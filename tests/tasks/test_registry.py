@@ -398,6 +398,32 @@ def test_rollback_moves_the_champion_back_and_refuses_without_a_previous_one(sto
         rollback(name, tracking_uri=store["uri"], lock_dir=store["locks"])
 
 
+def test_a_rollback_sticks_until_someone_promotes_that_version_by_name(store, models):
+    """The next scheduled run with the same config registers nothing new (register is
+    idempotent: it returns the rolled-back version) and asks to promote that version: it is not
+    promoted, and the result says why. Only an explicit promote of that version judges it
+    again."""
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    first = reg(store, models[1], name, fd=5.0)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    rollback(name, tracking_uri=store["uri"], lock_dir=store["locks"])
+
+    again = reg(store, models[1], name, fd=5.0, run_id=first["run_id"])  # the scheduled rerun
+    assert again["version"] == "2" and not again["new"]
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    assert not res["promoted"] and res["champion"] == "1" and res["rolled_back"]
+    assert res["reason"].startswith("v2 was rolled back at ") and \
+        "diffusion-pipeline promote --version 2" in res["reason"]
+    assert aliases(store, name) == {"champion": "1"} and history(store, name) == ["1"]
+
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                  explicit=True)
+    assert res["promoted"] and aliases(store, name)["champion"] == "2"
+    assert history(store, name) == ["1", "2"]
+
+
 def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, models):
     name = unique_name()
     reg(store, models[0], name, fd=10.0, key="1" * 16)
