@@ -23,7 +23,7 @@ import numpy as np
 from tasks.errors import EvalError
 from tasks.evaluate.config import EvalConfig
 from tasks.pixels import read_split
-from tasks.storage import Location, atomic_write_bytes, call, exists
+from tasks.storage import Location, atomic_write_bytes, call, commit_bytes, exists
 
 REFERENCE_DIR = "reference"
 # Every FLOOR_EVERY-th train row is kept out of the reference network's training: a network
@@ -72,7 +72,7 @@ def reference_features(root: Location, manifest: dict, cfg: EvalConfig, device, 
                 "max_rows": cfg.max_real_images, "seed": 0, "held_out_every": FLOOR_EVERY}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     where = root.child(REFERENCE_DIR, manifest["name"], manifest["version"], f"featurenet-{tag}")
-    weights_loc, config_loc = where.child("model.safetensors"), where.child("config.json")
+    config_loc = where.child("config.json")
     if exists(config_loc):
         return _stored_reference(where, net_cfg, device, echo)
     if stored_only:
@@ -84,11 +84,20 @@ def reference_features(root: Location, manifest: dict, cfg: EvalConfig, device, 
         net.state_dict(), {"feature_net": net_cfg.__dict__, "settings": settings,
                            "dataset": {"name": manifest["name"], "version": manifest["version"]},
                            "val_accuracy": None if math.isnan(val_acc) else val_acc})
-    atomic_write_bytes(weights_loc, weights)
-    atomic_write_bytes(config_loc, config_bytes)  # last: marks the network complete
+    # One commit of both: the weights under a name of their own digest (two writers never share
+    # a file), then config.json, create-only, naming them. A concurrent evaluation that
+    # committed first wins; this one then uses that network, so all score with the same one.
+    digest = sha256_hex(weights)
+    weights_name = f"model-{digest[:16]}.safetensors"
+    atomic_write_bytes(where.child(weights_name), weights)
+    config = json.loads(config_bytes) | {"weights_file": weights_name}
+    if not commit_bytes(config_loc, json.dumps(config, indent=2).encode()):
+        echo(f"reference network {where.describe()} was stored by a concurrent evaluation; "
+             "using it")
+        return _stored_reference(where, net_cfg, device, echo)
     echo(f"reference network saved to {where.describe()} in {time.perf_counter() - t0:.1f}s"
          + ("" if math.isnan(val_acc) else f" (val accuracy {val_acc:.1%})"))
-    return Features("reference", sha256_hex(weights), net.eval().to(device), device)
+    return Features("reference", digest, net.eval().to(device), device)
 
 
 def _stored_reference(where: Location, net_cfg, device, echo) -> Features:
@@ -96,9 +105,11 @@ def _stored_reference(where: Location, net_cfg, device, echo) -> Features:
     from diffusion.metrics import FeatureNet
     from diffusion.serialization import load_model_bytes, sha256_hex
 
-    weights_loc, config_loc = where.child("model.safetensors"), where.child("config.json")
-    weights = call(weights_loc, weights_loc.fs.cat_file, weights_loc.path)
+    config_loc = where.child("config.json")
     config_bytes = call(config_loc, config_loc.fs.cat_file, config_loc.path)
+    # the weights file config.json names (before it named one: model.safetensors)
+    weights_loc = where.child(json.loads(config_bytes).get("weights_file", "model.safetensors"))
+    weights = call(weights_loc, weights_loc.fs.cat_file, weights_loc.path)
     state, _ = load_model_bytes(weights, config_bytes, name=weights_loc.describe())
     net = FeatureNet(net_cfg)
     net.load_state_dict(state, strict=True)

@@ -211,3 +211,42 @@ def test_on_ray_it_is_one_task_with_the_in_process_result(ray_local, models, mon
         run_evaluation(models["trained"], cfg.data,
                        ecfg.model_copy(update={"seed": 78, "device": "cuda"}), cfg.runtime,
                        echo=lambda s: None)
+
+
+def test_two_evaluations_storing_the_reference_network_at_once_leave_one_whole(tmp_path,
+                                                                             monkeypatch):
+    """Evaluation B fits and stores the dataset's reference network between evaluation A's
+    writes of its weights and its config (two evaluations of one dataset version at once, each
+    with its own fit): the store ends with one network, weights and config of the same writer,
+    which both evaluations and every later one score with. (Before, A's config landed over B's
+    weights and every later load failed its integrity check.)"""
+    from diffusion.metrics import FeatureNet
+    from tasks.evaluate import reference
+    from tasks.storage import Location
+
+    root = Location.of(str(tmp_path))
+    manifest = {"name": "d", "version": "0" * 16, "shape": [1, 8, 8], "class_names": []}
+    seeds = iter([1, 2])
+
+    def fit(root, manifest, cfg, net_cfg, labelled, echo):  # two writers, two different nets
+        torch.manual_seed(next(seeds))
+        return FeatureNet(net_cfg).eval(), float("nan")
+
+    monkeypatch.setattr(reference, "_fit_reference", fit)
+    write, racing = reference.atomic_write_bytes, []
+
+    def write_then_race(loc, data):
+        write(loc, data)
+        if not racing:  # A's first write: B runs start to end meanwhile
+            racing.append(None)
+            racing[0] = reference.reference_features(root, manifest, EvalConfig(), "cpu",
+                                                     lambda s: None)
+
+    monkeypatch.setattr(reference, "atomic_write_bytes", write_then_race)
+    a = reference.reference_features(root, manifest, EvalConfig(), "cpu", lambda s: None)
+    b = racing[0]
+    later = reference.reference_features(root, manifest, EvalConfig(), "cpu", lambda s: None,
+                                         stored_only=True)
+    assert a.sha256 == b.sha256 == later.sha256
+    x = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
+    assert torch.equal(a(x), later(x)) and torch.equal(b(x), later(x))
