@@ -56,10 +56,11 @@ def generate(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: str 
     _refuse_another_job(out, job)
     if exists(manifest_loc):
         m = read_json(manifest_loc)
+        _same_job(out, job, m)  # another job may have committed since the check above
         echo(f"generation job {job.job_id} is complete at {out.describe()}: "
              f"{m['num_samples']} samples; nothing to do")
         return GenerateResult(m, out.describe(), True, time.perf_counter() - t0, 0)
-    commit_bytes(out.child(JOB_FILE), json.dumps(record, indent=2).encode())
+    _claim(out, job, record)
 
     shards = job.shards()
     done = _complete_shards(out, job)
@@ -92,16 +93,29 @@ def _job_record(job: Job) -> dict:
 
 
 def _refuse_another_job(out: Location, job: Job) -> None:
-    """An output that holds another job's manifest or job file is not written over."""
+    """An output that holds another job's manifest or job file is not written over (checked
+    early, before any work; :func:`_claim` is what decides a race)."""
     for loc in (out.child(MANIFEST), out.child(JOB_FILE)):
         if exists(loc):
-            found = read_json(loc)
-            if found.get("job_id") != job.job_id:
-                raise GenerateError(
-                    f"{out.describe()} already holds generation job {found.get('job_id')} "
-                    f"({found.get('model_ref')}, {found.get('num_samples')} samples, seed "
-                    f"{found.get('seed')}), not this one ({job.job_id}); choose another "
-                    "generate.output or remove it")
+            _same_job(out, job, read_json(loc))
+
+
+def _same_job(out: Location, job: Job, found: dict) -> None:
+    if found.get("job_id") != job.job_id:
+        raise GenerateError(
+            f"{out.describe()} already holds generation job {found.get('job_id')} "
+            f"({found.get('model_ref')}, {found.get('num_samples')} samples, seed "
+            f"{found.get('seed')}), not this one ({job.job_id}); choose another "
+            "generate.output or remove it")
+
+
+def _claim(out: Location, job: Job, record: dict) -> None:
+    """Claim ``out`` for this job with a create-only ``_job.json`` before any shard is written.
+    The same job's record is the same bytes, so its reruns and concurrent drivers share the
+    claim; a different job that claimed first wins and this one fails, naming it."""
+    loc = out.child(JOB_FILE)
+    if not commit_bytes(loc, json.dumps(record, indent=2).encode()):
+        _same_job(out, job, read_json(loc))
 
 
 def _complete_shards(out: Location, job: Job) -> set[int]:
@@ -210,4 +224,5 @@ def _commit_manifest(out: Location, record: dict, job: Job, stats: dict[int, dic
     manifest_loc = out.child(MANIFEST)
     if not commit_bytes(manifest_loc, json.dumps(manifest, indent=2).encode()):
         manifest = read_json(manifest_loc)  # a concurrent run of the same job committed first
+        _same_job(out, job, manifest)
     return manifest

@@ -101,6 +101,46 @@ def test_a_different_job_in_the_output_is_refused(ray_local, models, tmp_path):
                  echo=lambda s: None)
 
 
+@pytest.mark.parametrize("b_gets", ["its claim in", "all done"])
+def test_two_jobs_racing_into_one_output_never_mix(ray_local, models, tmp_path, monkeypatch,
+                                                   b_gets):
+    """Job B gets into the output between job A's early check and A's claim (the check alone
+    was check-then-act): A fails naming B before writing anything, and the output holds only
+    B's claim, shards and manifest. (Before, A wrote its shards beside B's claim, or returned
+    B's manifest as its own.)"""
+    import json
+
+    import tasks.generate.driver as driver
+
+    out = tmp_path / "out"
+    check = driver._refuse_another_job
+
+    def check_then_b(loc, j):
+        check(loc, j)
+        if b_gets == "its claim in":
+            out.mkdir()
+            (out / "_job.json").write_text(json.dumps({"job_id": "b" * 16, "seed": 1}))
+        else:
+            monkeypatch.setattr(driver, "_refuse_another_job", check)
+            generate(job(models, tmp_path, num_samples=5, seed=1, output=str(out)),
+                     rt(tmp_path), echo=lambda s: None)
+
+    monkeypatch.setattr(driver, "_refuse_another_job", check_then_b)
+    with pytest.raises(GenerateError, match=r"already holds generation job \w{16} .*not this "
+                                            r"one"):
+        generate(job(models, tmp_path, num_samples=5, output=str(out)), rt(tmp_path),
+                 echo=lambda s: None)
+    b = json.loads((out / "_job.json").read_text())["job_id"]
+    if b_gets == "its claim in":
+        assert not (out / "shards").exists() and not (out / "_manifest.json").exists()
+    else:
+        assert json.loads((out / "_manifest.json").read_text())["job_id"] == b
+        for shard in (out / "shards").iterdir():
+            import pyarrow.parquet as pq
+
+            assert pq.read_metadata(shard).metadata[b"diffusion-pipeline.job"].decode() == b
+
+
 @pytest.mark.parametrize(("kw", "message"), [
     ({"sampler": "nosuch"}, "generate.sampler/steps nosuch:5"),
     ({"steps": 51}, "between 1 and T=50"),
