@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from diffusion.pipeline import DiffusionConfig
 from tasks.datasets import open_dataset
-from tasks.errors import RunNotFound
+from tasks.errors import RunNotFound, TrainConfigError
 from tasks.storage import Location, atomic_write_bytes, call, exists, read_json
-from tasks.train.config import TrainConfig, default_run_name, run_identity
+from tasks.train.config import EXECUTION_KEYS, TrainConfig, default_run_name, run_identity
 
 if TYPE_CHECKING:  # the driver's types; workers import this module for write_status
     from tasks.datasets import DataConfig
@@ -37,7 +37,9 @@ def finished_run(data: DataConfig, model: Any, diffusion: DiffusionConfig, train
     ``checkpoint_*`` whose step is the run's final step. Raises :class:`RunNotFound`."""
     root = runtime.root_location()
     ref, manifest = open_dataset(root, data.name, data.version)
-    run_name = train.run_name or default_run_name(manifest, run_identity(model, diffusion, train))
+    identity = run_identity(model, diffusion, train)
+    run_name = train.run_name or default_run_name(manifest, identity)
+    check_same_model(root.child("runs", run_name), identity)
     found = find_finished(root, run_name, train.steps)
     if isinstance(found, str):
         raise RunNotFound(
@@ -45,6 +47,56 @@ def finished_run(data: DataConfig, model: Any, diffusion: DiffusionConfig, train
             f"{found}; run `diffusion-pipeline train` with the same config first, or pass the "
             "model explicitly")
     return found | {"run_name": run_name, "dataset": ref.to_dict()}
+
+
+def check_same_model(run_dir: Location, identity: dict) -> None:
+    """TrainConfigError if run ``run_dir`` holds checkpoints of another model: its recorded
+    model, diffusion or train settings differ from ``identity`` (:func:`run_identity`) in more
+    than what may change between attempts of one run (``train.steps``, which a longer run
+    raises, and the execution settings). Without this a reused ``train.run_name`` crash-looped
+    restoring weights of another shape, or its finished checkpoint was reused as this config's
+    model."""
+    from tasks.checkpoints import STATE_FILE
+
+    try:
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1]
+                       for p in call(run_dir, run_dir.fs.ls, run_dir.path, detail=False))
+    except FileNotFoundError:
+        return
+    for name in reversed([n for n in names if n.startswith("checkpoint_")]):
+        state_loc = run_dir.child(name, STATE_FILE)
+        if exists(state_loc):
+            state = read_json(state_loc)  # run_identity: since it was recorded; else the config
+            recorded = state.get("run_identity") or state.get("config") or {}
+            break
+    else:
+        return
+    diffs = [f"{key}={_short(was)} (this config: {_short(now)})"
+             for key, was, now in _differences(recorded, identity)]
+    if diffs:
+        raise TrainConfigError(
+            f"training run {run_dir.describe().rsplit('/', 1)[-1]} holds a different model: "
+            f"it was trained with {'; '.join(diffs[:3])}"
+            + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            + ". A run name holds one model: set another train.run_name, or leave it unset "
+            "(the default name follows the config)")
+
+
+def _differences(recorded: dict, identity: dict) -> list[tuple[str, Any, Any]]:
+    out = []
+    for section in ("model", "diffusion", "train"):
+        was, now = recorded.get(section) or {}, identity.get(section) or {}
+        for key in sorted(set(was) | set(now)):
+            if section == "train" and (key in EXECUTION_KEYS or key == "steps"):
+                continue
+            if section in recorded and was.get(key) != now.get(key):
+                out.append((f"{section}.{key}", was.get(key), now.get(key)))
+    return out
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def find_finished(root, run_name: str, steps: int) -> dict | str:

@@ -278,7 +278,8 @@ def _report(w: _Worker, s: _State, metrics: dict, done: int, *, checkpoint: bool
                 model_config={"unet": cfg["model"], "diffusion": cfg["diffusion"],
                               "class_names": cfg["class_names"]},
                 extra={"config": cfg["pipeline"], "dataset": cfg["dataset"],
-                       "run_name": cfg["run_name"]},
+                       "run_name": cfg["run_name"],
+                       "run_identity": {k: cfg[k] for k in ("model", "diffusion", "train")}},
             )
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
