@@ -374,14 +374,10 @@ def show_config(
 
 
 def without_credentials(value):
-    """``value`` (JSON data) with any ``user:password@`` taken out of its URLs."""
-    from tasks.storage import redact
+    """``value`` (JSON data) with the credentials taken out of its URLs."""
+    from tasks.storage import redact_all
 
-    if isinstance(value, dict):
-        return {k: without_credentials(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_credentials(v) for v in value]
-    return redact(value) if isinstance(value, str) else value
+    return redact_all(value)
 
 
 @app.command("job-run", hidden=True)

@@ -78,9 +78,46 @@ def protocol_of(url: str) -> str:
     return "s3" if proto in ("s3", "s3a") else proto
 
 
+# Query parameters that carry a credential (presigned URLs, tokens, connection strings).
+SECRET_PARAM = re.compile(
+    r"(?i)^(x-amz-(signature|credential|security-token)|sig|signature|token|access_token|"
+    r"auth|authorization|api[-_]?key|key|secret|password|passwd|pwd|sas|code)$")
+_STORAGE = ("s3", "s3a", "gs", "gcs", "az", "abfs", "file", "local", "memory")
+
+
 def redact(url: str) -> str:
-    """``url`` without any ``user:password@`` part."""
-    return re.sub(r"(?<=://)[^/@]*@", "", url)
+    """``url`` without the credentials it may carry: the ``user:password@`` part (a password
+    may hold '/' or '@'), and the values of query parameters that hold one (``token=``,
+    ``X-Amz-Signature=``, ``password=``...). Storage URLs (``s3://bucket/key@v1``) carry no
+    user part, so an '@' in their paths is kept."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", url)
+    if not m:
+        return url
+    scheme, rest = m.group(1).lower(), url[m.end():]
+    rest, hash_, fragment = rest.partition("#")
+    rest, q, query = rest.partition("?")
+    first = rest.split("/", 1)[0]
+    if "@" in first:  # user:password@host (the password may hold '@')
+        rest = rest[first.rindex("@") + 1:]
+    elif (scheme not in _STORAGE and "@" in rest and ":" in first
+          and not first.split(":", 1)[1].isdigit()):  # user:pa/ss@host: a '/' in the password
+        rest = rest[rest.index("@", len(first)) + 1:]
+        while "@" in rest.split("/", 1)[0]:
+            rest = rest.split("@", 1)[1]
+    if query:
+        query = "&".join(
+            f"{k}=***" if SECRET_PARAM.match(k) and sep else k + sep + v
+            for k, sep, v in (p.partition("=") for p in query.split("&")))
+    return f"{m.group(0)}{rest}{q}{query}{hash_}{fragment}"
+
+
+def redact_all(value: Any) -> Any:
+    """``value`` (JSON data) with :func:`redact` applied to every string in it."""
+    if isinstance(value, dict):
+        return {k: redact_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_all(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)

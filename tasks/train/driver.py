@@ -28,11 +28,12 @@ from tasks.storage import (
     protocol_of,
     read_json,
     redact,
+    redact_all,
     storage_options,
 )
 from tasks.train.config import TrainConfig, default_run_name, run_identity, validate
 from tasks.train.data import build_dataset, pyarrow_fs
-from tasks.train.runs import STATUS_FILE, find_finished
+from tasks.train.runs import STATUS_FILE, check_same_model, find_finished
 from tasks.train.worker import train_loop_per_worker
 
 # The training run's lease (tasks.lease), held by the driver for the whole job: refreshed every
@@ -149,10 +150,11 @@ def _resolve(data: DataConfig, model: Any, diffusion: DiffusionConfig, train: Tr
         "run_name": run_name,
         "class_names": manifest["class_names"],
         "dataset": ref.to_dict(),
-        "pipeline": pipeline or {},
+        "pipeline": redact_all(pipeline or {}),  # recorded in every checkpoint's state.json
         "fault": fault,
     }
     runs = root.child("runs")
+    check_same_model(runs.child(run_name), job)
     job["run_dir"] = runs.child(run_name).url
     job["storage_options"] = storage_options(runs.url, runtime)
     job["fault_dir"] = runs.child(run_name).path if root.is_local else None

@@ -171,6 +171,51 @@ def test_bad_config_fails_before_any_worker_starts(digits_root, sets, message):
     assert not (digits_root / "runs" / "bad").exists()
 
 
+def test_a_reused_run_name_with_another_model_is_refused(digits_root):
+    """A run named explicitly, finished with one model: the same train.run_name with another
+    model is refused in one line naming the difference, by the finished-run lookup (before,
+    it returned the old checkpoint as this config's model) and by training (before, it
+    crash-looped restoring weights of another shape). A longer run of the same model (only
+    train.steps raised) is the same run."""
+    from tasks.checkpoints import STATE_FILE
+    from tasks.train import finished_run
+    from tasks.train.config import run_identity
+
+    a = cfg_for(digits_root, "train.run_name=named", "train.steps=4")
+    run = digits_root / "runs" / "named"
+    (run / "checkpoint_0001").mkdir(parents=True)
+    (run / "checkpoint_0001" / STATE_FILE).write_text(json.dumps(
+        {"step": 4, "run_identity": run_identity(a.model, a.diffusion, a.train)}))
+    (run / "_status.json").write_text(json.dumps({"status": "finished", "step": 4}))
+    assert finished_run(a.data, a.model, a.diffusion, a.train, a.runtime)["checkpoint_uri"] \
+        .endswith("checkpoint_0001")
+
+    b = cfg_for(digits_root, "train.run_name=named", "train.steps=4", "model.base_channels=16")
+    message = (r"training run named holds a different model: it was trained with "
+               r"model.base_channels=8 \(this config: 16\)\. A run name holds one model")
+    with pytest.raises(TrainConfigError, match=message):
+        finished_run(b.data, b.model, b.diffusion, b.train, b.runtime)
+    with pytest.raises(TrainConfigError, match=message):
+        train(b)
+    longer = cfg_for(digits_root, "train.run_name=named", "train.steps=8")
+    with pytest.raises(Exception, match=r"finished at step 4, before train\.steps=8"):
+        finished_run(longer.data, longer.model, longer.diffusion, longer.train, longer.runtime)
+
+
+def test_the_config_a_checkpoint_records_carries_no_credential(digits_root):
+    """Every checkpoint's state.json records the pipeline config; a password in
+    runtime.mlflow_uri (one with '/' in it too) is not in it."""
+    from tasks.train.driver import _resolve
+
+    cfg = cfg_for(digits_root, "train.run_name=secretive")
+    pipeline = cfg.to_json_dict()
+    pipeline["runtime"]["mlflow_uri"] = "http://admin:pa/ss-word@mlflow:5000"
+    fit = _resolve(cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.runtime, pipeline,
+                   lambda s: None, None)
+    assert "pa/ss-word" not in json.dumps(fit.job)
+    assert fit.job["pipeline"]["runtime"]["mlflow_uri"] == "http://mlflow:5000"
+
+
 def test_negative_steps_is_a_config_error():
     from tasks.errors import ConfigError
 
