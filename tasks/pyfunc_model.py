@@ -199,14 +199,59 @@ def decode_pixels(row: dict) -> Any:
         int(row["channels"]), int(row["height"]), int(row["width"]))
 
 
-def serving_document(weights_sha256: str, defaults: dict) -> dict:
-    """What ``serving.json`` holds: the weights' digest and the sampling defaults."""
+def serving_document(weights_sha256: str, defaults: dict, *, config_sha256: str | None = None,
+                     model_name: str | None = None) -> dict:
+    """What ``serving.json`` holds: the weights' and config's digests, the registered model's
+    name and the sampling defaults."""
     sampler = SamplerConfig(**defaults["sampler"])  # validates the name and options
     return {"format": SERVING_FORMAT, "weights_sha256": weights_sha256,
+            "config_sha256": config_sha256, "model_name": model_name,
             "defaults": {"sampler": asdict(sampler),
                          "guidance_scale": float(defaults.get("guidance_scale", 1.0)),
                          "batch_size": int(defaults.get("batch_size", DEFAULT_BATCH_SIZE)),
                          "max_rows": int(defaults.get("max_rows", DEFAULT_MAX_ROWS))}}
+
+
+REGISTRY_CHECK_ENV = "DIFFUSION_SERVING_REGISTRY_CHECK"
+
+
+def check_against_registry(serving: dict, weights: bytes, config: bytes) -> None:
+    """ValueError unless the weights and config.json being served are those a version of the
+    registered model was registered with (its ``weights_sha256`` and ``config_sha256`` tags in
+    the registry at MLflow's tracking URI), and the config matches serving.json's digest.
+
+    serving.json lives in the artifact store beside the files it describes, so checking against
+    it alone only catches damage, not a consistent replacement; the registry's tags are kept by
+    the tracking server. (Whoever can write the artifact store can also replace this code, which
+    serving runs: see docs/registry.md.) Versions registered before the digests were recorded
+    have no model name in serving.json and are checked against serving.json only;
+    ``DIFFUSION_SERVING_REGISTRY_CHECK=0`` does the same where serving has no registry access."""
+    import hashlib
+    import os
+
+    digest, config_digest = hashlib.sha256(weights).hexdigest(), hashlib.sha256(config).hexdigest()
+    if serving.get("config_sha256") not in (None, config_digest):
+        raise ValueError(f"config.json (sha256 {config_digest[:12]}) is not the config this "
+                         f"model was registered with (sha256 {serving['config_sha256'][:12]})")
+    name = serving.get("model_name")
+    if not name or os.environ.get(REGISTRY_CHECK_ENV, "1") == "0":
+        return
+    from mlflow import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    try:
+        found = MlflowClient(uri, uri).search_model_versions(
+            f"name = '{name}' and tags.weights_sha256 = '{digest}'", max_results=100)
+    except Exception as e:
+        raise ValueError(
+            f"cannot check the weights of {name} against the model registry at {uri}: {e}. Set "
+            "MLFLOW_TRACKING_URI to the registry the model came from, or "
+            f"{REGISTRY_CHECK_ENV}=0 to check against serving.json only") from None
+    if not any((mv.tags or {}).get("config_sha256") in (None, config_digest) for mv in found):
+        raise ValueError(
+            f"the weights (sha256 {digest[:12]}) and config (sha256 {config_digest[:12]}) being "
+            f"served are not those any version of {name} in the registry at {uri} was "
+            "registered with: the artifact store's files were changed; refusing to serve them")
 
 
 class DiffusionImageModel(mlflow.pyfunc.PythonModel):
@@ -217,10 +262,12 @@ class DiffusionImageModel(mlflow.pyfunc.PythonModel):
         serving = json.loads(Path(arts["serving"]).read_text())
         if serving.get("format") != SERVING_FORMAT:
             raise ValueError(f"{arts['serving']} is not a {SERVING_FORMAT} document")
+        weights, config = Path(arts["weights"]).read_bytes(), Path(arts["config"]).read_bytes()
+        # damaged weights are refused here, before any tensor is parsed (serving.json's digest)
         self.model, self.config = unet_from_bytes(
-            Path(arts["weights"]).read_bytes(), Path(arts["config"]).read_bytes(),
-            expected_sha256=serving["weights_sha256"], name=arts["weights"],
+            weights, config, expected_sha256=serving["weights_sha256"], name=arts["weights"],
             require=("unet", "diffusion"))
+        check_against_registry(serving, weights, config)  # and replaced ones before any use
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.defaults = serving["defaults"]

@@ -6,6 +6,7 @@ versions and aliases that the other registry modules share."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import RegistryError
-from tasks.registry.config import WEIGHTS_TAG, RegistryConfig
+from tasks.registry.config import CONFIG_TAG, WEIGHTS_TAG, RegistryConfig
 from tasks.registry.session import _error_code, _mlflow
 
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -130,7 +131,15 @@ def load_version(
             raise WeightsIntegrityError(
                 f"{model_ref}: serving.json records weights {serving.get('weights_sha256')}, the "
                 f"registry {expected}; the version's artifacts were modified; re-register it")
+        config_bytes = paths["config"].read_bytes()
+        recorded = info["tags"].get(CONFIG_TAG)  # versions registered since it was recorded
+        if recorded is not None and hashlib.sha256(config_bytes).hexdigest() != recorded:
+            from diffusion.serialization import WeightsIntegrityError
+
+            raise WeightsIntegrityError(
+                f"{model_ref}: config.json is not the one registered (the registry records "
+                f"sha256 {recorded[:12]}); the version's artifacts were modified; re-register it")
         model, config = unet_from_bytes(
-            paths["weights"].read_bytes(), paths["config"].read_bytes(), expected_sha256=expected,
+            paths["weights"].read_bytes(), config_bytes, expected_sha256=expected,
             name=f"{model_ref} ({arts['weights']})", require=("unet", "diffusion"))
         return model, config, serving["defaults"]

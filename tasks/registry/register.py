@@ -15,6 +15,7 @@ from pathlib import Path
 from tasks.errors import RegistryError
 from tasks.registry.config import (
     CHALLENGER,
+    CONFIG_TAG,
     EVAL_KEY_TAG,
     MODEL_NAME_RE,
     WEIGHTS_TAG,
@@ -60,22 +61,27 @@ def _check_evaluation(evaluation: dict) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def _serving_document(digest: str, defaults: dict) -> dict:
-    """serving.json: the weights' digest and the sampling defaults, checked."""
+def _serving_document(digest: str, config_digest: str, model_name: str,
+                      defaults: dict) -> dict:
+    """serving.json: the weights' and config's digests, the model name (the served model
+    checks both digests against this model's versions in the registry) and the sampling
+    defaults, checked."""
     from tasks.pyfunc_model import serving_document
 
     try:
-        return serving_document(digest, defaults)
+        return serving_document(digest, defaults, config_sha256=config_digest,
+                                model_name=model_name)
     except (KeyError, TypeError, ValueError) as e:
         raise RegistryError(f"bad sampling defaults {defaults!r}: {e}; pass {{'sampler': "
                             "SamplerConfig fields, 'guidance_scale': float}") from e
 
 
-def _version_tags(evaluation: dict, lineage: dict[str, str], digest: str,
+def _version_tags(evaluation: dict, lineage: dict[str, str], digest: str, config_digest: str,
                   metrics: dict[str, float]) -> dict[str, str]:
     """The new version's tags: lineage, the weights' digest, the evaluation key and metrics."""
     tags = lineage_tags(evaluation, lineage)
-    tags |= {WEIGHTS_TAG: digest, EVAL_KEY_TAG: str(evaluation["eval_key"])}
+    tags |= {WEIGHTS_TAG: digest, CONFIG_TAG: config_digest,
+             EVAL_KEY_TAG: str(evaluation["eval_key"])}
     tags |= {f"eval.{k}": _tag_value(v) for k, v in metrics.items()}
     return tags
 
@@ -154,8 +160,11 @@ def register_model(
         raise RegistryError(f"model name {model_name!r}: use letters, digits, '.', '_', '-'")
     weights_path, config_path, digest, _ = _read_model_dir(model_dir)
     metrics = _check_evaluation(evaluation)
-    serving = _serving_document(digest, defaults)
-    tags = _version_tags(evaluation, lineage, digest, metrics)
+    from diffusion.serialization import sha256_hex
+
+    config_digest = sha256_hex(Path(config_path).read_bytes())
+    serving = _serving_document(digest, config_digest, model_name, defaults)
+    tags = _version_tags(evaluation, lineage, digest, config_digest, metrics)
 
     with _mlflow(tracking_uri, cfg, f"register {model_name}") as client:
         if run_id is None:

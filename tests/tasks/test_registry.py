@@ -284,6 +284,43 @@ def test_damaged_weights_are_refused_before_any_tensor_is_parsed(store, models, 
         mlflow.pyfunc.load_model(f"models:/{name}/1")  # what `mlflow models serve` runs
 
 
+@pytest.mark.parametrize("change", ["weights and serving.json", "config.json"])
+def test_the_served_model_checks_its_files_against_the_registry(store, models, change):
+    """A version's files rewritten in the artifact store alone, consistently (other weights
+    with serving.json updated to match, or another config.json): the served model and
+    load_version refuse them, because the registry's digest tags, kept by the tracking server,
+    no longer match. (Before, serving checked the weights against serving.json, which sits in
+    the same folder, and the config against nothing.)"""
+    import hashlib
+
+    import mlflow
+
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    arts = weights_file(store, name, "1").parent
+    serving = json.loads((arts / "serving.json").read_text())
+    if change == "config.json":
+        config = json.loads((arts / "config.json").read_text())
+        config["diffusion"]["T"] = config["diffusion"]["T"] // 2
+        (arts / "config.json").write_text(json.dumps(config))
+        serving["config_sha256"] = hashlib.sha256((arts / "config.json").read_bytes()).hexdigest()
+    else:
+        other = (models[1] / "model.safetensors").read_bytes()
+        (arts / "model.safetensors").write_bytes(other)
+        (arts / "config.json").write_bytes((models[1] / "config.json").read_bytes())
+        serving["weights_sha256"] = hashlib.sha256(other).hexdigest()
+        serving["config_sha256"] = hashlib.sha256((models[1] / "config.json").read_bytes()
+                                                  ).hexdigest()
+    (arts / "serving.json").write_text(json.dumps(serving))
+    from tasks.registry.session import _fluent_tracking_uri
+
+    with _fluent_tracking_uri(store["uri"]), pytest.raises(
+            Exception, match=f"not those any version of {name} in the registry"):
+        mlflow.pyfunc.load_model(f"models:/{name}/1")
+    with pytest.raises(Exception, match=r"artifacts were modified"):
+        load_version(f"models:/{name}/1", store["uri"])
+
+
 # ------------------------------------------------------------------------------------------
 # Promotion and rollback
 # ------------------------------------------------------------------------------------------
