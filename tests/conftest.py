@@ -159,6 +159,10 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The `mlflow server`s the tests start skip MLflow's GenAI job runner (as the testbed's does):
+# the pipeline never uses it, and its three huey consumers per server cost a 2-core machine CPU
+# all through a test (seen: a basic-auth server not answering /health within 120 s under load).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 @pytest.fixture(scope="session")
