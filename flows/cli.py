@@ -368,16 +368,11 @@ def show_config(
         cfg = load_config(config, set_ or [], root)
     except Exception as e:
         _fail(e, debug)
-    shown = without_credentials(cfg.to_json_dict())
-    typer.echo(json.dumps(shown, indent=2) if as_json
-               else yaml.safe_dump(shown, sort_keys=False, allow_unicode=True).rstrip())
-
-
-def without_credentials(value):
-    """``value`` (JSON data) with the credentials taken out of its URLs."""
     from tasks.storage import redact_all
 
-    return redact_all(value)
+    shown = redact_all(cfg.to_json_dict())
+    typer.echo(json.dumps(shown, indent=2) if as_json
+               else yaml.safe_dump(shown, sort_keys=False, allow_unicode=True).rstrip())
 
 
 @app.command("job-run", hidden=True)
