@@ -56,13 +56,16 @@ def _build_dataset(root, manifest: dict, materialize_below_bytes: int):
 
 def _blocks(x, labels, rows_per_block: int | None = None) -> list:
     """(uint8 [N, C, H, W], int64 [N]) as Arrow tables of about 16 MB each, in row order: the
-    layout that ``map_batches(to_arrays)`` produces (an Arrow tensor column ``x``)."""
+    layout that ``map_batches(to_arrays)`` produces (an Arrow tensor column ``x``), plus each
+    row's index in the split (``row``), by which a worker puts the rows back in split order."""
+    import numpy as np
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
     step = rows_per_block or max(1, (16 * 2**20) // max(1, x.strides[0]))  # bytes per row
     return [pa.table({"x": ArrowTensorArray.from_numpy(x[i:i + step]),
-                      "label": pa.array(labels[i:i + step])})
+                      "label": pa.array(labels[i:i + step]),
+                      "row": pa.array(np.arange(i, min(i + step, len(x)), dtype=np.int64))})
             for i in range(0, max(len(x), 1), step)]  # an empty split: one empty block
 
 
@@ -71,41 +74,65 @@ def _blocks(x, labels, rows_per_block: int | None = None) -> list:
 # --------------------------------------------------------------------------------------------
 
 
-def _batches(shard, per_worker: int, seed: int, in_memory: bool = False):
-    """Endless batches of ``per_worker`` rows from this worker's shard.
+def _batches(shard, per_worker: int, *, seed: int, start: int, rank: int, world: int,
+             in_memory: bool, rows: int):
+    """Endless batches of ``per_worker`` rows for steps ``start``, ``start + 1``, ... on this
+    rank (:mod:`tasks.train.order`).
 
-    Streaming (large datasets): every epoch is a new pass of Ray Data with a local shuffle
-    buffer. ``in_memory`` (the dataset was materialized because it is small): the first epoch
-    streams as usual and keeps the rows; later epochs are random permutations of them, without
-    restarting Ray Data's execution (a 40-55 ms stall per epoch, see
-    benchmarks/results/train_throughput.md) and with a full rather than a buffer-local shuffle.
+    ``in_memory`` (the split is small and every worker was handed all of it): the rows are
+    read once, put back in split order, and each step takes the rows
+    :class:`~tasks.train.order.EpochOrder` gives it: a resumed run sees exactly what the
+    uninterrupted run would have, on any number of workers.
+
+    Streamed (large splits; Ray Data splits each epoch's pass between the workers, equal row
+    counts): every epoch is a new pass with a local shuffle buffer seeded by the epoch. A run
+    resumed mid-epoch starts that epoch's pass again and skips the batches the checkpoint's
+    step had already taken, so every rank stays at the same position in the epoch. With one
+    worker the pass is ordered (``preserve_order``, :func:`tasks.train.driver._trainer`) and the
+    skipped batches are exactly those trained on: no row of the resumed epoch is repeated or
+    left out. With several workers Ray Data hands blocks to whichever worker asks first, so the
+    resumed pass may deal rows differently: the count of rows per epoch holds, but a row can
+    be seen twice in the resumed epoch and another not at all (docs/stages.md, "Reproducible,
+    exact resume").
     """
-    import torch
+    from tasks.train.order import EpochOrder, shuffle_seed
 
-    epoch, kept = 0, []
+    if in_memory:
+        data = _all_rows(shard)
+        order = EpochOrder(len(data["x"]), seed=seed, rank=rank, world=world,
+                           per_worker=per_worker)
+        step = start
+        while True:
+            idx = order.indices(step)
+            step += 1
+            yield {"x": data["x"][idx], "label": data["label"][idx]}
+    per_epoch = rows // world // per_worker
+    if per_epoch == 0:
+        raise RuntimeError(
+            f"the train split's {rows} rows over {world} worker(s) give no batch of "
+            f"{per_worker} per worker; lower train.batch_size")
+    epoch, skip = divmod(start, per_epoch)
     while True:
         n = 0
-        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=not in_memory,
+        for b in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
                                           local_shuffle_buffer_size=max(4 * per_worker, 256),
-                                          local_shuffle_seed=seed + epoch):
-            if in_memory:
-                kept.append(b)
-                if len(b["x"]) < per_worker:  # the shard's tail: kept for later epochs only
-                    continue
+                                          local_shuffle_seed=shuffle_seed(seed, epoch)):
             n += 1
+            if n <= skip:
+                continue
             yield b
         if n == 0:
             raise RuntimeError(
                 f"this worker's shard yields no batch of {per_worker}; lower train.batch_size")
-        epoch += 1
-        if in_memory:
-            break
-    data = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
-    del kept
-    rows = len(data["x"])
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(rows, generator=gen)
-        for i in range(0, rows - per_worker + 1, per_worker):
-            idx = order[i:i + per_worker]
-            yield {k: v[idx] for k, v in data.items()}
+        epoch, skip = epoch + 1, 0
+
+
+def _all_rows(shard) -> dict:
+    """Every row of an unsplit, materialized train split, in split order (by ``row``: Ray Data
+    may hand blocks over in any order)."""
+    import torch
+
+    parts = list(shard.iter_torch_batches(batch_size=None))
+    data = {k: torch.cat([p[k] for p in parts]) for k in ("x", "label", "row")}
+    order = torch.argsort(data.pop("row"))
+    return {k: v[order] for k, v in data.items()}

@@ -19,7 +19,13 @@ from typing import Any
 
 from diffusion.pipeline import DiffusionConfig
 from tasks.datasets import DataConfig, DatasetRef, open_dataset
-from tasks.errors import LeaseBusy, TrainConfigError, TrainingBusy, TrainingDiverged
+from tasks.errors import (
+    LeaseBusy,
+    TrainConfigError,
+    TrainingBusy,
+    TrainingDiverged,
+    TrainingLeaseLost,
+)
 from tasks.runtime import RuntimeConfig, ensure_ray
 from tasks.storage import (
     Location,
@@ -41,6 +47,7 @@ from tasks.train.worker import train_loop_per_worker
 # restarted after a crash elsewhere takes over), then fails naming the holder.
 LEASE_STALE_S = 120.0
 LEASE_WAIT_S = 180.0
+LEASE_NAME = "_training"
 
 
 @dataclass
@@ -111,14 +118,14 @@ def run_training(
     # the same checkpoint and write the same checkpoint names. A holder that crashed on this
     # host is recognised at once; elsewhere its lease goes stale after LEASE_STALE_S.
     try:
-        with Lease(fit.runs.child(fit.run_name).url, "_training", stale_s=LEASE_STALE_S,
-                   wait_s=LEASE_WAIT_S, options=fit.job["storage_options"]):
+        with Lease(fit.runs.child(fit.run_name).url, LEASE_NAME, stale_s=LEASE_STALE_S,
+                   wait_s=LEASE_WAIT_S, options=fit.job["storage_options"]) as lease:
             done = find_finished(fit.root, fit.run_name, train.steps)
             if isinstance(done, dict):  # it finished while this process waited for the lease
                 echo(f"run {fit.run_name} was finished meanwhile at step "
                      f"{done['metrics']['step']}")
                 return fit.reused(done)
-            return _fit(fit)
+            return _fit(fit, lease)
     except LeaseBusy as e:  # only taking the lease raises it
         raise TrainingBusy(f"training run {fit.run_name} is being trained by another process: "
                            f"{e}") from None
@@ -167,12 +174,15 @@ def _resolve(data: DataConfig, model: Any, diffusion: DiffusionConfig, train: Tr
                   train, runtime, pipeline, echo, t0)
 
 
-def _fit(fit: FitJob) -> TrainResult:
-    """The Ray Train job of :func:`run_training`, under the run's lease."""
+def _fit(fit: FitJob, lease) -> TrainResult:
+    """The Ray Train job of :func:`run_training`, under the run's ``lease``: rank 0 checks
+    that this driver still holds it before every checkpoint (the fence, :mod:`tasks.lease`)."""
     from tasks import tracking
 
     run_id = _start_mlflow_run(fit)
-    job = fit.job | {"mlflow_uri": fit.uri, "mlflow_run_id": run_id}
+    job = fit.job | {"mlflow_uri": fit.uri, "mlflow_run_id": run_id,
+                     "lease": {"dir": fit.runs.child(fit.run_name).url, "name": LEASE_NAME,
+                               "token": lease.token, "stale_s": LEASE_STALE_S}}
     fit.echo(f"MLflow run {run_id} at {fit.uri}")
 
     ensure_ray(fit.runtime, echo=fit.echo)
@@ -180,6 +190,7 @@ def _fit(fit: FitJob) -> TrainResult:
 
     ds = build_dataset(fit.root, fit.manifest)
     job["in_memory"] = isinstance(ds, MaterializedDataset)
+    job["train_rows"] = fit.manifest["splits"]["train"]["rows"]
     trainer = _trainer(fit, job, ds)
     status_loc = fit.runs.child(fit.run_name).child(STATUS_FILE)
     if exists(status_loc):
@@ -187,9 +198,25 @@ def _fit(fit: FitJob) -> TrainResult:
     try:
         result = trainer.fit()
     except BaseException:
-        tracking.finish_run(fit.uri, run_id, "FAILED")
+        if lease.lost is None:
+            tracking.finish_run(fit.uri, run_id, "FAILED")
         raise
+    holder = lease.holder()
+    if lease.lost is not None or (holder or {}).get("token") != lease.token:
+        # the run, its status and its MLflow run are the new holder's now: leave them alone
+        lost = lease.lost or (f"the lease {lease.loc.describe()} is now held by "
+                              f"{(holder or {}).get('host')} pid {(holder or {}).get('pid')}")
+        raise TrainingLeaseLost(
+            f"training run {fit.run_name} stopped: {lost}; no checkpoint was written after "
+            f"this driver lost it. The new holder trains the run: nothing to do unless it "
+            f"fails too")
     metrics = read_json(status_loc) if exists(status_loc) else dict(result.metrics or {})
+    if metrics.get("status") == "lease_lost":
+        tracking.finish_run(fit.uri, run_id, "FAILED")
+        raise TrainingLeaseLost(
+            f"training run {fit.run_name} stopped at step {metrics['step']} without writing its "
+            f"checkpoint: {metrics['error']}. Check the storage's reachability from the "
+            f"driver, then run again: it resumes from step {metrics['last_good_step']}")
     tracking.finish_run(fit.uri, run_id, "FINISHED" if metrics.get("status") == "finished"
                         else "FAILED")
     ckpt_uri = None
@@ -284,7 +311,22 @@ def _trainer(fit: FitJob, job: dict, ds):
             **run_config_logging(),
         ),
         datasets={"train": ds},
+        dataset_config=_data_config(job["in_memory"]),
     )
+
+
+def _data_config(in_memory: bool):
+    """How the train split reaches the workers (:func:`tasks.train.data._batches`): a split held
+    in memory goes whole to every worker, which takes its rows of each epoch's permutation; a
+    streamed one is split between the workers, in order (the same batches in the same order
+    from pass to pass, with one worker: what resuming mid-epoch relies on)."""
+    import ray.train
+
+    if in_memory:
+        return ray.train.DataConfig(datasets_to_split=[])
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
 
 
 def _check_outcome(run_name: str, metrics: dict, ckpt_uri: str | None) -> None:

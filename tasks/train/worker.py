@@ -1,8 +1,9 @@
 """Ray Train's per-worker loop, :func:`train_loop_per_worker`, run on every worker with DDP.
 
 The loop counts optimizer steps, not epochs, and ends at exactly ``train.steps``. Every
-``train.checkpoint_every`` steps rank 0 writes a checkpoint (:mod:`tasks.checkpoints`) and all
-ranks report it. A non-finite loss stops every rank at the same step (the check is on the
+``train.checkpoint_every`` steps rank 0 checks that the run's driver still holds the training
+lease (else every rank stops, writing nothing), writes a checkpoint (:mod:`tasks.checkpoints`)
+and all ranks report it. A non-finite loss stops every rank at the same step (the check is on the
 all-reduced gradient norm); the attempt then ends with status ``diverged`` in the run's status
 file (:mod:`tasks.train.runs`), keeping the last good checkpoint.
 
@@ -23,6 +24,7 @@ from diffusion.training import OptimConfig
 from tasks.train.config import TrainConfig, optim_config
 from tasks.train.data import _batches
 from tasks.train.grid import log_sample_grid
+from tasks.train.order import seed_step
 from tasks.train.restore import _restore
 from tasks.train.runs import write_status
 from tasks.train.window import Window
@@ -46,8 +48,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         return
     net, nodes = _distribute(w, s.model)
     per_worker = w.train.batch_size // w.world
-    batches = _batches(ray.train.get_dataset_shard("train"), per_worker,
-                       w.train.seed + 31 * start, in_memory=cfg.get("in_memory", False))
+    batches = _batches(ray.train.get_dataset_shard("train"), per_worker, seed=w.train.seed,
+                       start=start, rank=w.rank, world=w.world,
+                       in_memory=cfg.get("in_memory", False), rows=cfg["train_rows"])
     marker_dir = cfg.get("fault_dir") or tempfile.gettempdir()
 
     from tasks.tracking import RunLogger
@@ -129,7 +132,8 @@ def _share_cpu_cores(w: _Worker) -> None:
 @dataclass(frozen=True)
 class _State:
     """What the loop trains and checkpoints: the model, its EMA, the optimizer, the learning
-    rate schedule and this rank's generator (noise, t, label dropout, flips)."""
+    rate schedule and this rank's generator (noise, t, label dropout, flips; re-seeded at
+    every step by :func:`tasks.train.order.seed_step`, so its saved state is never needed)."""
 
     model: Any
     ema: Any
@@ -205,9 +209,13 @@ def _train(w: _Worker, s: _State, net, batches, start: int, nodes: int, tracker,
     window = Window(w.schedule.T)
     last_good = start
     for step in range(start, train.steps):
+        seed_step(s.gen, train.seed, w.rank, step)  # step's noise: from (seed, rank, step) alone
         x, labels = _inputs(w, next(batches), s.gen)
-        if _fault(w.cfg.get("fault"), step + 1, w.rank, marker_dir) == "nan":
+        fault = _fault(w.cfg.get("fault"), step + 1, w.rank, marker_dir)
+        if fault == "nan":
             x = x * float("nan")
+        elif fault == "lease":
+            _take_lease_elsewhere(w)
         try:
             out = train_step(net, s.opt, s.sched, x, labels, w.schedule, w.optim, ema=s.ema,
                              null_class=w.model_cfg.num_classes, generator=s.gen,
@@ -220,6 +228,12 @@ def _train(w: _Worker, s: _State, net, batches, start: int, nodes: int, tracker,
         window.add(out)
         done = step + 1
         is_ckpt = done % train.checkpoint_every == 0 or done == train.steps
+        if is_ckpt and (lost := _lease_lost(w)):
+            w.echo(f"stopping at step {done} without writing its checkpoint: {lost}")
+            if "now held by" not in lost:  # still ours, only not fresh: say why it stopped
+                w.final({"step": done, "status": "lease_lost", "error": lost,
+                         "last_good_step": last_good, "resumed_from": start})
+            return
         if done % train.log_every == 0 or is_ckpt:
             metrics = window.metrics(done, steps=train.steps, start=start, nodes=nodes,
                                      lr=s.sched.get_last_lr()[0], batch_size=train.batch_size,
@@ -237,6 +251,32 @@ def _train(w: _Worker, s: _State, net, batches, start: int, nodes: int, tracker,
             if done == train.steps:
                 w.final(metrics)
             window.reset()
+
+
+def _lease_lost(w: _Worker) -> str | None:
+    """Why this run's driver no longer holds the training lease, or None (rank 0 asks the
+    store, every rank gets the answer): no checkpoint is written without it, so two drivers of
+    one run can never both write checkpoints (:func:`tasks.lease.check_held`)."""
+    lease = w.cfg.get("lease")
+    if not lease:
+        return None
+    reason = None
+    if w.rank == 0:
+        from tasks.lease import check_held
+        from tasks.storage import StorageError
+
+        try:
+            reason = check_held(lease["dir"], lease["name"], lease["token"],
+                                stale_s=lease["stale_s"], options=w.cfg["storage_options"])
+        except StorageError as e:
+            reason = f"the training lease could not be checked: {e}"
+    if w.world > 1:
+        import torch.distributed as dist
+
+        box = [reason]
+        dist.broadcast_object_list(box, src=0)
+        reason = box[0]
+    return reason
 
 
 def _inputs(w: _Worker, b: dict, gen) -> tuple[Any, Any]:
@@ -285,8 +325,22 @@ def _report(w: _Worker, s: _State, metrics: dict, done: int, *, checkpoint: bool
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _take_lease_elsewhere(w: _Worker) -> None:
+    """The 'lease@N' test hook: the training lease's lock replaced by another driver's, as if it
+    had broken this driver's lease."""
+    import json
+
+    from tasks.storage import Location, atomic_write_bytes
+
+    lease = w.cfg["lease"]
+    lock = Location.of(lease["dir"], w.cfg["storage_options"]).child(f"{lease['name']}.lock")
+    atomic_write_bytes(lock, json.dumps({"token": "another-driver", "host": "elsewhere",
+                                         "pid": 1}).encode())
+
+
 def _fault(spec: str | None, step: int, rank: int, marker_dir: str) -> str | None:
-    """Test hook: 'kill@N' SIGKILLs rank 0 once at step N; 'nan@N' poisons the loss at step N."""
+    """Test hook: 'kill@N' SIGKILLs rank 0 once at step N; 'nan@N' poisons the loss at step N;
+    'lease@N' has another driver take the run's training lease at step N."""
     if not spec:
         return None
     kind, at = spec.split("@")
@@ -294,6 +348,8 @@ def _fault(spec: str | None, step: int, rank: int, marker_dir: str) -> str | Non
         return None
     if kind == "nan":
         return "nan"
+    if kind == "lease" and rank == 0:
+        return "lease"
     if kind == "kill" and rank == 0:
         marker = os.path.join(marker_dir, f".fault-kill-{at}")
         if not os.path.exists(marker):
