@@ -7,9 +7,10 @@
     │   ├── TrackingUnavailable         (also a TrackingError)
     │   └── ClusterUnreachable          the Ray Jobs API did not answer for too long
     ├── ConfigError                 the config cannot be built (the CLI exits with 2)
-    └── StorageError, DatasetNotFound, PreprocessError, TrainConfigError, TrainingBusy,
-        TrainingDiverged, RunNotFound, CheckpointError, LeaseBusy, EvalError, RegistryError,
-        TrackingError, GenerateError, ClusterAuthError, StageJobFailed, StageTimeout
+    └── StorageError, DatasetNotFound, PreprocessError, TrainConfigError, TrainingBusy
+        (TrainingLeaseLost), TrainingDiverged, RunNotFound, CheckpointError, LeaseBusy,
+        EvalError, RegistryError, TrackingError, GenerateError, ClusterAuthError,
+        StageJobFailed, StageTimeout
                                     fail at once; the same way every time
 
 Each error also keeps the builtin base it always had (``ValueError``, ``RuntimeError``,
@@ -64,6 +65,11 @@ class TrainConfigError(PipelineError, ValueError):
 
 class TrainingBusy(PipelineError, RuntimeError):
     """Another process holds the training run's lease (the run is being trained)."""
+
+
+class TrainingLeaseLost(TrainingBusy):
+    """This driver lost the training run's lease while training (another driver took it over,
+    or it could not be refreshed): training stopped before its next checkpoint."""
 
 
 class TrainingDiverged(PipelineError, RuntimeError):

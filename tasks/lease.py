@@ -1,19 +1,36 @@
 """An exclusive lease on storage: a lock file that only one process at a time can hold.
 
 Used where a read-modify-write of shared state has no atomic primitive of its own (MLflow has no
-compare-and-set on aliases or tags, so promotions serialise through this). The lease is a small
-JSON file ``{"token", "host", "pid", "at"}`` published with :func:`tasks.storage.commit_bytes`,
-which creates it only if it does not exist (hard link locally, ``If-None-Match: *`` on S3): of
-two processes racing for it, exactly one wins. While held, a thread rewrites ``at`` every
-``stale_s / 4`` seconds; a lease whose ``at`` is older than ``stale_s`` belongs to a process
-that died, and the next taker breaks it with a warning. A holder on this same host whose
-process no longer exists is known dead and is broken at once (a crashed run restarted on the
-same machine does not wait out ``stale_s``). Waiters poll with a capped backoff and give up after
-``wait_s`` with :class:`LeaseBusy` naming the holder.
+compare-and-set on aliases or tags, so promotions serialise through this), and to keep one
+driver per training run. The files, in the lease's directory, for a lease named ``m``:
 
-Limits, by design: breaking a stale lease is check-then-delete (two waiters breaking the same
-stale lease at the same instant could both win), so ``stale_s`` must be far longer than any
-pause of a live holder; clocks of the machines involved must roughly agree.
+- ``m.lock``: ``{"token", "host", "pid", "at"}``, created only if absent
+  (:func:`tasks.storage.commit_bytes`: a hard link locally, ``If-None-Match: *`` on S3): of two
+  processes racing for it, exactly one wins. Never rewritten while it exists.
+- ``m.lock.<token>.beat``: the holder's heartbeat, rewritten every ``stale_s / 4`` seconds by the
+  holder alone (so a refresh can never overwrite somebody else's lock).
+- ``m.lock.<token>.break``: created only if absent by the one process that breaks the lease of
+  ``<token>``; two waiters breaking the same stale lease at once cannot both delete a lock.
+
+**Staleness is measured in the store's own time**: the age of a lease is the modification time
+the store gives a probe object written now, minus that of the holder's heartbeat (or of the lock,
+before its first beat), so the clocks of the hosts involved do not matter. A lease older than
+``stale_s`` belongs to a process that died or lost the store, and the next taker breaks it with a
+warning. A holder on this same host whose process no longer exists is known dead and is broken
+at once (a crashed run restarted on the same machine does not wait out ``stale_s``). Waiters poll
+with a capped backoff and give up after ``wait_s`` with :class:`LeaseBusy` naming the holder.
+
+**Fencing**: a holder that cannot refresh, or whose lease was broken, learns it at its next
+refresh (:attr:`Lease.lost`). Work that must not be done twice asks :func:`check_held` right
+before each write: it fails unless the lock still holds this token *and* its heartbeat is younger
+than ``stale_s / 2`` in store time, so nobody can break the lease for at least another
+``stale_s / 2``: writes that finish within that margin can never overlap a new holder's (training
+checks before every checkpoint, :mod:`tasks.train.worker`).
+
+What is left, by design: the breaker re-reads the lock before deleting it, and a holder deletes
+its lock on release only after reading its own token there; a lease that was stale for
+``stale_s`` and is released in the same instant as it is broken could lose a third process's
+fresh lock in between (that process then finds its lease lost at its first refresh).
 """
 
 from __future__ import annotations
@@ -27,8 +44,9 @@ import socket
 import threading
 import time
 import uuid
+from datetime import datetime
 
-from tasks.errors import LeaseBusy
+from tasks.errors import LeaseBusy, StorageError
 from tasks.storage import (
     Location,
     atomic_write_bytes,
@@ -59,21 +77,51 @@ def _gone_from_here(holder: dict) -> bool:
     return False
 
 
+def _mtime(loc: Location) -> float:
+    """``loc``'s modification time as the store records it (seconds since the epoch)."""
+    with contextlib.suppress(Exception):
+        loc.fs.invalidate_cache(loc.path)
+    info = call(loc, loc.fs.info, loc.path)
+    t = info.get("mtime", info.get("LastModified", info.get("created")))
+    if isinstance(t, datetime):
+        return t.timestamp()
+    if t is None:
+        raise StorageError(f"the store gives no modification time for {loc.describe()}")
+    return float(t)
+
+
+def _store_now(probe: Location) -> float:
+    """The store's time now: the modification time of ``probe``, written and removed here."""
+    atomic_write_bytes(probe, b"now")
+    try:
+        return _mtime(probe)
+    finally:
+        with contextlib.suppress(Exception):
+            call(probe, probe.fs.rm, probe.path)
+
+
 class Lease:
     """``with Lease(dir, name, stale_s=..., wait_s=...):`` holds ``<dir>/<name>.lock``.
 
     ``options``: the fsspec options for ``dir`` (:func:`tasks.storage.storage_options` of the
-    runtime config, e.g. its S3 endpoint); default: those the environment gives."""
+    runtime config, e.g. its S3 endpoint); default: those the environment gives. ``token``: the
+    identity of a holder (default: a new one); :func:`check_held` takes it to check a lease held
+    by another process (the training driver's, from a worker)."""
 
     def __init__(self, directory: str, name: str, *, stale_s: float, wait_s: float,
-                 options: dict | None = None):
-        base = Location.of(directory,
-                           storage_options(directory) if options is None else options)
-        self.loc = base.child(re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".lock")
+                 options: dict | None = None, token: str | None = None):
+        self.base = Location.of(directory,
+                                storage_options(directory) if options is None else options)
+        self.stem = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".lock"
+        self.loc = self.base.child(self.stem)
         self.stale_s, self.wait_s = stale_s, wait_s
-        self.token = uuid.uuid4().hex
+        self.token = token or uuid.uuid4().hex
+        self.lost: str | None = None  # why this holder lost the lease while holding it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _aux(self, token: str, kind: str) -> Location:
+        return self.base.child(f"{self.stem}.{token}.{kind}")
 
     def _payload(self) -> bytes:
         return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
@@ -86,7 +134,20 @@ class Lease:
         except FileNotFoundError:
             return None
         except (ValueError, UnicodeDecodeError):
-            return {"at": 0.0}  # unreadable: commit_bytes never publishes that; break it
+            return {}  # unreadable: commit_bytes never publishes that; its age decides
+
+    def age(self, holder: dict) -> float:
+        """Seconds, in the store's time, since ``holder`` last showed life (its last heartbeat,
+        or taking the lock)."""
+        now = _store_now(self._aux(self.token, f"now-{uuid.uuid4().hex[:8]}"))
+        try:
+            seen = _mtime(self._aux(str(holder.get("token")), "beat"))
+        except FileNotFoundError:
+            try:
+                seen = _mtime(self.loc)
+            except FileNotFoundError:
+                return 0.0  # released meanwhile: the next attempt takes it
+        return max(0.0, now - seen)
 
     def __enter__(self) -> Lease:
         deadline = time.monotonic() + self.wait_s
@@ -95,17 +156,11 @@ class Lease:
             holder = self.holder()
             if holder is None:
                 continue  # released between our attempt and the read
-            age = time.time() - float(holder.get("at", 0.0))
             gone = _gone_from_here(holder)
-            if age > self.stale_s or gone:
-                log.warning("breaking the %s lease %s (held by %s pid %s, %s)",
-                            "dead holder's" if gone else "stale", self.loc.describe(),
-                            holder.get("host"), holder.get("pid"),
-                            "a process that no longer exists" if gone
-                            else f"not refreshed for {age:.0f} s")
-                if (self.holder() or {}).get("token") == holder.get("token"):
-                    with contextlib.suppress(FileNotFoundError):
-                        call(self.loc, self.loc.fs.rm, self.loc.path)
+            age = 0.0 if gone else self.age(holder)
+            if gone or age > self.stale_s:
+                self._break(holder, "a process that no longer exists" if gone
+                            else f"not refreshed for {age:.0f} s", gone)
                 continue
             if time.monotonic() > deadline:
                 raise LeaseBusy(
@@ -114,24 +169,85 @@ class Lease:
                     f"broken after {self.stale_s:.0f} s without refresh)")
             time.sleep(delay)
             delay = min(2 * delay, 1.0)
+        self._beat()
         self._thread = threading.Thread(target=self._refresh, daemon=True, name="lease-refresh")
         self._thread.start()
         return self
 
+    def _break(self, holder: dict, why: str, gone: bool) -> None:
+        """Delete ``holder``'s lock if this process is the one to break it (its break marker,
+        created only if absent, decides); a marker left by a breaker that died before deleting
+        the lock is removed once it is itself stale."""
+        token = str(holder.get("token"))
+        marker = self._aux(token, "break")
+        if not commit_bytes(marker, self._payload()):
+            with contextlib.suppress(FileNotFoundError):
+                if _store_now(self._aux(self.token, "now")) - _mtime(marker) > self.stale_s:
+                    call(marker, marker.fs.rm, marker.path)
+            time.sleep(0.05)
+            return
+        log.warning("breaking the %s lease %s (held by %s pid %s, %s)",
+                    "dead holder's" if gone else "stale", self.loc.describe(),
+                    holder.get("host"), holder.get("pid"), why)
+        if str((self.holder() or {}).get("token")) == token:
+            with contextlib.suppress(FileNotFoundError):
+                call(self.loc, self.loc.fs.rm, self.loc.path)
+        beat = self._aux(token, "beat")
+        with contextlib.suppress(Exception):
+            call(beat, beat.fs.rm, beat.path)
+
+    def _beat(self) -> None:
+        atomic_write_bytes(self._aux(self.token, "beat"), self._payload())
+
     def _refresh(self) -> None:
         while not self._stop.wait(max(self.stale_s / 4, 0.05)):
-            if (self.holder() or {}).get("token") != self.token:
-                log.warning("the lease %s was broken while held", self.loc.describe())
+            try:
+                holder = self.holder()
+            except Exception:  # the store unreachable: retried next period
+                continue
+            if (holder or {}).get("token") != self.token:
+                self.lost = (f"the lease {self.loc.describe()} is now held by "
+                             f"{holder.get('host')} pid {holder.get('pid')}" if holder else
+                             f"the lease {self.loc.describe()} was broken")
+                log.warning("%s (this process held it)", self.lost)
                 return
             with contextlib.suppress(Exception):  # a missed refresh is retried next period
-                atomic_write_bytes(self.loc, self._payload())
+                self._beat()
+
+    def check(self) -> str | None:
+        """None while this token holds the lease with a heartbeat younger than ``stale_s / 2``
+        in store time; else why not (see the module's fencing)."""
+        if self.lost:
+            return self.lost
+        holder = self.holder()
+        if (holder or {}).get("token") != self.token:
+            return (f"the lease {self.loc.describe()} is now held by {holder.get('host')} pid "
+                    f"{holder.get('pid')}" if holder else
+                    f"the lease {self.loc.describe()} was broken")
+        age = self.age(holder)
+        if age > self.stale_s / 2:
+            return (f"the lease {self.loc.describe()} was last refreshed {age:.0f} s ago (the "
+                    f"store's time), over half of the {self.stale_s:.0f} s after which another "
+                    f"process may break it")
+        return None
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if (self.holder() or {}).get("token") == self.token:
+        if self.lost is None and (self.holder() or {}).get("token") == self.token:
             with contextlib.suppress(FileNotFoundError):
                 call(self.loc, self.loc.fs.rm, self.loc.path)
         else:
             log.warning("the lease %s was broken while held", self.loc.describe())
+        beat = self._aux(self.token, "beat")
+        with contextlib.suppress(Exception):
+            call(beat, beat.fs.rm, beat.path)
+
+
+def check_held(directory: str, name: str, token: str, *, stale_s: float,
+               options: dict | None = None) -> str | None:
+    """:meth:`Lease.check` for the holder ``token`` from any process: None while it holds the
+    lease, fresh; else why not."""
+    return Lease(directory, name, stale_s=stale_s, wait_s=0, options=options,
+                 token=token).check()

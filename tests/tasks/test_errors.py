@@ -20,6 +20,7 @@ BUILTIN_BASE = {
     "ConfigError": ValueError, "StorageError": RuntimeError, "StorageUnavailable": RuntimeError,
     "DatasetNotFound": LookupError, "PreprocessError": ValueError,
     "TrainConfigError": ValueError, "TrainingBusy": RuntimeError,
+    "TrainingLeaseLost": RuntimeError,
     "TrainingDiverged": RuntimeError, "RunNotFound": LookupError, "CheckpointError": ValueError,
     "LeaseBusy": RuntimeError, "EvalError": RuntimeError, "RegistryError": RuntimeError,
     "RegistryUnavailable": RuntimeError, "TrackingError": RuntimeError,

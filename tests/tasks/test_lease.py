@@ -1,9 +1,11 @@
-"""The exclusive lease: one holder at a time, locally and on S3; stale leases are broken, live
-ones are kept alive by their refresh."""
+"""The exclusive lease: one holder at a time, locally and on S3; stale leases are broken (age in
+the store's time), once, by one breaker; live ones are kept alive by their refresh; a holder
+that lost its lease knows it, and the fencing check refuses it."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -31,9 +33,75 @@ def test_a_busy_lease_names_its_holder_and_a_stale_one_is_broken(tmp_path):
           pytest.raises(LeaseBusy, match=r"m\.lock is held by .* pid \d+"),
           Lease(str(tmp_path), "m", stale_s=30, wait_s=0.3)):
         pass
-    (tmp_path / "m.lock").write_text(json.dumps({"token": "x", "host": "h", "pid": 1, "at": 0}))
+    stale_lock(tmp_path, age=60)
     with Lease(str(tmp_path), "m", stale_s=30, wait_s=1) as lease:
         assert lease.holder()["token"] == lease.token
+
+
+def stale_lock(d: Path, age: float, at: float | None = None) -> Path:
+    """A lock of another host's holder whose file the store last wrote ``age`` seconds ago
+    (its own ``at`` claims ``at``: a clock that disagrees)."""
+    lock = d / "m.lock"
+    lock.write_text(json.dumps({"token": "x", "host": "h", "pid": 1,
+                                "at": time.time() if at is None else at}))
+    os.utime(lock, (time.time() - age, time.time() - age))
+    return lock
+
+
+def test_staleness_is_the_stores_time_not_the_holders_clock(tmp_path):
+    """A holder whose clock runs an hour behind wrote ``at`` an hour ago, but the store wrote
+    its lock just now: it is live. One whose clock runs ahead, with a lock the store wrote a
+    minute ago, is stale."""
+    stale_lock(tmp_path, age=0, at=time.time() - 3600)
+    with pytest.raises(LeaseBusy, match="refreshed 0 s ago"), \
+            Lease(str(tmp_path), "m", stale_s=30, wait_s=0.2):
+        pass
+    stale_lock(tmp_path, age=60, at=time.time() + 3600)
+    with Lease(str(tmp_path), "m", stale_s=30, wait_s=0.2) as lease:
+        assert lease.holder()["token"] == lease.token
+
+
+def test_many_waiters_breaking_one_stale_lease_give_one_holder_at_a_time(tmp_path, caplog):
+    """Eight processes' worth of waiters find the same stale lease at once: one breaks it (its
+    break marker is created only if absent), and from then on they hold it one at a time."""
+    stale_lock(tmp_path, age=60)
+    occupancy = Occupancy()
+
+    def work(_):
+        with Lease(str(tmp_path), "m", stale_s=30, wait_s=20), occupancy.hold(0.05):
+            pass
+
+    run_together(work, range(8))
+    assert occupancy.most == 1 and occupancy.entries == 8
+    assert sum("breaking the stale lease" in r.getMessage() for r in caplog.records) == 1
+    assert {p.name for p in tmp_path.iterdir()} == {"m.lock.x.break"}  # the marker stays
+
+
+def test_a_holder_whose_lease_was_taken_knows_it_and_is_fenced(tmp_path):
+    """The lock replaced under a holder (it was broken while the holder was cut off): the
+    holder's refresh finds it out, the fencing check refuses it, its refresh never overwrites
+    the new lock, and its exit leaves the new holder's lock alone. A holder whose heartbeat is
+    older than half the stale age is refused by the check too."""
+    from tasks.lease import check_held
+
+    with Lease(str(tmp_path), "m", stale_s=0.4, wait_s=1) as lease:
+        assert lease.check() is None
+        assert check_held(str(tmp_path), "m", lease.token, stale_s=0.4) is None
+        (tmp_path / "m.lock").unlink()
+        (tmp_path / "m.lock").write_text(json.dumps({"token": "new", "host": "h2", "pid": 7}))
+        time.sleep(0.5)
+        assert lease.lost and "now held by h2 pid 7" in lease.lost
+        assert "now held by h2 pid 7" in check_held(str(tmp_path), "m", lease.token,
+                                                    stale_s=0.4)
+    assert json.loads((tmp_path / "m.lock").read_text())["token"] == "new"
+    (tmp_path / "m.lock").unlink()
+
+    lease = Lease(str(tmp_path), "m", stale_s=30, wait_s=1)
+    with lease:
+        beat = next(tmp_path.glob("m.lock.*.beat"))
+        os.utime(beat, (time.time() - 20, time.time() - 20))  # its refreshes did not land
+        assert "last refreshed 20 s ago" in check_held(str(tmp_path), "m", lease.token,
+                                                       stale_s=30)
 
 
 def test_a_live_holder_refreshes_past_the_stale_age(tmp_path):
