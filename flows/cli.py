@@ -168,12 +168,14 @@ def run(
     continues where it stopped. With no options: the embedded digits under ./pipeline-data."""
     import json
 
+    from tasks.storage import redact_all
+
     started = time.time()
     res = _run_stage(config, set_, root, debug, "run", generate=generate)
     res["prefect_start_s"] = round(res["started_at"] - started, 1)
     if summary_json:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(res, indent=2, default=str))
+        summary_json.write_text(json.dumps(redact_all(res), indent=2, default=str))
     typer.echo("")
     typer.echo(where_everything_is(res))
 

@@ -34,7 +34,7 @@ from flows.preprocess import preprocess_flow
 from flows.registry import promote_flow, register_flow
 from flows.train import train_flow
 from tasks.retry import transient_retries
-from tasks.storage import redact
+from tasks.storage import redact, redact_all
 
 STAGES = ("preflight", "preprocess", "train", "evaluate", "register", "promote", "generate")
 
@@ -206,7 +206,7 @@ def retrain_flow(
     out["seconds"] = round(time.time() - started, 1)
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(key="retrain-summary", markdown=summary_markdown(out),
+    create_markdown_artifact(key="retrain-summary", markdown=summary_markdown(redact_all(out)),
                              description="Dataset, training, evaluation, promotion, samples")
     return out
 

@@ -22,7 +22,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.errors import ConfigError
-from tasks.storage import Location, StorageConfig, storage_options
+from tasks.storage import Location, StorageConfig, credentials_to_mlflow, storage_options
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,19 @@ class RuntimeConfig(StorageConfig):
     )
     mlflow_uri: str | None = Field(
         None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite "
-        "under the root)."
+        "under the root). A user:password@ in it (percent-encoded) is handed to MLflow as "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD and removed from the URI."
     )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _credentials_to_mlflow(cls, v: str | None) -> str | None:
+        """Credentials in the URI go where MLflow reads them (MLFLOW_TRACKING_USERNAME and
+        MLFLOW_TRACKING_PASSWORD of this process, which every MLflow client here and the local
+        Ray it starts inherit); the config keeps the URI without them. So no config that is
+        printed, stored with a checkpoint, logged to MLflow or recorded by Prefect as a flow
+        run's parameters carries the password."""
+        return None if v is None else credentials_to_mlflow(v)
 
     @field_validator("root")
     @classmethod

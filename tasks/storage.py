@@ -111,6 +111,23 @@ def redact(url: str) -> str:
     return f"{m.group(0)}{rest}{q}{query}{hash_}{fragment}"
 
 
+def credentials_to_mlflow(uri: str) -> str:
+    """``uri`` without its ``user:password@``, which goes where MLflow reads credentials:
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD of this process (percent-decoded).
+    Every MLflow client here, and the local Ray workers this process starts, inherit them."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        user, password = parts.username, parts.password
+    except ValueError:  # not a URL urlsplit can read: nothing to hand over
+        return redact(uri)
+    if user is not None and password is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return redact(uri)
+
+
 def redact_all(value: Any) -> Any:
     """``value`` (JSON data) with :func:`redact` applied to every string in it."""
     if isinstance(value, dict):

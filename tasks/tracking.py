@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from tasks.errors import TrackingError, TrackingUnavailable
-from tasks.storage import redact
+from tasks.storage import credentials_to_mlflow, redact
 
 EXPERIMENT = "diffusion-pipeline"
 RUN_NAME_TAG = "pipeline.run_name"
@@ -26,7 +26,7 @@ RUN_NAME_TAG = "pipeline.run_name"
 def tracking_uri(runtime, root) -> str:
     uri = runtime.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return credentials_to_mlflow(uri)  # MLflow prints run links with the URI it is given
     if not root.is_local:
         raise TrackingError(
             f"the storage root {root.describe()} is not local, so there is no default SQLite "

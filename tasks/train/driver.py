@@ -183,7 +183,7 @@ def _fit(fit: FitJob, lease) -> TrainResult:
     job = fit.job | {"mlflow_uri": fit.uri, "mlflow_run_id": run_id,
                      "lease": {"dir": fit.runs.child(fit.run_name).url, "name": LEASE_NAME,
                                "token": lease.token, "stale_s": LEASE_STALE_S}}
-    fit.echo(f"MLflow run {run_id} at {fit.uri}")
+    fit.echo(f"MLflow run {run_id} at {redact(fit.uri)}")
 
     ensure_ray(fit.runtime, echo=fit.echo)
     from ray.data.dataset import MaterializedDataset

@@ -5,7 +5,9 @@ Prefect's test server, with the storage root on the loopback S3 server and MLflo
 - killed (SIGKILL of its whole session) during training, then rerun: it resumes from the last
   checkpoint in the bucket and completes; run again: every stage is skipped and Ray is never
   started;
-- no credential appears in any output, log, MLflow param or tag, Prefect artifact or stored file.
+- no credential (S3's keys in the environment, MLflow's password in ``runtime.mlflow_uri``)
+  appears in any output, Ray log, MLflow param or tag, Prefect log, artifact or flow-run
+  parameter, or stored object.
 
 The end of a run on a local root (MLflow on SQLite beside it) is checked without running it.
 """
@@ -146,10 +148,16 @@ def test_run_on_s3_killed_resumed_rerun_and_no_credential_leaks(prefect_env, s3,
             urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
         assert refused.value.code == 401
 
-        env = {**prefect_env, **secrets, "MLFLOW_TRACKING_USERNAME": "admin",
-               "MLFLOW_TRACKING_URI": uri, "AWS_ENDPOINT_URL": s3.endpoint}
+        # the MLflow password rides in runtime.mlflow_uri (user:password@host), where the config
+        # that checkpoints, MLflow params and Prefect record would carry it; S3's keys in the
+        # environment
+        env = {k: v for k, v in {**prefect_env, **secrets, "AWS_ENDPOINT_URL": s3.endpoint}
+               .items() if k != "MLFLOW_TRACKING_PASSWORD"}
+        password = secrets["MLFLOW_TRACKING_PASSWORD"]
         root = f"{bucket}/pipeline"
-        args = ["--config", str(config_file(tmp_path)), "--root", f"s3://{root}"]
+        args = ["--config", str(config_file(tmp_path, runtime={
+            "mlflow_uri": f"http://admin:{password}@127.0.0.1:{port}"})),
+            "--root", f"s3://{root}"]
         started = time.time()
 
         # 1. killed once the first checkpoint is in the bucket: no summary, the run unfinished
@@ -254,21 +262,40 @@ def test_run_on_s3_killed_resumed_rerun_and_no_credential_leaks(prefect_env, s3,
         recorded = json.dumps([[r.data.params, r.data.tags] for r in runs]
                               + [v.tags for v in versions])
         keys = find_s3(s3, bucket)
-        stored = "".join(s3.client.cat_file(k).decode("utf-8", "replace") for k in keys
-                         if k.endswith((".json", ".yaml", ".txt", ".md", "MLmodel")))
+        stored = {k: s3.client.cat_file(k) for k in keys}  # every object, whatever its kind
+        assert len(stored) > 20 and any(k.endswith(".parquet") for k in stored)
         texts = {"output": log1.read_text() + out2 + out3, "summary": summary_text,
-                 "mlflow": recorded, "files": stored, "prefect": prefect_texts(started)}
+                 "mlflow": recorded, "prefect": prefect_texts(started)}
         for name, value in secrets.items():
             for where, text in texts.items():
                 assert value not in text, f"{name} leaked into {where}"
+            for key, data in stored.items():
+                assert value.encode() not in data, f"{name} leaked into s3://{key}"
+            for path, data in ray_logs(started):
+                assert value.encode() not in data, f"{name} leaked into {path}"
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
 
 
+def ray_logs(since: float):
+    """(path, bytes) of every file in the local Ray sessions' folders written since ``since``
+    (the CLI runs started Ray here: its logs, the workers' output, the job's runtime files)."""
+    import tempfile
+
+    for session in Path(tempfile.gettempdir(), "ray").glob("session_2*"):
+        for path in session.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since:
+                try:
+                    yield path, path.read_bytes()
+                except OSError:  # a socket or a file removed meanwhile
+                    continue
+
+
 def prefect_texts(since: float) -> str:
-    """Every log line and artifact the Prefect server holds from flow runs since ``since``."""
+    """Every log line, artifact and flow-run parameter the Prefect server holds from flow runs
+    since ``since``."""
     from datetime import UTC, datetime
 
     from prefect.client.orchestration import get_client
@@ -283,8 +310,10 @@ def prefect_texts(since: float) -> str:
                 offset=len(logs))
             logs += page
         arts = client.read_artifacts(limit=200)
-    assert logs
-    return "\n".join(l.message for l in logs) + "\n".join(str(a.data) for a in arts)
+        runs = client.read_flow_runs(limit=200)
+    assert logs and runs
+    return ("\n".join(l.message for l in logs) + "\n".join(str(a.data) for a in arts)
+            + "\n".join(json.dumps(r.parameters, default=str) for r in runs))
 
 
 def test_cli_run_help_and_a_bad_config_fail_before_any_work(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tasks.storage import redact, redact_all
@@ -34,3 +36,24 @@ def test_redact_all_walks_json():
            "list": ["https://x?token=t", 3, None]}
     assert redact_all(cfg) == {"runtime": {"mlflow_uri": "http://h:5000", "root": "s3://b/p"},
                                "list": ["https://x?token=***", 3, None]}
+
+
+def test_credentials_in_the_mlflow_uri_go_to_mlflows_variables_not_the_config(monkeypatch):
+    """A user:password@ in runtime.mlflow_uri (or MLFLOW_TRACKING_URI) is handed to MLflow as
+    MLFLOW_TRACKING_USERNAME/PASSWORD, percent-decoded, and the config keeps the URI without
+    it: nothing that prints, stores or records the config (Prefect's flow-run parameters
+    included) can carry it."""
+    from tasks.runtime import RuntimeConfig
+    from tasks.tracking import tracking_uri
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    rt = RuntimeConfig(mlflow_uri="https://ops:p%40ss%2Fw0rd@mlflow.example:5000/x?token=t")
+    assert rt.mlflow_uri == "https://mlflow.example:5000/x?token=***"
+    assert "p%40ss" not in rt.model_dump_json()
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ops"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss/w0rd"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:s3cret@h:5000")
+    assert tracking_uri(RuntimeConfig(), None) == "http://h:5000"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    assert RuntimeConfig(mlflow_uri="sqlite:///tmp/m.db").mlflow_uri == "sqlite:///tmp/m.db"
