@@ -121,3 +121,60 @@ def test_train_feature_net_separates_a_toy_problem():
     again = train_feature_net(images, labels, cfg, steps=60, batch_size=32, seed=0)
     for p, q in zip(net.parameters(), again.parameters(), strict=True):
         assert torch.equal(p, q)  # deterministic for a seed
+
+
+# -- uncertainty: bootstrap intervals of FD and of paired differences --------------------------
+
+
+def gaussian(n: int, dim: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64) + shift
+
+
+def test_the_fd_interval_matches_how_fd_moves_between_independent_draws():
+    """Bootstrap from one draw of samples vs the spread over 40 independent draws of the same
+    distribution: the interval's width is that spread's (within a factor of 2), it holds the
+    value, and it is the same for the same seed."""
+    from diffusion.metrics import frechet_distance_interval
+
+    ref = gaussian(400, 6, seed=0)
+    spread = torch.tensor([frechet_distance_features(gaussian(300, 6, seed=s, shift=0.3), ref)
+                           for s in range(1, 41)]).std()
+    ci = frechet_distance_interval(gaussian(300, 6, seed=99, shift=0.3), ref, draws=400,
+                                   resample_reference=False)
+    assert ci.low < ci.value < ci.high and ci.draws == 400 and ci.level == 0.95
+    assert 0.5 < (ci.high - ci.low) / 3.92 / float(spread) < 2.0
+    assert frechet_distance_interval(gaussian(300, 6, seed=99, shift=0.3), ref, draws=400,
+                                     resample_reference=False) == ci
+    # the reference's own noise widens it
+    both = frechet_distance_interval(gaussian(300, 6, seed=99, shift=0.3), ref, draws=400)
+    assert both.value == ci.value and both.high - both.low > ci.high - ci.low
+
+
+def test_a_paired_difference_separates_what_two_separate_intervals_cannot():
+    """Two models sampled with the same noise: b is a with a small shift. Their separate FD
+    intervals overlap; the paired interval of FD(a) − FD(b) lies clearly below zero. Identical
+    samples differ by exactly zero."""
+    from diffusion.metrics import frechet_distance_interval, paired_frechet_difference
+
+    ref = gaussian(300, 6, seed=0)
+    a = gaussian(300, 6, seed=1)
+    b = a + 0.15
+    ia, ib = (frechet_distance_interval(x, ref, draws=300) for x in (a, b))
+    assert ia.high > ib.low  # separately: not distinguishable
+    d = paired_frechet_difference(a, b, ref, draws=300)
+    assert d.high < 0 and abs(d.value - (ia.value - ib.value)) < 1e-9
+    same = paired_frechet_difference(a, a.clone(), ref, draws=50)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"paired features need equal shapes"):
+        paired_frechet_difference(a, b[:10], ref)
+
+
+def test_paired_mean_difference():
+    from diffusion.metrics import paired_mean_difference
+
+    a = gaussian(200, 1, seed=3).flatten()
+    d = paired_mean_difference(a + 0.05, a, draws=200)
+    assert abs(d.value - 0.05) < 1e-12 and d.low <= 0.05 <= d.high and d.high - d.low < 1e-9
+    noisy = paired_mean_difference(a, gaussian(200, 1, seed=4).flatten(), draws=500)
+    assert noisy.low < noisy.value < noisy.high and str(noisy).count("[") == 1
