@@ -107,9 +107,10 @@ def frechet_distance_interval(samples: Tensor, reference: Tensor, *, draws: int 
                               level: float = 0.95, seed: int = 0,
                               resample_reference: bool = True) -> Interval:
     """FD between the ``samples`` [N, F] and ``reference`` [M, F] features, with a bootstrap
-    interval at ``level`` (percentile, bias-corrected: :func:`_interval`): each of ``draws`` resamples draws N samples with
-    replacement (and M reference rows, with ``resample_reference``: where the reference set is
-    small its own noise is part of the score's). Deterministic for a given ``seed``.
+    interval at ``level`` (percentile, bias-corrected: :func:`_interval`): each of ``draws``
+    resamples draws N samples with replacement (and M reference rows, with
+    ``resample_reference``: where the reference set is small its own noise is part of the
+    score's). Deterministic for a given ``seed``.
 
     The interval says how much FD moves with the draw of samples; FD's bias at small N (it
     grows as N shrinks) is not removed, so compare FDs only at equal N."""

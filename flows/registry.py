@@ -45,12 +45,13 @@ def register_task(model_dir: str, *, tracking_uri: str, run_id: str | None, cfg:
 def promote_task(model_name: str, version: str | None = None, *, tracking_uri: str,
                  cfg: dict, lock_dir: str,
                  evaluate: Callable[[str], dict] | None = None,
-                 lock_options: dict | None = None, explicit: bool = False) -> dict:
+                 lock_options: dict | None = None, explicit: bool = False,
+                 paired: Callable[[str], dict | None] | None = None) -> dict:
     """:func:`tasks.registry.promote`; the decision is in the returned dict (a refusal is not a
     failure)."""
     return promote(model_name, version, tracking_uri=tracking_uri,
                    cfg=RegistryConfig(**cfg), lock_dir=lock_dir, evaluate=evaluate,
-                   lock_options=lock_options, explicit=explicit)
+                   lock_options=lock_options, explicit=explicit, paired=paired)
 
 
 @task(name="rollback", task_run_name="rollback {model_name}", **_RETRY)
@@ -127,9 +128,18 @@ def promote_flow(config: PipelineConfig, version: str | None = None,
                                     "dataset_version": challenger.get("dataset.version")},
                        echo=get_run_logger().info)
 
+    def paired(model_ref: str) -> dict | None:
+        # the version's evaluation under the challenger's key: stored (a read) or made now
+        from tasks.evaluate import load_paired
+
+        ev = reevaluate(model_ref)
+        stored = ev.get("stored_at")
+        return load_paired(ev, storage_options(stored, cfg.runtime)) if stored else None
+
     res = promote_task(name, version, tracking_uri=uri, cfg=cfg.registry.model_dump(mode="json"),
                        lock_dir=default_lock_dir(root.url), evaluate=reevaluate,
-                       lock_options=storage_options(root.url, cfg.runtime), explicit=explicit)
+                       lock_options=storage_options(root.url, cfg.runtime), explicit=explicit,
+                       paired=paired)
     return res | {"name": name, "tracking_uri": uri}
 
 

@@ -33,6 +33,7 @@ from flows.generate import generate_flow
 from flows.preprocess import preprocess_flow
 from flows.registry import promote_flow, register_flow
 from flows.train import train_flow
+from tasks.evaluate.result import with_interval
 from tasks.retry import transient_retries
 from tasks.storage import redact, redact_all
 
@@ -173,8 +174,8 @@ def retrain_flow(
         out["evaluation"] = ev
         d = ev["default_sampler"]
         st["status"] = "reused" if ev.get("reused") else "done"
-        st["detail"] = (f"fd {ev['metrics']['fd']:.3f} at {d['name']}:{d['steps']}, nll "
-                        f"{ev['metrics']['nll_bpd']:.3f} bits/dim")
+        st["detail"] = (f"fd {with_interval(ev['metrics'], 'fd')} at {d['name']}:{d['steps']}, "
+                        f"nll {with_interval(ev['metrics'], 'nll_bpd')} bits/dim")
 
     with stages.stage("register") as st:
         reg = register_flow(pinned)

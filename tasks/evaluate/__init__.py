@@ -48,7 +48,14 @@ from tasks.evaluate.reference import (
     fid_features,
     reference_features,
 )
-from tasks.evaluate.result import EVALUATIONS_DIR, FORMAT, eval_key, result_location, table
+from tasks.evaluate.result import (
+    EVALUATIONS_DIR,
+    FORMAT,
+    eval_key,
+    load_paired,
+    result_location,
+    table,
+)
 from tasks.evaluate.run import evaluate, generate
 from tasks.models import LoadedModel, load_model_ref  # reachable here before the split
 
@@ -68,6 +75,7 @@ __all__ = [
     "floor_images",
     "generate",
     "load_model_ref",
+    "load_paired",
     "nearest_rms",
     "parse_setting",
     "reference_features",

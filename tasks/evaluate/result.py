@@ -28,7 +28,7 @@ def eval_key(manifest: dict, cfg: EvalConfig, features: Features, n_val: int) ->
         "features": [features.kind, features.sha256],
         **cfg.model_dump(include={"num_samples", "seed", "guidance_scale", "frontier",
                                   "tolerance", "nll_images", "memorization_threshold",
-                                  "max_real_images"}),
+                                  "max_real_images", "bootstrap_draws", "interval_level"}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -38,14 +38,49 @@ def result_location(root: Location, weights_sha256: str, key: str) -> Location:
     return root.child(EVALUATIONS_DIR, weights_sha256[:16], f"{key}.json")
 
 
+def features_location(result: Location) -> Location:
+    """Beside the result ``<key>.json``: ``<key>.paired.safetensors``, the sample features,
+    reference features and per-image NLL that a paired comparison of two models needs."""
+    return Location(result.url.removesuffix(".json") + ".paired.safetensors", result.fs,
+                    result.path.removesuffix(".json") + ".paired.safetensors")
+
+
+def load_paired(evaluation: dict, options: dict | None = None) -> dict | None:
+    """An evaluation's stored paired inputs (:func:`features_location` beside its
+    ``stored_at``): ``{"setting": "<sampler>:<steps>" (its default), "arrays": {...}}``, or None
+    where it has none (an evaluation stored before they were)."""
+    import safetensors.numpy
+
+    from tasks.storage import call
+
+    stored = evaluation.get("stored_at")
+    if not stored:
+        return None
+    loc = features_location(Location.of(stored, options))
+    try:
+        data = call(loc, loc.fs.cat_file, loc.path)
+    except FileNotFoundError:
+        return None
+    d = evaluation["default_sampler"]
+    return {"setting": f"{d['name']}:{d['steps']}", "arrays": safetensors.numpy.load(data)}
+
+
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def with_interval(d: dict, key: str) -> str:
+    """``d[key]`` and, where recorded, its interval ``[key_low, key_high]``."""
+    low, high = d.get(f"{key}_low"), d.get(f"{key}_high")
+    text = f"{d[key]:.3f}"
+    return text if low is None or high is None else f"{text} [{low:.3f}, {high:.3f}]"
 
 
 def summary(result: dict, stored_at: str) -> str:
     """The evaluation in one line: the headline distance, its floor and the best, memorization."""
     m, d = result["metrics"], result["default_sampler"]
-    return (f"FD {m['fd']:.3f} at {d['name']}:{d['steps']} (floor {_num(m['fd_floor'])}, best "
+    return (f"FD {with_interval(m, 'fd')} at {d['name']}:{d['steps']} (floor "
+            f"{_num(m['fd_floor'])}, best "
             f"{m['fd_best']:.3f}); memorization {m['memorization']:.1%} (floor "
             f"{m['memorization_floor']:.1%}); stored {stored_at}")
 
@@ -54,18 +89,23 @@ def table(result: dict) -> str:
     """The evaluation as a markdown table (CLI output, Prefect artifact, MLflow artifact)."""
     m = result["metrics"]
     kind = "FID" if result["features"]["kind"] == "fid" else "FD (reference net)"
+    draws = result["config"].get("bootstrap_draws")
+    level = (f" [{result['config'].get('interval_level', 0.95):.0%} interval, {draws} "
+             "bootstrap draws]" if draws and "fd_low" in m else "")
     lines = [
         f"Evaluation {result['eval_key']} on {result['dataset']['name']}@"
         f"{result['dataset']['version']} ({result['dataset']['val_images']} val images)",
         "",
-        "| metric | value | floor |",
+        f"| metric | value{level} | floor |",
         "|---|---:|---:|",
         f"| {kind} at default sampler ({result['config']['num_samples']} samples) | "
-        f"{m['fd']:.3f} | {_num(m['fd_floor'])} ({result['dataset'].get('floor_images', '?')} "
-        "held-out real) |",
+        f"{with_interval(m, 'fd')} | {_num(m['fd_floor'])} "
+        f"({result['dataset'].get('floor_images', '?')} held-out real) |",
     ]
     if "nll_bpd" in m:
-        lines.append(f"| NLL bits/dim | {m['nll_bpd']:.3f} ± {m['nll_bpd_se']:.3f} | |")
+        nll = (with_interval(m, "nll_bpd") if "nll_bpd_low" in m
+               else f"{m['nll_bpd']:.3f} ± {m['nll_bpd_se']:.3f}")
+        lines.append(f"| NLL bits/dim | {nll} | |")
     lines += [
         f"| memorization | {m['memorization']:.1%} | {m['memorization_floor']:.1%} |",
         "",
@@ -75,6 +115,6 @@ def table(result: dict) -> str:
     d = result["default_sampler"]
     for f in result["frontier"]:
         mark = "default" if (f["sampler"], f["steps"]) == (d["name"], d["steps"]) else ""
-        lines.append(f"| {f['sampler']} | {f['steps']} | {f['nfe']} | {f['fd']:.3f} | "
+        lines.append(f"| {f['sampler']} | {f['steps']} | {f['nfe']} | {with_interval(f, 'fd')} | "
                      f"{f['images_per_s']:.1f} | {mark} |")
     return "\n".join(lines)

@@ -18,7 +18,14 @@ from tasks.errors import EvalError
 from tasks.evaluate.config import EvalConfig, parse_setting
 from tasks.evaluate.metrics import copy_share, default_setting, floor_images, sample_labels
 from tasks.evaluate.reference import Features, fid_features, reference_features
-from tasks.evaluate.result import FORMAT, eval_key, result_location, summary
+from tasks.evaluate.result import (
+    FORMAT,
+    eval_key,
+    features_location,
+    result_location,
+    summary,
+    with_interval,
+)
 from tasks.models import LoadedModel, load_model_ref
 from tasks.pixels import read_split
 from tasks.runtime import RuntimeConfig
@@ -125,33 +132,47 @@ def _floor(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats,
     return floor_x, fd_floor
 
 
-def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats, labels,
-              echo) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Each ``evaluate.frontier`` setting's distance to the val split, speed and network
-    evaluations, and the samples of each setting."""
-    from diffusion.metrics import feature_statistics, frechet_distance
+# The reference set's own noise is part of an FD's when it is small (the digits' val split:
+# 165 images); past this many images its share is negligible and resampling it only costs.
+RESAMPLE_REFERENCE_BELOW = 5000
+
+
+def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, real_stats,
+              labels, echo) -> tuple[list[dict], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each ``evaluate.frontier`` setting's distance to the val split (with its bootstrap
+    interval), speed and network evaluations; the samples and their features, per setting."""
+    from diffusion.metrics import feature_statistics, frechet_distance, frechet_distance_interval
     from diffusion.samplers import network_evaluations
 
     loaded, num_classes = inputs.loaded, inputs.num_classes
-    frontier, samples_at = [], {}
+    frontier, samples_at, features_at = [], {}, {}
     for item in cfg.frontier:
         name, steps = parse_setting(item)
         images, ips = generate(loaded, cfg.num_samples, name, steps, cfg, labels, inputs.device)
-        fd = frechet_distance(*feature_statistics(features(images)), *real_stats)
+        feats = features(images)
         nfe = network_evaluations(name, min(steps, loaded.config["diffusion"]["T"]))
         guided = num_classes is not None and labels is not None and cfg.guidance_scale != 1.0
-        frontier.append({"sampler": name, "steps": steps, "fd": fd, "images_per_s": ips,
-                         "nfe": nfe * (2 if guided else 1)})
+        entry = {"sampler": name, "steps": steps, "fd": None, "images_per_s": ips,
+                 "nfe": nfe * (2 if guided else 1)}
+        if cfg.bootstrap_draws:
+            ci = frechet_distance_interval(
+                feats, real_feats, draws=cfg.bootstrap_draws, level=cfg.interval_level,
+                seed=cfg.seed, resample_reference=len(real_feats) < RESAMPLE_REFERENCE_BELOW)
+            entry |= {"fd": ci.value, "fd_low": ci.low, "fd_high": ci.high}
+        else:
+            entry["fd"] = frechet_distance(*feature_statistics(feats), *real_stats)
+        frontier.append(entry)
         samples_at[item] = images
-        echo(f"  {name:>10} {steps:>4} steps: FD {fd:8.3f}  {ips:8.1f} img/s  "
-             f"(NFE {frontier[-1]['nfe']})")
-    return frontier, samples_at
+        features_at[item] = feats.float().cpu().numpy()
+        echo(f"  {name:>10} {steps:>4} steps: FD {with_interval(entry, 'fd'):>24}  "
+             f"{ips:8.1f} img/s  (NFE {entry['nfe']})")
+    return frontier, samples_at, features_at
 
 
-def _nll(inputs: _Inputs, cfg: EvalConfig, echo) -> dict:
+def _nll(inputs: _Inputs, cfg: EvalConfig, echo) -> tuple[dict, np.ndarray]:
     """NLL in bits/dim on the first ``evaluate.nll_images`` val images: the variational bound of
-    ``diffusion.likelihood`` (discretised Gaussian decoder, every KL term, the prior), its mean
-    and standard error."""
+    ``diffusion.likelihood`` (discretised Gaussian decoder, every KL term, the prior), its mean,
+    standard error and bootstrap interval; and the per-image values."""
     import torch
 
     from diffusion import Denoiser, nll_bits_per_dim
@@ -174,8 +195,29 @@ def _nll(inputs: _Inputs, cfg: EvalConfig, echo) -> dict:
     total = torch.cat(totals)
     se = float(total.std(unbiased=True) / math.sqrt(len(total))) if len(total) > 1 else 0.0
     nll = {"nll_bpd": float(total.mean()), "nll_bpd_se": se}
+    if cfg.bootstrap_draws and len(total) > 1:
+        from diffusion.metrics import paired_mean_difference
+
+        # the mean's interval: a paired difference against zero is the plain mean's bootstrap
+        ci = paired_mean_difference(total, torch.zeros_like(total), draws=cfg.bootstrap_draws,
+                                    level=cfg.interval_level, seed=cfg.seed)
+        nll |= {"nll_bpd_low": ci.low, "nll_bpd_high": ci.high}
     echo(f"  NLL {nll['nll_bpd']:.3f} ± {se:.3f} bits/dim on {len(total)} val images")
-    return nll
+    return nll, total.numpy()
+
+
+def _paired_inputs(features_at: dict[str, np.ndarray], real_feats,
+                   per_image_nll: np.ndarray | None) -> bytes:
+    """The safetensors file of an evaluation's paired inputs: ``samples/<sampler:steps>``
+    [N, F] features, ``reference`` [M, F] and ``nll`` [n] (float32; no pickle)."""
+    import safetensors.numpy
+
+    tensors = {f"samples/{k}": np.ascontiguousarray(v, np.float32)
+               for k, v in features_at.items()}
+    tensors["reference"] = np.ascontiguousarray(np.asarray(real_feats.float().cpu()), np.float32)
+    if per_image_nll is not None:
+        tensors["nll"] = np.ascontiguousarray(per_image_nll, np.float32)
+    return safetensors.numpy.save(tensors)
 
 
 def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: RuntimeConfig, *,
@@ -207,17 +249,19 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
 
     echo(f"evaluating {loaded.source} on {ref.name}@{ref.version} ({len(val_x)} val images, "
          f"{cfg.num_samples} samples per setting, eval key {key})")
-    real_stats = feature_statistics(features(val_x))
+    real_feats = features(val_x)
+    real_stats = feature_statistics(real_feats)
     train_x, train_y = read_split(inputs.root, inputs.manifest, "train", cfg.max_real_images)
     labels = sample_labels(inputs.val_y, cfg.num_samples, cfg.seed, inputs.num_classes)
     floor_x, fd_floor = _floor(inputs, cfg, features, real_stats, train_x, train_y)
-    frontier, samples_at = _frontier(inputs, cfg, features, real_stats, labels, echo)
+    frontier, samples_at, features_at = _frontier(inputs, cfg, features, real_feats,
+                                                  real_stats, labels, echo)
     best, default = default_setting(frontier, cfg.tolerance)
     default_images = samples_at[f"{default['sampler']}:{default['steps']}"]
     threshold = cfg.memorization_threshold
     memorization = copy_share(default_images, train_x, threshold, device)
     memorization_floor = copy_share(val_x, train_x, threshold, device)
-    nll = _nll(inputs, cfg, echo) if cfg.nll_images else {}
+    nll, per_image_nll = _nll(inputs, cfg, echo) if cfg.nll_images else ({}, None)
 
     result = {
         "format": FORMAT,
@@ -227,7 +271,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
                     "train_images": len(train_x), "floor_images": len(floor_x)},
         "features": {"kind": features.kind, "sha256": features.sha256},
         "metrics": {
-            "fd": default["fd"], "fd_floor": fd_floor, "fd_best": best, **nll,
+            "fd": default["fd"], **{k: default[k] for k in ("fd_low", "fd_high") if k in default},
+            "fd_floor": fd_floor, "fd_best": best, **nll,
             "memorization": memorization, "memorization_floor": memorization_floor,
         },
         "frontier": frontier,
@@ -236,6 +281,11 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
         "config": cfg.model_dump(mode="json"),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
+    # what a paired comparison with another model under this key needs (tasks.registry.gate):
+    # the features of every setting's samples, the reference's, the per-image NLL; written
+    # before the result, which is the commit
+    atomic_write_bytes(features_location(cache), _paired_inputs(features_at, real_feats,
+                                                                per_image_nll))
     atomic_write_bytes(cache, json.dumps(result, indent=2).encode())
     echo(summary(result, cache.describe()))
     return result | {"stored_at": cache.describe(), "reused": False}

@@ -31,7 +31,14 @@ class RegistryConfig(BaseModel):
         None, description="Registered model name (default: '<data.name>-diffusion').")
     metric: str = Field("fd", description="Metric the promotion gate compares.")
     margin: float = Field(
-        0.0, ge=0, lt=1, description="Relative improvement required, e.g. 0.02 = 2% better.")
+        0.0, ge=0, lt=1, description="Relative improvement required, e.g. 0.02 = 2% better: "
+        "the bound of the paired interval of the difference must clear it, so 0 still asks "
+        "for a difference beyond the noise.")
+    interval_level: float = Field(
+        0.95, gt=0, lt=1, description="Confidence of the paired interval of the challenger's "
+        "difference to the champion: its bound must clear the margin.")
+    bootstrap_draws: int = Field(
+        2000, ge=100, description="Paired bootstrap resamples behind that interval.")
     thresholds: dict[str, float] = Field(
         default_factory=dict,
         description="Absolute gates every candidate must pass (metric → bound); they alone "

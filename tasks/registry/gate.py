@@ -4,6 +4,15 @@ It must pass ``registry.thresholds`` (the only gate for the first champion) and 
 champion by ``registry.margin`` on ``registry.metric``, judged on the same evaluation set and
 seeds (``eval.key``). A challenger already rejected against the same champion under the same
 policy keeps its recorded verdict.
+
+**Signal, not noise.** Under one ``eval.key`` sample i of both models comes from the same noise
+and label, so the two are compared *paired*: the gate bootstraps the difference of the metric
+(FD at the challenger's default sampler, or the mean per-image NLL) over the same resampled
+samples and reference rows of both, and promotes only when the whole
+``registry.interval_level`` interval of the difference clears the margin. A difference within
+the noise is rejected and says so, with its interval. Where an evaluation stored no paired
+inputs (evaluations made before they were stored), the gate compares the two recorded values,
+as it used to, and says it did.
 """
 
 from __future__ import annotations
@@ -45,13 +54,63 @@ def improvement(challenger: float, champion: float, metric: str) -> float:
 def _policy(cfg: RegistryConfig) -> str:
     """The gate's settings as recorded on a judged version (``promotion.policy``)."""
     return json.dumps({"metric": cfg.metric, "margin": cfg.margin,
-                       "thresholds": cfg.thresholds}, sort_keys=True)
+                       "thresholds": cfg.thresholds, "interval_level": cfg.interval_level,
+                       "bootstrap_draws": cfg.bootstrap_draws}, sort_keys=True)
+
+
+# paired(model_ref) -> {"setting": "<sampler>:<steps>", "arrays": {...}} or None: a version's
+# stored paired inputs under the challenger's eval key (tasks.evaluate's .paired.safetensors)
+Paired = Callable[[str], dict | None]
+
+
+def paired_difference(a: dict, b: dict, metric: str, cfg: RegistryConfig):
+    """The paired interval of ``metric``(a) − ``metric``(b), from two evaluations' paired inputs
+    under one eval key (FD at ``a``'s default sampler setting); None where they lack what it
+    needs."""
+    import torch
+
+    from diffusion.metrics import paired_frechet_difference, paired_mean_difference
+
+    xa, xb = a["arrays"], b["arrays"]
+    if metric == "fd":
+        key = f"samples/{a['setting']}"
+        if key not in xa or key not in xb or "reference" not in xa:
+            return None
+        return paired_frechet_difference(
+            torch.from_numpy(xa[key]), torch.from_numpy(xb[key]),
+            torch.from_numpy(xa["reference"]), draws=cfg.bootstrap_draws,
+            level=cfg.interval_level, resample_reference=len(xa["reference"]) < 5000)
+    if metric == "nll_bpd" and "nll" in xa and "nll" in xb:
+        return paired_mean_difference(torch.from_numpy(xa["nll"]), torch.from_numpy(xb["nll"]),
+                                      draws=cfg.bootstrap_draws, level=cfg.interval_level)
+    return None
+
+
+def _verdict(metric: str, d, champ_value: float, champ, cfg: RegistryConfig) -> tuple[bool, str]:
+    """Promote iff the interval's bound on the better side clears the margin: for a metric
+    where lower is better, high < −margin·|champion|, and high < 0 even at margin 0."""
+    lower = LOWER_IS_BETTER[metric]
+    need = cfg.margin * abs(champ_value)
+    bound = d.high if lower else -d.low  # the least improvement the interval allows, negated
+    text = (f"{metric} {d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] vs champion "
+            f"v{champ.version} ({cfg.interval_level:.0%} paired interval, {d.draws} draws)")
+    if bound < -need and bound < 0:
+        return True, (f"{text}: better beyond the noise, clearing the required "
+                      f"{cfg.margin:.2%} improvement")
+    if d.low <= 0 <= d.high:
+        return False, f"{text}: not distinguishable (the interval holds 0)"
+    if (d.low > 0) == lower:
+        return False, f"{text}: worse than the champion"
+    return False, (f"{text}: better, but the interval's bound misses the required "
+                   f"{cfg.margin:.2%} improvement ({-need if lower else need:+.3f})")
 
 
 def _judge(name: str, chall, chall_value: float, champ, cfg: RegistryConfig,
-           evaluate: Callable[[str], dict] | None) -> tuple[bool, str, dict]:
-    """``(promote?, reason, {"champion_value", "improvement"} when compared with a champion)``:
-    the thresholds first, then the margin over ``champ`` (None: the first champion)."""
+           evaluate: Callable[[str], dict] | None,
+           paired: Paired | None = None) -> tuple[bool, str, dict]:
+    """``(promote?, reason, {"champion_value", "improvement", "difference"...} when compared
+    with a champion)``: the thresholds first, then the margin over ``champ`` (None: the first
+    champion), on the paired interval where ``paired`` finds both evaluations' inputs."""
     metric = cfg.metric
     compared: dict = {}
     ok, reason = _gate(chall, cfg)
@@ -61,10 +120,22 @@ def _judge(name: str, chall, chall_value: float, champ, cfg: RegistryConfig,
         champ_value = _champion_value(name, chall, champ, metric, evaluate)
         gain = improvement(chall_value, champ_value, metric)
         compared = {"champion_value": champ_value, "improvement": gain}
-        ok = math.isfinite(gain) and gain > 0 and gain >= cfg.margin
-        reason = (f"{metric} {chall_value:g} vs champion v{champ.version} {champ_value:g}: "
-                  f"{gain:+.2%} {'meets' if ok else 'misses'} the required "
-                  f"{max(cfg.margin, 0):.2%} improvement")
+        d = None
+        if paired is not None:
+            a, b = paired(f"models:/{name}/{chall.version}"), paired(
+                f"models:/{name}/{champ.version}")
+            d = paired_difference(a, b, metric, cfg) if a and b else None
+        if d is not None:
+            ok, reason = _verdict(metric, d, champ_value, champ, cfg)
+            compared |= {"difference": d.value, "difference_low": d.low,
+                         "difference_high": d.high, "paired": True}
+        else:
+            ok = math.isfinite(gain) and gain > 0 and gain >= cfg.margin
+            reason = (f"{metric} {chall_value:g} vs champion v{champ.version} "
+                      f"{champ_value:g}: {gain:+.2%} {'meets' if ok else 'misses'} the "
+                      f"required {max(cfg.margin, 0):.2%} improvement (values compared "
+                      "unpaired: no stored paired inputs)")
+            compared["paired"] = False
     elif ok:
         reason = f"first champion: {reason}"
     return ok, reason, compared

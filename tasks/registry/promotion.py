@@ -92,6 +92,8 @@ def _record_decision(client, model_name: str, chall, champ, ok: bool, reason: st
               "challenger": str(chall.version), "against": str(previous) if previous else None,
               "metric": metric, "challenger_value": result["challenger_value"],
               "champion_value": result["champion_value"], "margin": result["margin"],
+              **{k: result[k] for k in ("difference", "difference_low", "difference_high")
+                 if result.get(k) is not None},
               "reason": reason}
     for k, v in {"promotion.decision": record["decision"], "promotion.at": at,
                  "promotion.against": record["against"] or "none",
@@ -101,6 +103,10 @@ def _record_decision(client, model_name: str, chall, champ, ok: bool, reason: st
                  else _tag_value(result["champion_value"]),
                  "promotion.margin": _tag_value(result["margin"]),
                  "promotion.policy": policy,
+                 "promotion.paired": str(bool(result.get("paired"))).lower(),
+                 **{f"promotion.{k}": _tag_value(result[k]) for k in (
+                     "difference", "difference_low", "difference_high")
+                    if result.get(k) is not None},
                  "promotion.reason": reason[:4000]}.items():
         client.set_model_version_tag(model_name, chall.version, k, v)
     if champ is not None:
@@ -132,6 +138,7 @@ def promote(
     evaluate: Callable[[str], dict] | None = None,
     lock_options: dict | None = None,
     explicit: bool = False,
+    paired: Callable[[str], dict | None] | None = None,
 ) -> dict:
     """Make ``version`` (default: the ``challenger``) the ``champion`` if the gate passes.
 
@@ -142,6 +149,8 @@ def promote(
     re-evaluates it on the challenger's (it gets ``models:/<name>/<champion version>`` and returns
     an evaluation dict); without it the promotion is refused rather than compare unlike numbers.
     ``lock_options``: storage options for ``lock_dir`` (default: from the environment).
+    ``paired``: a version's stored paired inputs under the challenger's eval key (see
+    :mod:`tasks.registry.gate`); with it the gate judges the paired interval of the difference.
     """
     metric = cfg.metric
     with _mlflow(tracking_uri, cfg, f"promote {model_name}") as client, \
@@ -172,7 +181,8 @@ def promote(
                                                      metric)
             return result | earlier
         champ = _version(client, model_name, str(previous)) if previous is not None else None
-        ok, reason, compared = _judge(model_name, chall, chall_value, champ, cfg, evaluate)
+        ok, reason, compared = _judge(model_name, chall, chall_value, champ, cfg, evaluate,
+                                      paired)
         result |= compared
         _record_decision(client, model_name, chall, champ, ok, reason, result, policy)
         if ok:

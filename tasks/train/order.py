@@ -58,7 +58,7 @@ class EpochOrder:
         self.per_rank = rows // world
         self.batches_per_epoch = self.per_rank // per_worker
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise RuntimeError(
                 f"the train split's {rows} rows over {world} worker(s) give no batch of "
                 f"{per_worker} per worker; lower train.batch_size")
         self._epoch: int | None = None

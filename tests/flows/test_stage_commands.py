@@ -10,7 +10,7 @@ from tests.helpers import TINY_UNET, invoke, sets
 
 TINY = [
     *TINY_UNET, "train.batch_size=32", "train.warmup_steps=1", "train.checkpoint_every=200",
-    "train.log_every=50", "diffusion.T=50", "evaluate.num_samples=40",
+    "train.log_every=50", "diffusion.T=50", "evaluate.num_samples=150",
     "evaluate.frontier=[ddim:5,ddim:10]", "evaluate.nll_images=4", "evaluate.reference_steps=100",
 ]
 
@@ -42,7 +42,7 @@ def test_train_evaluate_register_promote_rollback_and_load_the_champion(
     # reads the stored evaluation
     ev = invoke(["evaluate", *root, *weak])
     assert ev.exit_code == 0, ev.output
-    assert "| FD (reference net) at default sampler (40 samples) |" in ev.output
+    assert "| FD (reference net) at default sampler (150 samples) |" in ev.output
     assert "NLL bits/dim" in ev.output and "| ddim | 10 |" in ev.output
     assert f"stored: {tmp_path}/evaluations/" in ev.output
     again = invoke(["evaluate", *root, *weak])

@@ -87,6 +87,22 @@ def test_metrics_frontier_default_and_floor(models):
     assert m["fd"] == cheapest["fd"] and m["fd_best"] == best
     assert any("reference network" in s for s in lines)
     json.dumps(res)  # JSON-safe
+    # every FD and the NLL carry their bootstrap interval (issue 15)
+    for d in (m, *res["frontier"]):
+        assert d["fd_low"] < d["fd"] < d["fd_high"], d
+    assert m["nll_bpd_low"] < m["nll_bpd"] < m["nll_bpd_high"]
+    assert f"FD {m['fd']:.3f} [{m['fd_low']:.3f}, {m['fd_high']:.3f}]" in "\n".join(lines)
+    # and what a paired comparison needs is stored beside the result, before it
+    import safetensors.numpy
+
+    paired = safetensors.numpy.load_file(
+        res["stored_at"].removesuffix(".json") + ".paired.safetensors")
+    assert paired["samples/ddim:5"].shape == (FAST.num_samples, 64)
+    assert set(paired) == {"samples/ddim:5", "samples/ddim:20", "samples/dpmpp_2m:10",
+                           "reference", "nll"}
+    assert paired["reference"].shape[0] == res["dataset"]["val_images"]
+    assert paired["nll"].shape == (FAST.nll_images,)
+    assert abs(float(paired["nll"].mean()) - m["nll_bpd"]) < 1e-5
 
 
 def test_trained_model_beats_an_untrained_one_on_the_same_key(models):
@@ -170,11 +186,12 @@ def test_configured_inception_weights_make_it_fid(models, tmp_path):
     safetensors.torch.save_file(FIDInceptionV3().state_dict(), str(path))
     ecfg = FAST.model_copy(update={"inception_weights": str(path), "num_samples": 6,
                                    "max_real_images": 6, "frontier": ["ddim:5"],
-                                   "nll_images": 0})
+                                   "nll_images": 0, "bootstrap_draws": 0})  # 2048-d: slow
     res, lines = run(models, "trained", ecfg)
     assert res["features"]["kind"] == "fid" and any("FID Inception-v3" in s for s in lines)
     assert "nll_bpd" not in res["metrics"]
     assert "| FID at default sampler (6 samples) |" in table(res)
+    assert "fd_low" not in res["metrics"]  # bootstrap_draws=0: no interval
     with pytest.raises(EvalError, match="inception_weights"):
         run(models, "trained", ecfg.model_copy(update={"inception_weights": str(tmp_path / "x")}))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -364,8 +365,10 @@ def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
     assert chall["promotion.decision"] == "rejected" and chall["promotion.against"] == "1"
     assert chall["promotion.champion_value"] == "10.0" and chall["promotion.margin"] == "0.02"
     assert json.loads(champ["promotion.challenge.v2"])["decision"] == "rejected"
-    assert json.loads(chall["promotion.policy"]) == {"metric": "fd", "margin": 0.02,
-                                                     "thresholds": {}}
+    assert json.loads(chall["promotion.policy"]) == {
+        "metric": "fd", "margin": 0.02, "thresholds": {}, "interval_level": 0.95,
+        "bootstrap_draws": 2000}
+    assert chall["promotion.paired"] == "false" and "compared unpaired" in res["reason"]
     assert not res.get("reused")
 
     # the same challenger, champion and policy: the verdict stands, nothing is rewritten
@@ -392,6 +395,49 @@ def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
     assert not res["promoted"] and not res.get("reused")
     policy = resolve(f"models:/{name}/2", store["uri"])["tags"]["promotion.policy"]
     assert json.loads(policy)["margin"] == 0.005
+
+
+def test_the_gate_judges_the_paired_interval_of_the_difference(store, models):
+    """Sample i of both models comes from the same noise and label (one eval key), so the gate
+    bootstraps FD(challenger) − FD(champion) over the same resampled rows of both: a challenger
+    whose recorded FD is 5% better but whose samples differ from the champion's by noise is
+    rejected with the interval; one clearly closer to the reference is promoted."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((165, 8)).astype(np.float32)
+    base = rng.standard_normal((300, 8)).astype(np.float32)
+    samples = {"1": base + 0.3, "2": base + 0.3 + 0.01 * rng.standard_normal((300, 8)),
+               "3": base + 0.05}
+    asked = []
+
+    def paired(model_ref: str) -> dict:
+        asked.append(model_ref)
+        return {"setting": "ddim:10", "arrays": {
+            "samples/ddim:10": samples[model_ref.rsplit("/", 1)[1]].astype(np.float32),
+            "reference": reference}}
+
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
+    assert asked == []  # the first champion: thresholds only
+    reg(store, models[1], name, fd=9.5)
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                  paired=paired)
+    assert asked == [f"models:/{name}/2", f"models:/{name}/1"]
+    assert not res["promoted"] and res["champion"] == "1" and res["paired"]
+    assert res["difference_low"] < 0 < res["difference_high"]
+    assert "not distinguishable (the interval holds 0)" in res["reason"]
+    assert "95% paired interval, 2000 draws" in res["reason"]
+    tags = resolve(f"models:/{name}/2", store["uri"])["tags"]
+    assert tags["promotion.paired"] == "true"
+    assert float(tags["promotion.difference_low"]) == res["difference_low"]
+
+    reg(store, models[2], name, fd=9.9)  # recorded value barely better; the samples much
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                  paired=paired)
+    assert res["promoted"] and res["champion"] == "3" and res["difference_high"] < 0
+    assert "better beyond the noise" in res["reason"]
 
 
 def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
@@ -502,6 +548,7 @@ def test_a_held_lease_makes_a_promotion_wait_then_fail_and_a_stale_one_is_broken
         assert "champion" not in aliases(store, name)  # the waiting promotion did nothing
     lock = Path(store["locks"]) / f"{name}.lock"
     lock.write_text(json.dumps({"token": "dead", "host": "gone", "pid": 1, "at": 0}))
+    os.utime(lock, (time.time() - 120, time.time() - 120))  # the store last saw it 2 min ago
     assert promote(name, tracking_uri=store["uri"], cfg=quick, lock_dir=store["locks"])["promoted"]
     assert not lock.exists()
 

@@ -50,7 +50,7 @@ def test_epoch_order_deals_each_epoch_once_across_ranks_and_resumes_anywhere():
     fresh = EpochOrder(rows, seed=3, rank=1, world=world, per_worker=per_worker)
     assert torch.equal(fresh.indices(13), orders[1].indices(13))
     assert orders[1].position(13) == (2, 1)
-    with pytest.raises(ValueError, match=r"8 rows over 2 worker\(s\) give no batch of 5 per "
+    with pytest.raises(RuntimeError, match=r"8 rows over 2 worker\(s\) give no batch of 5 per "
                                          r"worker; lower train.batch_size"):
         EpochOrder(8, seed=0, rank=0, world=2, per_worker=5)
 

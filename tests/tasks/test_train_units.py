@@ -50,16 +50,20 @@ def test_the_tiny_config_fits_the_digits():
 
 
 class FakeShard:
-    """Stands in for a Ray Data shard: ``rows`` rows in batches, counting epochs."""
+    """Stands in for a Ray Data shard: ``rows`` rows in batches, counting passes. Whole blocks
+    (``batch_size=None``, how a split held in memory is read) come with each row's index."""
 
     def __init__(self, rows: int):
         self.x = torch.arange(rows, dtype=torch.uint8)[:, None]
         self.passes = 0
 
-    def iter_torch_batches(self, *, batch_size, drop_last, local_shuffle_buffer_size,
-                           local_shuffle_seed):
+    def iter_torch_batches(self, *, batch_size=None, drop_last=False,
+                           local_shuffle_buffer_size=None, local_shuffle_seed=None):
         self.passes += 1
         n = len(self.x)
+        if batch_size is None:
+            yield {"x": self.x, "label": torch.zeros(n), "row": torch.arange(n)}
+            return
         for i in range(0, n, batch_size):
             if drop_last and i + batch_size > n:
                 return
@@ -70,37 +74,42 @@ def take(it, k):
     return [next(it) for _ in range(k)]
 
 
+def batches(shard, per_worker, *, seed=0, in_memory=False, start=0):
+    return _batches(shard, per_worker, seed=seed, start=start, rank=0, world=1,
+                    in_memory=in_memory, rows=len(shard.x))
+
+
 def test_streaming_batches_restart_the_shard_every_epoch():
     shard = FakeShard(10)
-    got = take(_batches(shard, 4, seed=0), 5)
+    got = take(batches(shard, 4), 5)
     assert all(len(b["x"]) == 4 for b in got)
     assert shard.passes == 3  # 2 full batches per pass; the tail of 2 rows is dropped
 
 
-def test_in_memory_batches_stream_once_then_permute_every_row():
+def test_in_memory_batches_read_once_then_permute_every_row():
+    """Every epoch, the first included, is a seeded permutation of all rows (tasks/train/
+    order.py): the shard is read once; no row twice within an epoch; the rows beyond the last
+    whole batch differ by epoch, so all are trained on."""
     shard = FakeShard(10)
-    it = _batches(shard, 4, seed=0, in_memory=True)
-    first = take(it, 2)  # epoch 0: the shard's own full batches
-    assert [b["x"].flatten().tolist() for b in first] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    later = take(it, 2 * 50)  # then 2 full batches per permutation of all 10 rows
+    got = take(batches(shard, 4, in_memory=True), 2 * 50)  # 2 full batches per epoch
     assert shard.passes == 1
-    assert all(len(b["x"]) == 4 and len(b["label"]) == 4 for b in later)
-    seen = {int(v) for b in later for v in b["x"].flatten()}
-    assert seen == set(range(10))  # the tail rows 8 and 9 are trained on in later epochs
-    epochs = [torch.cat([later[2 * e]["x"], later[2 * e + 1]["x"]]).flatten() for e in range(50)]
+    assert all(len(b["x"]) == 4 and len(b["label"]) == 4 for b in got)
+    assert {int(v) for b in got for v in b["x"].flatten()} == set(range(10))
+    epochs = [torch.cat([got[2 * e]["x"], got[2 * e + 1]["x"]]).flatten() for e in range(50)]
     assert all(len(set(e.tolist())) == 8 for e in epochs)  # no row twice within an epoch
     assert len({tuple(e.tolist()) for e in epochs}) > 40  # reshuffled each epoch
 
 
 def test_in_memory_batches_are_reproducible_from_the_seed():
-    a = take(_batches(FakeShard(10), 4, seed=3, in_memory=True), 12)
-    b = take(_batches(FakeShard(10), 4, seed=3, in_memory=True), 12)
+    a = take(batches(FakeShard(10), 4, seed=3, in_memory=True), 12)
+    b = take(batches(FakeShard(10), 4, seed=3, in_memory=True), 12)
     assert all(torch.equal(x["x"], y["x"]) for x, y in zip(a, b, strict=True))
 
 
 def test_a_shard_smaller_than_a_batch_is_an_error():
-    with pytest.raises(RuntimeError, match=r"lower train\.batch_size"):
-        next(_batches(FakeShard(3), 4, seed=0, in_memory=True))
+    for in_memory in (True, False):
+        with pytest.raises(RuntimeError, match=r"lower train\.batch_size"):
+            next(batches(FakeShard(3), 4, in_memory=in_memory))
 
 
 def test_default_run_name_ignores_how_the_run_is_executed():
