@@ -11,6 +11,7 @@ Scores are comparable only between runs that use the same feature network (same 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,44 @@ def _interval(value: float, stats: Tensor, level: float) -> Interval:
     return Interval(float(value), lo - bias, hi - bias, level, int(stats.numel()))
 
 
+class _ResampledFD:
+    """FD of weighted resamples of ``x`` [N, F] against a reference.
+
+    Direct: the resample's mean and covariance, then two F×F eigendecompositions. Where the
+    features are wider than the samples (F > N: Inception's 2048 against a few hundred
+    samples) and the reference is fixed, the Gram form is exact and far cheaper: the nonzero
+    eigenvalues of Σ₁^{½} Σ₂ Σ₁^{½} are those of A Σ₂ Aᵀ / (n − 1), with A the resample's
+    weighted, centred rows, an N×N matrix that follows from G = X Σ₂ Xᵀ, computed once."""
+
+    def __init__(self, x: Tensor, ref_stats: tuple[Tensor, Tensor], gram: bool):
+        self.x, (self.mu2, self.cov2) = x, ref_stats
+        self.gram = gram
+        if gram:
+            self.g = x @ self.cov2 @ x.T
+            self.sq = (x * x).sum(1)
+            self.tr2 = torch.trace(self.cov2)
+
+    def __call__(self, w: Tensor, ref: tuple[Tensor, Tensor] | None = None) -> float:
+        if not self.gram or ref is not None:
+            return frechet_distance(*_weighted_statistics(self.x, w), *(ref or (self.mu2,
+                                                                               self.cov2)))
+        keep = w > 0
+        w, x, g, sq = w[keep], self.x[keep], self.g[keep][:, keep], self.sq[keep]
+        n = w.sum()
+        mu = (w @ x) / n
+        gw = g @ w / n
+        m = g - gw[:, None] - gw[None, :] + (w @ g @ w) / n**2
+        root = w.sqrt()
+        cross = torch.linalg.eigvalsh(root[:, None] * m * root[None, :] / (n - 1))
+        tr1 = (w @ sq - n * (mu @ mu)) / (n - 1)
+        value = (mu - self.mu2).pow(2).sum() + tr1 + self.tr2 - 2 * cross.clamp(min=0).sqrt().sum()
+        return float(value.clamp(min=0))
+
+
+def _use_gram(x: Tensor, resample_reference: bool) -> bool:
+    return not resample_reference and x.shape[1] > x.shape[0]
+
+
 def frechet_distance_interval(samples: Tensor, reference: Tensor, *, draws: int = 1000,
                               level: float = 0.95, seed: int = 0,
                               resample_reference: bool = True) -> Interval:
@@ -119,11 +158,13 @@ def frechet_distance_interval(samples: Tensor, reference: Tensor, *, draws: int 
     wa = _resample_counts(len(a), draws, g)
     wr = _resample_counts(len(r), draws, g) if resample_reference else None
     ref_stats = feature_statistics(r)
+    fd = _ResampledFD(a, ref_stats, _use_gram(a, resample_reference))
     stats = torch.empty(draws, dtype=torch.float64)
     for i in range(draws):
-        rs = _weighted_statistics(r, wr[i]) if wr is not None else ref_stats
-        stats[i] = frechet_distance(*_weighted_statistics(a, wa[i]), *rs)
-    return _interval(frechet_distance(*feature_statistics(a), *ref_stats), stats, level)
+        stats[i] = fd(wa[i], _weighted_statistics(r, wr[i]) if wr is not None else None)
+    ci = _interval(frechet_distance(*feature_statistics(a), *ref_stats), stats, level)
+    # FD is never negative; a wide, re-centred interval (a small reference) can reach below 0
+    return dataclasses.replace(ci, low=max(ci.low, 0.0))
 
 
 def paired_frechet_difference(a: Tensor, b: Tensor, reference: Tensor, *, draws: int = 1000,
@@ -142,11 +183,12 @@ def paired_frechet_difference(a: Tensor, b: Tensor, reference: Tensor, *, draws:
     w = _resample_counts(len(fa), draws, g)
     wr = _resample_counts(len(r), draws, g) if resample_reference else None
     ref_stats = feature_statistics(r)
+    gram = _use_gram(fa, resample_reference)
+    fd_a, fd_b = _ResampledFD(fa, ref_stats, gram), _ResampledFD(fb, ref_stats, gram)
     stats = torch.empty(draws, dtype=torch.float64)
     for i in range(draws):
-        rs = _weighted_statistics(r, wr[i]) if wr is not None else ref_stats
-        stats[i] = (frechet_distance(*_weighted_statistics(fa, w[i]), *rs)
-                    - frechet_distance(*_weighted_statistics(fb, w[i]), *rs))
+        rs = _weighted_statistics(r, wr[i]) if wr is not None else None
+        stats[i] = fd_a(w[i], rs) - fd_b(w[i], rs)
     value = (frechet_distance(*feature_statistics(fa), *ref_stats)
              - frechet_distance(*feature_statistics(fb), *ref_stats))
     return _interval(value, stats, level)

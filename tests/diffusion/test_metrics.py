@@ -178,3 +178,25 @@ def test_paired_mean_difference():
     assert abs(d.value - 0.05) < 1e-12 and d.low <= 0.05 <= d.high and d.high - d.low < 1e-9
     noisy = paired_mean_difference(a, gaussian(200, 1, seed=4).flatten(), draws=500)
     assert noisy.low < noisy.value < noisy.high and str(noisy).count("[") == 1
+
+
+def test_wide_features_take_the_gram_form_with_the_same_values():
+    """Features wider than the samples (Inception's 2048 against a few hundred samples) with a
+    fixed reference: the N×N Gram form gives each resample's FD as the direct F×F form does."""
+    from diffusion.metrics import (
+        _resample_counts,
+        _ResampledFD,
+        frechet_distance_interval,
+        paired_frechet_difference,
+    )
+
+    x, ref = gaussian(30, 80, seed=1), gaussian(200, 80, seed=2, shift=0.1)
+    stats = feature_statistics(ref)
+    direct, gram = _ResampledFD(x, stats, gram=False), _ResampledFD(x, stats, gram=True)
+    for w in _resample_counts(30, 4, torch.Generator().manual_seed(0)):
+        assert gram(w) == pytest.approx(direct(w), rel=1e-6)
+    ci = frechet_distance_interval(x, ref, draws=50, resample_reference=False)  # Gram form
+    assert ci.value == pytest.approx(frechet_distance_features(x, ref), rel=1e-9)
+    assert ci.low < ci.value < ci.high
+    d = paired_frechet_difference(x, x + 0.05, ref, draws=50, resample_reference=False)
+    assert d.low > 0  # x + 0.05 is nearer the reference, shifted by 0.1
