@@ -59,6 +59,12 @@ def frechet_distance_features(a: Tensor, b: Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+# A reference set's own noise is part of an FD's when the set is small (the digits' val split:
+# 165 images), so the bootstrap resamples it too; past this many rows its share is negligible,
+# resampling it only costs, and a fixed reference lets wide features take the Gram form.
+RESAMPLE_REFERENCE_BELOW = 5000
+
+
 @dataclass(frozen=True)
 class Interval:
     """A statistic on all the samples and a percentile bootstrap interval around it."""
@@ -71,10 +77,6 @@ class Interval:
 
     def __str__(self) -> str:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
-    def to_dict(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level,
-                "draws": self.draws}
 
 
 def _resample_counts(n: int, draws: int, g: torch.Generator) -> Tensor:
@@ -142,18 +144,27 @@ def _use_gram(x: Tensor, resample_reference: bool) -> bool:
     return not resample_reference and x.shape[1] > x.shape[0]
 
 
+def _resamples_reference(reference: Tensor, resample_reference: bool | None) -> bool:
+    """``resample_reference``, or by default whether the reference is small enough
+    (:data:`RESAMPLE_REFERENCE_BELOW`) for its own noise to count."""
+    if resample_reference is None:
+        return len(reference) < RESAMPLE_REFERENCE_BELOW
+    return resample_reference
+
+
 def frechet_distance_interval(samples: Tensor, reference: Tensor, *, draws: int = 1000,
                               level: float = 0.95, seed: int = 0,
-                              resample_reference: bool = True) -> Interval:
+                              resample_reference: bool | None = None) -> Interval:
     """FD between the ``samples`` [N, F] and ``reference`` [M, F] features, with a bootstrap
     interval at ``level`` (percentile, bias-corrected: :func:`_interval`): each of ``draws``
     resamples draws N samples with replacement (and M reference rows, with
-    ``resample_reference``: where the reference set is small its own noise is part of the
-    score's). Deterministic for a given ``seed``.
+    ``resample_reference``; by default where the reference set is small, below
+    :data:`RESAMPLE_REFERENCE_BELOW`). Deterministic for a given ``seed``.
 
     The interval says how much FD moves with the draw of samples; FD's bias at small N (it
     grows as N shrinks) is not removed, so compare FDs only at equal N."""
     a, r = samples.double().flatten(1), reference.double().flatten(1)
+    resample_reference = _resamples_reference(r, resample_reference)
     g = torch.Generator().manual_seed(seed)
     wa = _resample_counts(len(a), draws, g)
     wr = _resample_counts(len(r), draws, g) if resample_reference else None
@@ -169,7 +180,7 @@ def frechet_distance_interval(samples: Tensor, reference: Tensor, *, draws: int 
 
 def paired_frechet_difference(a: Tensor, b: Tensor, reference: Tensor, *, draws: int = 1000,
                               level: float = 0.95, seed: int = 0,
-                              resample_reference: bool = True) -> Interval:
+                              resample_reference: bool | None = None) -> Interval:
     """FD(a) − FD(b) against one ``reference``, with a *paired* percentile bootstrap interval:
     row i of ``a`` and of ``b`` come from the same noise and label (two models sampled with the
     same seeds), so each resample takes the same rows of both, and the same reference rows.
@@ -179,6 +190,7 @@ def paired_frechet_difference(a: Tensor, b: Tensor, reference: Tensor, *, draws:
         raise ValueError(f"paired features need equal shapes, got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
     fa, fb, r = a.double().flatten(1), b.double().flatten(1), reference.double().flatten(1)
+    resample_reference = _resamples_reference(r, resample_reference)
     g = torch.Generator().manual_seed(seed)
     w = _resample_counts(len(fa), draws, g)
     wr = _resample_counts(len(r), draws, g) if resample_reference else None

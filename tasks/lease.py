@@ -90,14 +90,19 @@ def _mtime(loc: Location) -> float:
     return float(t)
 
 
+def _remove(loc: Location) -> None:
+    """Remove ``loc`` if it is there; best effort (a leftover is harmless and cleaned later)."""
+    with contextlib.suppress(Exception):
+        call(loc, loc.fs.rm, loc.path)
+
+
 def _store_now(probe: Location) -> float:
     """The store's time now: the modification time of ``probe``, written and removed here."""
     atomic_write_bytes(probe, b"now")
     try:
         return _mtime(probe)
     finally:
-        with contextlib.suppress(Exception):
-            call(probe, probe.fs.rm, probe.path)
+        _remove(probe)
 
 
 class Lease:
@@ -136,10 +141,25 @@ class Lease:
         except (ValueError, UnicodeDecodeError):
             return {}  # unreadable: commit_bytes never publishes that; its age decides
 
+    def _now(self) -> float:
+        """The store's time now, from a probe of this token's (unique: a worker checks the lease
+        under its driver's token)."""
+        return _store_now(self._aux(self.token, f"now-{uuid.uuid4().hex[:8]}"))
+
+    def lost_to(self, holder: dict | None) -> str | None:
+        """None when ``holder`` (the current lease document) is this token's; else who has the
+        lease now."""
+        if (holder or {}).get("token") == self.token:
+            return None
+        if holder:
+            return (f"the lease {self.loc.describe()} is now held by {holder.get('host')} pid "
+                    f"{holder.get('pid')}")
+        return f"the lease {self.loc.describe()} was broken"
+
     def age(self, holder: dict) -> float:
         """Seconds, in the store's time, since ``holder`` last showed life (its last heartbeat,
         or taking the lock)."""
-        now = _store_now(self._aux(self.token, f"now-{uuid.uuid4().hex[:8]}"))
+        now = self._now()
         try:
             seen = _mtime(self._aux(str(holder.get("token")), "beat"))
         except FileNotFoundError:
@@ -182,8 +202,8 @@ class Lease:
         marker = self._aux(token, "break")
         if not commit_bytes(marker, self._payload()):
             with contextlib.suppress(FileNotFoundError):
-                if _store_now(self._aux(self.token, "now")) - _mtime(marker) > self.stale_s:
-                    call(marker, marker.fs.rm, marker.path)
+                if self._now() - _mtime(marker) > self.stale_s:
+                    _remove(marker)
             time.sleep(0.05)
             return
         log.warning("breaking the %s lease %s (held by %s pid %s, %s)",
@@ -192,9 +212,7 @@ class Lease:
         if str((self.holder() or {}).get("token")) == token:
             with contextlib.suppress(FileNotFoundError):
                 call(self.loc, self.loc.fs.rm, self.loc.path)
-        beat = self._aux(token, "beat")
-        with contextlib.suppress(Exception):
-            call(beat, beat.fs.rm, beat.path)
+        _remove(self._aux(token, "beat"))
 
     def _beat(self) -> None:
         atomic_write_bytes(self._aux(self.token, "beat"), self._payload())
@@ -205,11 +223,10 @@ class Lease:
                 holder = self.holder()
             except Exception:  # the store unreachable: retried next period
                 continue
-            if (holder or {}).get("token") != self.token:
-                self.lost = (f"the lease {self.loc.describe()} is now held by "
-                             f"{holder.get('host')} pid {holder.get('pid')}" if holder else
-                             f"the lease {self.loc.describe()} was broken")
-                log.warning("%s (this process held it)", self.lost)
+            lost = self.lost_to(holder)
+            if lost:
+                self.lost = lost
+                log.warning("%s (this process held it)", lost)
                 return
             with contextlib.suppress(Exception):  # a missed refresh is retried next period
                 self._beat()
@@ -220,10 +237,9 @@ class Lease:
         if self.lost:
             return self.lost
         holder = self.holder()
-        if (holder or {}).get("token") != self.token:
-            return (f"the lease {self.loc.describe()} is now held by {holder.get('host')} pid "
-                    f"{holder.get('pid')}" if holder else
-                    f"the lease {self.loc.describe()} was broken")
+        lost = self.lost_to(holder)
+        if lost:
+            return lost
         age = self.age(holder)
         if age > self.stale_s / 2:
             return (f"the lease {self.loc.describe()} was last refreshed {age:.0f} s ago (the "
@@ -235,14 +251,12 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.lost is None and (self.holder() or {}).get("token") == self.token:
+        if self.lost is None and not self.lost_to(self.holder()):
             with contextlib.suppress(FileNotFoundError):
                 call(self.loc, self.loc.fs.rm, self.loc.path)
         else:
             log.warning("the lease %s was broken while held", self.loc.describe())
-        beat = self._aux(self.token, "beat")
-        with contextlib.suppress(Exception):
-            call(beat, beat.fs.rm, beat.path)
+        _remove(self._aux(self.token, "beat"))
 
 
 def check_held(directory: str, name: str, token: str, *, stale_s: float,

@@ -132,11 +132,6 @@ def _floor(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats,
     return floor_x, fd_floor
 
 
-# The reference set's own noise is part of an FD's when it is small (the digits' val split:
-# 165 images); past this many images its share is negligible and resampling it only costs.
-RESAMPLE_REFERENCE_BELOW = 5000
-
-
 def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, real_stats,
               labels, echo) -> tuple[list[dict], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Each ``evaluate.frontier`` setting's distance to the val split (with its bootstrap
@@ -157,7 +152,7 @@ def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, 
         if cfg.bootstrap_draws:
             ci = frechet_distance_interval(
                 feats, real_feats, draws=cfg.bootstrap_draws, level=cfg.interval_level,
-                seed=cfg.seed, resample_reference=len(real_feats) < RESAMPLE_REFERENCE_BELOW)
+                seed=cfg.seed)
             entry |= {"fd": ci.value, "fd_low": ci.low, "fd_high": ci.high}
         else:
             entry["fd"] = frechet_distance(*feature_statistics(feats), *real_stats)

@@ -79,7 +79,7 @@ def paired_difference(a: dict, b: dict, metric: str, cfg: RegistryConfig):
         return paired_frechet_difference(
             torch.from_numpy(xa[key]), torch.from_numpy(xb[key]),
             torch.from_numpy(xa["reference"]), draws=cfg.bootstrap_draws,
-            level=cfg.interval_level, resample_reference=len(xa["reference"]) < 5000)
+            level=cfg.interval_level)
     if metric == "nll_bpd" and "nll" in xa and "nll" in xb:
         return paired_mean_difference(torch.from_numpy(xa["nll"]), torch.from_numpy(xb["nll"]),
                                       draws=cfg.bootstrap_draws, level=cfg.interval_level)

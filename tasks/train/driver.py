@@ -201,11 +201,8 @@ def _fit(fit: FitJob, lease) -> TrainResult:
         if lease.lost is None:
             tracking.finish_run(fit.uri, run_id, "FAILED")
         raise
-    holder = lease.holder()
-    if lease.lost is not None or (holder or {}).get("token") != lease.token:
-        # the run, its status and its MLflow run are the new holder's now: leave them alone
-        lost = lease.lost or (f"the lease {lease.loc.describe()} is now held by "
-                              f"{(holder or {}).get('host')} pid {(holder or {}).get('pid')}")
+    lost = lease.lost or lease.lost_to(lease.holder())
+    if lost:  # the run, its status and its MLflow run are the new holder's now: leave them
         raise TrainingLeaseLost(
             f"training run {fit.run_name} stopped: {lost}; no checkpoint was written after "
             f"this driver lost it. The new holder trains the run: nothing to do unless it "

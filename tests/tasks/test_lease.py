@@ -16,14 +16,20 @@ from tasks.lease import Lease
 from tests.helpers import Occupancy, run_together
 
 
-def test_one_holder_at_a_time_and_released_on_exit(tmp_path):
+def holders_in_turn(d: Path, n: int, *, wait_s: float, hold_s: float) -> Occupancy:
+    """``n`` threads taking the lease ``m`` in ``d`` at once, each holding it ``hold_s``."""
     occupancy = Occupancy()
 
     def work(_):
-        with Lease(str(tmp_path), "m", stale_s=30, wait_s=10), occupancy.hold(0.2):
+        with Lease(str(d), "m", stale_s=30, wait_s=wait_s), occupancy.hold(hold_s):
             pass
 
-    run_together(work, range(4))
+    run_together(work, range(n))
+    return occupancy
+
+
+def test_one_holder_at_a_time_and_released_on_exit(tmp_path):
+    occupancy = holders_in_turn(tmp_path, 4, wait_s=10, hold_s=0.2)
     assert occupancy.most == 1 and occupancy.entries == 4
     assert not list(tmp_path.iterdir())
 
@@ -65,13 +71,7 @@ def test_many_waiters_breaking_one_stale_lease_give_one_holder_at_a_time(tmp_pat
     """Eight processes' worth of waiters find the same stale lease at once: one breaks it (its
     break marker is created only if absent), and from then on they hold it one at a time."""
     stale_lock(tmp_path, age=60)
-    occupancy = Occupancy()
-
-    def work(_):
-        with Lease(str(tmp_path), "m", stale_s=30, wait_s=20), occupancy.hold(0.05):
-            pass
-
-    run_together(work, range(8))
+    occupancy = holders_in_turn(tmp_path, 8, wait_s=20, hold_s=0.05)
     assert occupancy.most == 1 and occupancy.entries == 8
     assert sum("breaking the stale lease" in r.getMessage() for r in caplog.records) == 1
     assert {p.name for p in tmp_path.iterdir()} == {"m.lock.x.break"}  # the marker stays

@@ -148,14 +148,18 @@ def test_a_worker_killed_mid_run_resumes_to_the_weights_of_an_uninterrupted_run(
         verify(Path(res.checkpoint_uri))["sha256"]["model/model.safetensors"]
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The step of each checkpoint in ``run_dir``, oldest first (each one verified)."""
+    return [verify(c)["step"] for c in sorted(p for p in run_dir.glob("checkpoint_*")
+                                              if p.is_dir())]
+
+
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(digits_root):
     cfg = cfg_for(digits_root, "train.steps=12", "train.run_name=nan")
     with pytest.raises(TrainingDiverged, match=r"diverged at step 6 .*last good checkpoint is "
                                                r"step 4"):
         train(cfg, fault="nan@6")
-    run_dir = digits_root / "runs" / "nan"
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert [verify(c)["step"] for c in checkpoints] == [4]
+    assert checkpoint_steps(digits_root / "runs" / "nan") == [4]
 
 
 def test_a_driver_that_lost_its_lease_writes_no_more_checkpoints(digits_root):
@@ -168,8 +172,7 @@ def test_a_driver_that_lost_its_lease_writes_no_more_checkpoints(digits_root):
                        r".*_training\.lock is now held by elsewhere pid 1; no checkpoint"):
         train(cfg, fault="lease@6")
     run_dir = digits_root / "runs" / "fenced"
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert [verify(c)["step"] for c in checkpoints] == [4]
+    assert checkpoint_steps(run_dir) == [4]
     assert json.loads((run_dir / "_training.lock").read_text())["token"] == "another-driver"
     assert not (run_dir / "_status.json").exists()
 
