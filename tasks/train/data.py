@@ -85,15 +85,13 @@ def _batches(shard, per_worker: int, *, seed: int, start: int, rank: int, world:
     uninterrupted run would have, on any number of workers.
 
     Streamed (large splits; Ray Data splits each epoch's pass between the workers, equal row
-    counts): every epoch is a new pass with a local shuffle buffer seeded by the epoch. A run
-    resumed mid-epoch starts that epoch's pass again and skips the batches the checkpoint's
-    step had already taken, so every rank stays at the same position in the epoch. With one
-    worker the pass is ordered (``preserve_order``, :func:`tasks.train.driver._trainer`) and the
-    skipped batches are exactly those trained on: no row of the resumed epoch is repeated or
-    left out. With several workers Ray Data hands blocks to whichever worker asks first, so the
-    resumed pass may deal rows differently: the count of rows per epoch holds, but a row can
-    be seen twice in the resumed epoch and another not at all (docs/stages.md, "Reproducible,
-    exact resume").
+    counts): every epoch is a new pass with a local shuffle buffer seeded by the epoch. The
+    split is ordered (``preserve_order``, :func:`tasks.train.driver._data_config`), so each
+    pass deals every rank the same rows in the same order: Ray Data hands each block, in read
+    order, to the rank with the fewest rows so far, whichever worker asks first. A run resumed
+    mid-epoch starts that epoch's pass again and skips the batches the checkpoint's step had
+    already taken: on every rank, exactly those trained on, so no row of the resumed epoch is
+    repeated or left out (docs/stages.md, "Reproducible, exact resume").
     """
     from tasks.train.order import EpochOrder, shuffle_seed
 

@@ -315,8 +315,9 @@ def _trainer(fit: FitJob, job: dict, ds):
 def _data_config(in_memory: bool):
     """How the train split reaches the workers (:func:`tasks.train.data._batches`): a split held
     in memory goes whole to every worker, which takes its rows of each epoch's permutation; a
-    streamed one is split between the workers, in order (the same batches in the same order
-    from pass to pass, with one worker: what resuming mid-epoch relies on)."""
+    streamed one is split between the workers, in order: Ray Data then deals each rank the same
+    rows in the same order on every pass, whichever worker asks first, which resuming mid-epoch
+    relies on."""
     import ray.train
 
     if in_memory:

@@ -97,3 +97,57 @@ def test_batches_resumed_at_step_n_are_those_of_the_uninterrupted_run(in_memory)
         it = _batches(Shard(47), 4, seed=11, start=0, rank=0, world=1, in_memory=True, rows=47)
         b = next(it)
         assert b["x"].flatten().tolist() == b["label"].tolist()
+
+
+def test_a_streamed_epoch_resumed_on_two_workers_neither_repeats_nor_skips_a_row(ray_local):
+    """The streamed path through Ray Data's real split (the trainer's DataConfig): each pass
+    deals every rank the same rows in the same order, whichever worker asks first and however
+    the read tasks' finishing order varies, so a pass resumed at step n on two workers goes on
+    with exactly the rows the uninterrupted run trained on from step n."""
+    import random
+    import threading
+    import time
+
+    import numpy as np
+    import ray
+
+    from tasks.train.data import _blocks
+    from tasks.train.driver import _data_config
+
+    n, per_worker = 400, 8  # 200 rows per rank: 25 batches per epoch
+    x = (np.arange(n) % 251).astype(np.uint8).reshape(n, 1, 1, 1)
+
+    def jitter(batch):  # the map tasks finish in a different order on every pass
+        time.sleep(random.random() * 0.03)
+        return batch
+
+    ds = ray.data.from_arrow(_blocks(x, np.arange(n), rows_per_block=29)).map_batches(
+        jitter, batch_format="pyarrow")
+
+    def deal(start: int, count: int, delays: tuple[float, float]) -> list[list[list[int]]]:
+        shards = [s["train"] for s in _data_config(False).configure(
+            {"train": ds}, world_size=2, worker_handles=None, worker_node_ids=None)]
+        out: list = [None, None]
+
+        def work(rank: int) -> None:
+            it = _batches(shards[rank], per_worker, seed=5, start=start, rank=rank, world=2,
+                          in_memory=False, rows=n)
+            got = []
+            for b in itertools.islice(it, count):
+                time.sleep(delays[rank])  # one worker slower than the other
+                got.append(b["label"].tolist())
+            out[rank] = got
+
+        threads = [threading.Thread(target=work, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(o is not None for o in out), "a worker did not finish"
+        return out
+
+    whole = deal(0, 30, (0.0, 0.002))  # into the second epoch
+    epoch = [row for rank in whole for batch in rank[:25] for row in batch]
+    assert len(epoch) == len(set(epoch)) == n  # no row twice in an epoch, none left out
+    for start in (11, 27):  # mid-epoch in the first epoch and in the second, other worker first
+        assert deal(start, 30 - start, (0.002, 0.0)) == [r[start:] for r in whole], start
