@@ -47,8 +47,9 @@ def features_location(result: Location) -> Location:
 
 def load_paired(evaluation: dict, options: dict | None = None) -> dict | None:
     """An evaluation's stored paired inputs (:func:`features_location` beside its
-    ``stored_at``): ``{"setting": "<sampler>:<steps>" (its default), "arrays": {...}}``, or None
-    where it has none (an evaluation stored before they were)."""
+    ``stored_at``): ``{"setting": "<sampler>:<steps>" (its default), "arrays": {...},
+    "samples": samples per setting, "seconds": what the evaluation took}``, or None where it has
+    none (an evaluation stored before they were)."""
     import safetensors.numpy
 
     from tasks.storage import call
@@ -62,7 +63,9 @@ def load_paired(evaluation: dict, options: dict | None = None) -> dict | None:
     except FileNotFoundError:
         return None
     d = evaluation["default_sampler"]
-    return {"setting": f"{d['name']}:{d['steps']}", "arrays": safetensors.numpy.load(data)}
+    return {"setting": f"{d['name']}:{d['steps']}", "arrays": safetensors.numpy.load(data),
+            "samples": (evaluation.get("config") or {}).get("num_samples"),
+            "seconds": evaluation.get("seconds")}
 
 
 def _num(x: float | None) -> str:

@@ -86,19 +86,50 @@ def paired_difference(a: dict, b: dict, metric: str, cfg: RegistryConfig):
     return None
 
 
-def _verdict(metric: str, d, champ_value: float, champ, cfg: RegistryConfig) -> tuple[bool, str]:
+def samples_to_resolve(d, samples: int) -> int | None:
+    """About how many samples per model would make an interval like ``d`` (from ``samples``
+    each) exclude 0 at its own difference, where the samples are its only noise (a fixed
+    reference): the width of a paired interval then shrinks as 1/sqrt(N), so
+    N' = N · (half-width / |difference|)². None without a difference to resolve."""
+    half = (d.high - d.low) / 2
+    if not samples or d.value == 0 or not math.isfinite(half):
+        return None
+    need = samples * (half / abs(d.value)) ** 2
+    return int(float(f"{need:.2g}"))  # two significant digits: it is an estimate
+
+
+def _resolution_hint(d, samples: int | None, reference: int | None) -> str:
+    """What would narrow an interval that holds 0: more samples, or (where the held-out
+    reference is small and resampled too, and its noise dominates) a larger reference."""
+    from diffusion.metrics import RESAMPLE_REFERENCE_BELOW
+
+    if reference is not None and reference < RESAMPLE_REFERENCE_BELOW:
+        return (f"; with {reference} reference images (resampled too) their noise dominates "
+                "the width and more samples narrow it little: a larger held-out split "
+                "(data.val_fraction) narrows it")
+    more = samples_to_resolve(d, samples)
+    if more and samples and more > samples:
+        return (f"; a difference this size would take about {more} samples per model to tell "
+                "from noise (evaluate.num_samples)")
+    return ""
+
+
+def _verdict(metric: str, d, champ_value: float, champ, cfg: RegistryConfig,
+             samples: int | None = None, reference: int | None = None) -> tuple[bool, str]:
     """Promote iff the interval's bound on the better side clears the margin: for a metric
     where lower is better, high < −margin·|champion|, and high < 0 even at margin 0."""
     lower = LOWER_IS_BETTER[metric]
     need = cfg.margin * abs(champ_value)
     bound = d.high if lower else -d.low  # the least improvement the interval allows, negated
+    each = f", {samples} samples each" if samples else ""
     text = (f"{metric} {d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] vs champion "
-            f"v{champ.version} ({cfg.interval_level:.0%} paired interval, {d.draws} draws)")
+            f"v{champ.version} ({cfg.interval_level:.0%} paired interval, {d.draws} draws{each})")
     if bound < -need and bound < 0:
         return True, (f"{text}: better beyond the noise, clearing the required "
                       f"{cfg.margin:.2%} improvement")
     if d.low <= 0 <= d.high:
-        return False, f"{text}: not distinguishable (the interval holds 0)"
+        hint = _resolution_hint(d, samples, reference) if metric == "fd" else ""
+        return False, f"{text}: not distinguishable (the interval holds 0){hint}"
     if (d.low > 0) == lower:
         return False, f"{text}: worse than the champion"
     return False, (f"{text}: better, but the interval's bound misses the required "
@@ -126,9 +157,14 @@ def _judge(name: str, chall, chall_value: float, champ, cfg: RegistryConfig,
                 f"models:/{name}/{champ.version}")
             d = paired_difference(a, b, metric, cfg) if a and b else None
         if d is not None:
-            ok, reason = _verdict(metric, d, champ_value, champ, cfg)
+            samples = a.get("samples") if metric == "fd" else len(a["arrays"]["nll"])
+            reference = len(a["arrays"]["reference"]) if "reference" in a["arrays"] else None
+            ok, reason = _verdict(metric, d, champ_value, champ, cfg, samples, reference)
+            seconds = [x.get("seconds") for x in (a, b)]
             compared |= {"difference": d.value, "difference_low": d.low,
-                         "difference_high": d.high, "paired": True}
+                         "difference_high": d.high, "paired": True, "samples": samples,
+                         "eval_seconds": (sum(seconds) if all(
+                             isinstance(x, (int, float)) for x in seconds) else None)}
         else:
             ok = math.isfinite(gain) and gain > 0 and gain >= cfg.margin
             reason = (f"{metric} {chall_value:g} vs champion v{champ.version} "

@@ -92,7 +92,8 @@ def _record_decision(client, model_name: str, chall, champ, ok: bool, reason: st
               "challenger": str(chall.version), "against": str(previous) if previous else None,
               "metric": metric, "challenger_value": result["challenger_value"],
               "champion_value": result["champion_value"], "margin": result["margin"],
-              **{k: result[k] for k in ("difference", "difference_low", "difference_high")
+              **{k: result[k] for k in ("difference", "difference_low", "difference_high",
+                                        "samples", "eval_seconds")
                  if result.get(k) is not None},
               "reason": reason}
     for k, v in {"promotion.decision": record["decision"], "promotion.at": at,
@@ -105,8 +106,10 @@ def _record_decision(client, model_name: str, chall, champ, ok: bool, reason: st
                  "promotion.policy": policy,
                  "promotion.paired": str(bool(result.get("paired"))).lower(),
                  **{f"promotion.{k}": _tag_value(result[k]) for k in (
-                     "difference", "difference_low", "difference_high")
+                     "difference", "difference_low", "difference_high", "eval_seconds")
                     if result.get(k) is not None},
+                 **({"promotion.samples": str(int(result["samples"]))}
+                    if result.get("samples") is not None else {}),
                  "promotion.reason": reason[:4000]}.items():
         client.set_model_version_tag(model_name, chall.version, k, v)
     if champ is not None:

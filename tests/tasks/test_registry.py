@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -415,7 +416,7 @@ def test_the_gate_judges_the_paired_interval_of_the_difference(store, models):
         asked.append(model_ref)
         return {"setting": "ddim:10", "arrays": {
             "samples/ddim:10": samples[model_ref.rsplit("/", 1)[1]].astype(np.float32),
-            "reference": reference}}
+            "reference": reference}, "samples": 300, "seconds": 12.5}
 
     name = unique_name()
     reg(store, models[0], name, fd=10.0)
@@ -428,9 +429,14 @@ def test_the_gate_judges_the_paired_interval_of_the_difference(store, models):
     assert not res["promoted"] and res["champion"] == "1" and res["paired"]
     assert res["difference_low"] < 0 < res["difference_high"]
     assert "not distinguishable (the interval holds 0)" in res["reason"]
-    assert "95% paired interval, 2000 draws" in res["reason"]
+    assert "95% paired interval, 2000 draws, 300 samples each" in res["reason"]
+    assert ("with 165 reference images (resampled too) their noise dominates the width and "
+            "more samples narrow it little: a larger held-out split (data.val_fraction)"
+            in res["reason"])
+    assert res["samples"] == 300 and res["eval_seconds"] == 25.0  # the cost: both evaluations
     tags = resolve(f"models:/{name}/2", store["uri"])["tags"]
     assert tags["promotion.paired"] == "true"
+    assert tags["promotion.samples"] == "300" and tags["promotion.eval_seconds"] == "25.0"
     assert float(tags["promotion.difference_low"]) == res["difference_low"]
 
     reg(store, models[2], name, fd=9.9)  # recorded value barely better; the samples much
@@ -438,6 +444,21 @@ def test_the_gate_judges_the_paired_interval_of_the_difference(store, models):
                   paired=paired)
     assert res["promoted"] and res["champion"] == "3" and res["difference_high"] < 0
     assert "better beyond the noise" in res["reason"]
+
+
+def test_the_samples_a_difference_needs_scale_with_the_square_of_the_interval():
+    from diffusion.metrics import Interval
+    from tasks.registry.gate import _resolution_hint, samples_to_resolve
+
+    d = Interval(value=-0.5, low=-1.5, high=0.5, level=0.95, draws=2000)  # half-width 1
+    assert samples_to_resolve(d, 500) == 2000  # (1 / 0.5)² × 500
+    assert samples_to_resolve(Interval(0.0, -1.0, 1.0, 0.95, 2000), 500) is None
+    assert samples_to_resolve(d, None) is None
+    # a fixed (large) reference: more samples is the remedy; a small resampled one: it is not
+    more = re.search(r"about (\d+) samples per model to tell from noise \(evaluate.num_samples\)",
+                     _resolution_hint(d, 500, 10_000))
+    assert more and int(more.group(1)) == 2000
+    assert "data.val_fraction" in _resolution_hint(d, 500, 165)
 
 
 def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
