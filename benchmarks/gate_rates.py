@@ -28,8 +28,8 @@ With the pipeline's own stages (``tasks.train.run_training`` on a local Ray, the
      images/s), ×2 for a gate decision that evaluates champion and challenger, and the gate's
      own bootstrap.
 
-Models and verdicts are kept in ``--work`` (``models.json``, ``verdicts.json``): a rerun with
-more models trains, evaluates and judges only what is new.
+Models and verdicts are kept in ``--work`` (``models.json``, ``<tag>.verdicts.json``): a rerun
+with more models trains, evaluates and judges only what is new.
 
 It also reports the quality of the default recipe as issue 15 measures it: per model, the mean
 ± sd of FD over disjoint 500-sample draws and the FD of all samples, against the held-out split
@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._machine import git_revision  # noqa: E402
+from benchmarks._machine import git_revision
 
 SETTING = "dpmpp_2m:10"
 
@@ -175,7 +175,7 @@ def _judge(task: tuple) -> dict:
 
 
 def judge_all(arrays: dict, models: dict, sizes: list[int], max_samples: int,
-              processes: int, work: Path) -> list[dict]:
+              processes: int, record: Path) -> list[dict]:
     """Every ordered (default champion, other model) pair's verdict on every disjoint block of
     every size, the gate's own rule (``tasks.registry.gate``), in ``processes`` processes."""
     from concurrent.futures import ProcessPoolExecutor
@@ -184,7 +184,7 @@ def judge_all(arrays: dict, models: dict, sizes: list[int], max_samples: int,
              for n in sizes for b in range(max_samples // n)
              for champ in models for chall in models
              if chall != champ and pair_kind(models, champ, chall)]
-    record = work / "verdicts.json"  # a rerun with another model judges only the new pairs
+    # a rerun with another model judges only the new pairs
     known = {tuple(r["task"]): r for r in (json.loads(record.read_text())
                                            if record.exists() else [])}
     rows = [known[t] for t in tasks if t in known]
@@ -261,13 +261,14 @@ def main() -> None:
              + [(f"div{args.factor}-seed{200 + s}", 200 + s, steps // args.factor)
                 for s in range(args.short)])
     models = train_models(cfg, work, specs)
-    for name, m in models.items():
+    for m in models.values():
         m["kind"] = ("default" if m["steps"] == steps else
                      "long" if m["steps"] > steps else "short")
     ray.shutdown()
     arrays, timing = evaluate_models(cfg, models, args.max_samples)
     qual = quality(arrays, 500)
-    rows = judge_all(arrays, models, sizes, args.max_samples, args.processes, work)
+    rows = judge_all(arrays, models, sizes, args.max_samples, args.processes,
+                     work / f"{args.tag}.verdicts.json")
 
     summary = []
     ips = statistics.median(t["images_per_s"] for t in timing.values())
@@ -287,6 +288,7 @@ def main() -> None:
                         "median_better_difference": statistics.median(
                             r["difference"] for r in at if r["kind"] == "better")})
     result = {"command": "benchmarks/gate_rates.py " + " ".join(sys.argv[1:]),
+              "guidance": cfg.evaluate.guidance_scale,
               "git": git_revision(), "setting": SETTING, "models": models, "timing": timing,
               "quality_500": qual, "summary": summary, "verdicts": rows,
               "seconds": round(time.perf_counter() - t_start, 1)}
@@ -303,14 +305,16 @@ def markdown(result: dict, args) -> str:
         "",
         f"Command: `.venv/bin/python {result['command']}`; git {result['git']}; "
         f"{result['seconds']:.0f} s in all.",
-        f"Setting {SETTING} (guidance as configured), one eval key for every model; the gate's "
+        f"Setting {SETTING}, guidance {result.get('guidance')}, one eval key for every model; "
+        "the gate's "
         "default policy (margin 0, 95 % paired interval, 2000 draws). Rates count ordered "
         "pairs × disjoint sample blocks; *bound*: the one-sided 95 % Wilson upper (false) or "
         "lower (true) bound.",
         "",
         "| samples per model | false promotions (default recipe, other seed) | bound | "
-        "default over a 1/{f}-trained champion | bound | {f}×-trained over a default champion | "
-        "bound | median interval width | eval s per model | gate s |".format(f=args.factor),
+        f"default over a 1/{args.factor}-trained champion | bound | "
+        f"{args.factor}×-trained over a default champion | "
+        "bound | median interval width | eval s per model | gate s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 

@@ -16,7 +16,8 @@ per (scale, setting), over the models:
   of all samples;
 - the paired difference of FD(all samples) to the baseline (same model, same noise): its value
   and 95 % bootstrap interval per model. A change counts only where every model's interval
-  lies on the same side of 0.
+  lies on the same side of 0. The baseline need not be among the scales × settings: it is then
+  evaluated on its own.
 
 Writes ``results/<tag>.json`` and ``results/<tag>.md``.
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._machine import git_revision  # noqa: E402
+from benchmarks._machine import git_revision
 
 
 def log(msg: str) -> None:
@@ -57,8 +58,7 @@ def main() -> None:
 
     import torch
 
-    from diffusion.metrics import (feature_statistics, frechet_distance,
-                                   paired_frechet_difference)
+    from diffusion.metrics import feature_statistics, frechet_distance, paired_frechet_difference
     from flows.config import load_config
     from tasks.evaluate import EvalConfig
     from tasks.evaluate.result import load_paired
@@ -72,23 +72,25 @@ def main() -> None:
     settings = args.frontier.split(",")
     base_scale, base_setting = args.baseline.split("@")
     base_scale = float(base_scale)
-    if base_scale not in scales or base_setting not in settings:
-        raise SystemExit(f"--baseline {args.baseline} must be one of the scales and settings")
+    combos = [(g, s) for g in scales for s in settings]
+    if (base_scale, base_setting) not in combos:  # the baseline alone at its own scale
+        combos.insert(0, (base_scale, base_setting))
     t_start = time.perf_counter()
 
     feats: dict = {}  # (model, scale, setting) -> [N, F]
     reference = None
     seconds: dict = {}
     for name, m in models.items():
-        for g in scales:
+        for g in dict.fromkeys(g for g, _ in combos):
+            at_g = [s for g2, s in combos if g2 == g]
             ev_cfg = EvalConfig(**(cfg.evaluate.model_dump() | {
-                "num_samples": args.samples, "frontier": settings, "guidance_scale": g,
+                "num_samples": args.samples, "frontier": at_g, "guidance_scale": g,
                 "nll_images": 0, "bootstrap_draws": 0}))
             res = evaluate(m["checkpoint_uri"], cfg.data, ev_cfg, cfg.runtime,
                            echo=lambda s: None)
             arrays = load_paired(res)["arrays"]
             reference = torch.from_numpy(arrays["reference"]).double()
-            for s in settings:
+            for s in at_g:
                 feats[name, g, s] = torch.from_numpy(arrays[f"samples/{s}"]).double()
             seconds[f"{name}@{g}"] = res["seconds"]
             log(f"{name} guidance {g}: " + ", ".join(
@@ -97,27 +99,26 @@ def main() -> None:
     torch.set_num_threads(1)  # the bootstrap's small eigendecompositions: no thread spin-waits
     ref_stats = feature_statistics(reference)
     rows = []
-    for g in scales:
-        for s in settings:
-            per_model = {}
-            for name in models:
-                x = feats[name, g, s]
-                blocks = [frechet_distance(*feature_statistics(x[i:i + args.block]), *ref_stats)
-                          for i in range(0, len(x) - args.block + 1, args.block)]
-                entry = {"block_mean": statistics.mean(blocks),
-                         "block_sd": statistics.stdev(blocks) if len(blocks) > 1 else None,
-                         "blocks": len(blocks),
-                         "all": frechet_distance(*feature_statistics(x), *ref_stats)}
-                if (g, s) != (base_scale, base_setting):
-                    d = paired_frechet_difference(x, feats[name, base_scale, base_setting],
-                                                  reference, draws=args.draws)
-                    entry |= {"difference": d.value, "low": d.low, "high": d.high}
-                per_model[name] = entry
-            rows.append({"guidance": g, "setting": s, "models": per_model,
-                         "mean_block_fd": statistics.mean(
-                             e["block_mean"] for e in per_model.values())})
-            log(f"guidance {g} {s}: mean FD over {args.block}-sample draws "
-                f"{rows[-1]['mean_block_fd']:.3f}")
+    for g, s in combos:
+        per_model = {}
+        for name in models:
+            x = feats[name, g, s]
+            blocks = [frechet_distance(*feature_statistics(x[i:i + args.block]), *ref_stats)
+                      for i in range(0, len(x) - args.block + 1, args.block)]
+            entry = {"block_mean": statistics.mean(blocks),
+                     "block_sd": statistics.stdev(blocks) if len(blocks) > 1 else None,
+                     "blocks": len(blocks),
+                     "all": frechet_distance(*feature_statistics(x), *ref_stats)}
+            if (g, s) != (base_scale, base_setting):
+                d = paired_frechet_difference(x, feats[name, base_scale, base_setting],
+                                              reference, draws=args.draws)
+                entry |= {"difference": d.value, "low": d.low, "high": d.high}
+            per_model[name] = entry
+        rows.append({"guidance": g, "setting": s, "models": per_model,
+                     "mean_block_fd": statistics.mean(
+                         e["block_mean"] for e in per_model.values())})
+        log(f"guidance {g} {s}: mean FD over {args.block}-sample draws "
+            f"{rows[-1]['mean_block_fd']:.3f}")
     result = {"command": "benchmarks/quality.py " + " ".join(sys.argv[1:]), "git": git_revision(),
               "baseline": args.baseline, "rows": rows, "eval_seconds": seconds,
               "seconds": round(time.perf_counter() - t_start, 1)}
