@@ -118,18 +118,15 @@ def quality(arrays: dict, block: int) -> dict:
     """Per model: FD over disjoint ``block``-sample draws (mean, sd, count) and of all."""
     import torch
 
-    from diffusion.metrics import feature_statistics, frechet_distance
+    from benchmarks.quality import draw_fd
+    from diffusion.metrics import feature_statistics
 
     out = {}
     for name, a in arrays.items():
-        feats = torch.from_numpy(a[f"samples/{SETTING}"]).double()
         ref = feature_statistics(torch.from_numpy(a["reference"]).double())
-        fds = [frechet_distance(*feature_statistics(feats[i:i + block]), *ref)
-               for i in range(0, len(feats) - block + 1, block)]
-        out[name] = {"mean": statistics.mean(fds) if fds else float("nan"),
-                     "sd": statistics.stdev(fds) if len(fds) > 1 else float("nan"),
-                     "draws": len(fds),
-                     "all": frechet_distance(*feature_statistics(feats), *ref)}
+        d = draw_fd(torch.from_numpy(a[f"samples/{SETTING}"]).double(), ref, block)
+        out[name] = {"mean": d["block_mean"], "draws": d["blocks"], "all": d["all"],
+                     "sd": float("nan") if d["block_sd"] is None else d["block_sd"]}
     return out
 
 
@@ -210,15 +207,20 @@ def pair_kind(models: dict, champ: str, chall: str) -> str | None:
     return None
 
 
+def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
+    """The one-sided 95 % Wilson upper bound of a rate of k in n (nan for n = 0); the lower
+    bound of k in n is 1 − wilson_upper(n − k, n)."""
+    if n == 0:
+        return float("nan")
+    p = k / n
+    return (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (
+        1 + z * z / n)
+
+
 def rate(rows: list[dict]) -> tuple[int, int, float, float]:
     """(promoted, total, rate, upper 95 % one-sided bound) of a set of verdicts (Wilson)."""
     k, n = sum(r["promoted"] for r in rows), len(rows)
-    if n == 0:
-        return 0, 0, float("nan"), float("nan")
-    p, z = k / n, 1.645
-    hi = (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (
-        1 + z * z / n)
-    return k, n, p, hi
+    return k, n, (k / n if n else float("nan")), wilson_upper(k, n)
 
 
 def main() -> None:
@@ -319,8 +321,7 @@ def markdown(result: dict, args) -> str:
     ]
 
     def lower_bound(k: int, n: int) -> float:
-        return 1 - rate([{"promoted": True}] * (n - k) + [{"promoted": False}] * k)[3] \
-            if n else float("nan")
+        return 1 - wilson_upper(n - k, n)
 
     for s in result["summary"]:
         kf, nf, pf, hf = s["false"]

@@ -40,6 +40,18 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def draw_fd(x, ref_stats, block: int) -> dict:
+    """FD of ``x`` [N, F] against ``ref_stats`` over disjoint ``block``-sample draws (mean, sd,
+    count; nan where there are too few draws) and of all N."""
+    from diffusion.metrics import feature_statistics, frechet_distance
+
+    fds = [frechet_distance(*feature_statistics(x[i:i + block]), *ref_stats)
+           for i in range(0, len(x) - block + 1, block)]
+    return {"block_mean": statistics.mean(fds) if fds else float("nan"),
+            "block_sd": statistics.stdev(fds) if len(fds) > 1 else None,
+            "blocks": len(fds), "all": frechet_distance(*feature_statistics(x), *ref_stats)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", required=True, help="JSON {name: {checkpoint_uri: ...}}")
@@ -58,7 +70,7 @@ def main() -> None:
 
     import torch
 
-    from diffusion.metrics import feature_statistics, frechet_distance, paired_frechet_difference
+    from diffusion.metrics import feature_statistics, paired_frechet_difference
     from flows.config import load_config
     from tasks.evaluate import EvalConfig
     from tasks.evaluate.result import load_paired
@@ -103,12 +115,7 @@ def main() -> None:
         per_model = {}
         for name in models:
             x = feats[name, g, s]
-            blocks = [frechet_distance(*feature_statistics(x[i:i + args.block]), *ref_stats)
-                      for i in range(0, len(x) - args.block + 1, args.block)]
-            entry = {"block_mean": statistics.mean(blocks),
-                     "block_sd": statistics.stdev(blocks) if len(blocks) > 1 else None,
-                     "blocks": len(blocks),
-                     "all": frechet_distance(*feature_statistics(x), *ref_stats)}
+            entry = draw_fd(x, ref_stats, args.block)
             if (g, s) != (base_scale, base_setting):
                 d = paired_frechet_difference(x, feats[name, base_scale, base_setting],
                                               reference, draws=args.draws)
