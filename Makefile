@@ -4,7 +4,10 @@
 #                 MLflow registry and promotion, generated samples and their PNG grid
 #   make test   — create .venv if missing, install with the dev extra, run the whole test suite
 #   make test-fast — the same set-up, then only the tests that need no service (no Ray, Prefect,
-#                 MLflow or S3 server) and are not slow: the math, config, units, manifests
+#                 MLflow or S3 server) and are not slow: the math, config, units, manifests;
+#                 on TEST_WORKERS processes (pytest-xdist; default: the cores, at most 4). Each
+#                 test there runs with one torch thread, so two workers use a 2-core machine
+#                 fully: 63 s against 90.5 s in one process (benchmarks/README.md, "Test suite")
 #
 # TORCH_SPEC is the torch release we test against. On Linux, PyPI's wheel of it is the CUDA
 # build, so GPU machines get CUDA; where a local CPU wheel of the same release is offered
@@ -20,6 +23,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 INSTALL ?= $(BIN)/uv pip install --quiet --python $(BIN)/python
+# Each worker imports torch, Ray, Prefect and MLflow (~1 GB resident), hence the cap.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test test-fast lint bench clean
 
@@ -38,7 +43,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not integration and not slow"
+	$(BIN)/python -m pytest -m "not integration and not slow" -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
