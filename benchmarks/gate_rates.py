@@ -60,29 +60,48 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def recipe_sha(cfg) -> str:
+    """What makes two trainings the same recipe: the model, diffusion and train sections, less
+    the seed, the step count and the run's name and checkpoint cadence (12 hex digits)."""
+    import hashlib
+
+    train = cfg.train.model_dump(mode="json")
+    for key in ("seed", "steps", "run_name", "checkpoint_every"):
+        train.pop(key, None)
+    body = {"model": cfg.model.to_dict(), "diffusion": cfg.diffusion.to_dict(), "train": train}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def train_models(cfg, work: Path, specs: list[tuple[str, int, int]]) -> dict[str, dict]:
     """``{name: {"checkpoint_uri", "seconds", "loss"}}`` for (name, seed, steps) specs; a run
-    already finished in ``work`` is found by its run name and not trained again."""
+    already finished in ``work`` is found by its name and not trained again. A name recorded
+    with another recipe is an error (a default changed since: use another ``--prefix``)."""
     from tasks.train import TrainConfig, run_training
 
     record = work / "models.json"
     known = json.loads(record.read_text()) if record.exists() else {}
+    sha = recipe_sha(cfg)
     out = {}
     for name, seed, steps in specs:
+        if name in known and known[name].get("recipe") != sha:
+            raise SystemExit(f"{record}: {name} was trained with recipe "
+                             f"{known[name].get('recipe')}, not this one ({sha}); give these "
+                             "models another name (--prefix) or use another --work")
         if name in known and known[name]["steps"] == steps and Path(
                 known[name]["checkpoint_uri"]).exists():
             out[name] = known[name]
             log(f"{name}: trained before, {known[name]['checkpoint_uri']}")
             continue
         train = TrainConfig(**(cfg.train.model_dump() | {
-            "seed": seed, "steps": steps, "run_name": f"gate-{name}",
+            "seed": seed, "steps": steps, "run_name": f"gate-{name}-{sha}",
             "checkpoint_every": max(steps, 500)}))
         t0 = time.perf_counter()
         res = run_training(cfg.data, cfg.model, cfg.diffusion, train, cfg.runtime,
                            pipeline=cfg.to_json_dict(), echo=lambda s: None)
         seconds = time.perf_counter() - t0
         out[name] = {"checkpoint_uri": res.checkpoint_uri, "seed": seed, "steps": steps,
-                     "seconds": round(seconds, 1), "loss": res.metrics.get("loss")}
+                     "recipe": sha, "seconds": round(seconds, 1),
+                     "loss": res.metrics.get("loss")}
         log(f"trained {name} (seed {seed}, {steps} steps) in {seconds:.0f} s: "
             f"{res.checkpoint_uri}")
         record.write_text(json.dumps(known | out, indent=1))
@@ -236,6 +255,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=os.cpu_count(),
                     help="processes judging pairs (each one torch thread)")
     ap.add_argument("--work", default="/tmp/gate-rates")
+    ap.add_argument("--prefix", default="", help="model names' prefix in --work/models.json "
+                    "(models of another recipe need their own)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config overrides for every model (the recipe under test)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -257,10 +278,11 @@ def main() -> None:
     ensure_ray(cfg.runtime)
     preprocess(cfg.data, cfg.runtime, echo=lambda s: None)
     steps = cfg.train.steps
-    specs = ([(f"seed{s}", s, steps) for s in range(args.seeds)]
-             + [(f"x{args.factor}-seed{100 + s}", 100 + s, steps * args.factor)
+    p = args.prefix
+    specs = ([(f"{p}seed{s}", s, steps) for s in range(args.seeds)]
+             + [(f"{p}x{args.factor}-seed{100 + s}", 100 + s, steps * args.factor)
                 for s in range(args.long)]
-             + [(f"div{args.factor}-seed{200 + s}", 200 + s, steps // args.factor)
+             + [(f"{p}div{args.factor}-seed{200 + s}", 200 + s, steps // args.factor)
                 for s in range(args.short)])
     models = train_models(cfg, work, specs)
     for m in models.values():

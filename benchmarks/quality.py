@@ -5,6 +5,7 @@ against the default with a paired interval (so no change is kept on a lucky draw
         --root /tmp/gate-rates/root 2>&1 | tee benchmarks/results/quality.log
     # options: --guidance 1.0,1.5,2.0,3.0 --frontier ddim:10,dpmpp_2m:10,dpmpp_2m_sde:10
     #          --samples 2000 --block 500 --baseline 1.5@dpmpp_2m:10 --only seed0,seed1
+    #          --baseline-model seed0   (the baseline on another model, e.g. the old recipe's)
 
 For every model (checkpoints, e.g. those ``benchmarks/gate_rates.py`` trained) and guidance
 scale, one evaluation (``tasks.evaluate.evaluate``, the project's reference-network features,
@@ -16,7 +17,9 @@ per (scale, setting), over the models:
   of all samples;
 - the paired difference of FD(all samples) to the baseline (same model, same noise): its value
   and 95 % bootstrap interval per model. A change counts only where every model's interval
-  lies on the same side of 0. The baseline need not be among the scales × settings: it is then
+  lies on the same side of 0. With ``--baseline-model`` the baseline is that model's (same
+  noise and labels, so still paired), e.g. the previous default recipe's. The baseline need
+  not be among the scales × settings: it is then
   evaluated on its own.
 
 Writes ``results/<tag>.json`` and ``results/<tag>.md``.
@@ -63,6 +66,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=500)
     ap.add_argument("--draws", type=int, default=1000, help="bootstrap draws per difference")
     ap.add_argument("--baseline", default="1.5@dpmpp_2m:10", help="SCALE@SAMPLER:STEPS")
+    ap.add_argument("--baseline-model", default="",
+                    help="evaluate the baseline on this model of --models (default: each model)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="quality")
@@ -77,9 +82,12 @@ def main() -> None:
     from tasks.evaluate.run import evaluate
 
     cfg = load_config(sets=args.set, root=args.root)
-    models = json.loads(Path(args.models).read_text())
+    every_model = json.loads(Path(args.models).read_text())
+    models = every_model
     if args.only:
         models = {k: v for k, v in models.items() if k in args.only.split(",")}
+    if args.baseline_model and args.baseline_model not in every_model:
+        raise SystemExit(f"--baseline-model {args.baseline_model}: not in {args.models}")
     scales = [float(g) for g in args.guidance.split(",")]
     settings = args.frontier.split(",")
     base_scale, base_setting = args.baseline.split("@")
@@ -87,24 +95,31 @@ def main() -> None:
     combos = [(g, s) for g in scales for s in settings]
     if (base_scale, base_setting) not in combos:  # the baseline alone at its own scale
         combos.insert(0, (base_scale, base_setting))
+    # whose samples each combination is evaluated on: the models, or the baseline's own model
+    evaluated = {(name, g, s): every_model[args.baseline_model if args.baseline_model and (
+        g, s) == (base_scale, base_setting) else name] for name in models for g, s in combos}
     t_start = time.perf_counter()
 
     feats: dict = {}  # (model, scale, setting) -> [N, F]
     reference = None
     seconds: dict = {}
-    for name, m in models.items():
+    for name in models:
         for g in dict.fromkeys(g for g, _ in combos):
-            at_g = [s for g2, s in combos if g2 == g]
-            ev_cfg = EvalConfig(**(cfg.evaluate.model_dump() | {
-                "num_samples": args.samples, "frontier": at_g, "guidance_scale": g,
-                "nll_images": 0, "bootstrap_draws": 0}))
-            res = evaluate(m["checkpoint_uri"], cfg.data, ev_cfg, cfg.runtime,
-                           echo=lambda s: None)
-            arrays = load_paired(res)["arrays"]
-            reference = torch.from_numpy(arrays["reference"]).double()
-            for s in at_g:
-                feats[name, g, s] = torch.from_numpy(arrays[f"samples/{s}"]).double()
-            seconds[f"{name}@{g}"] = res["seconds"]
+            by_model: dict = {}  # checkpoint -> the settings at g sampled from it
+            for g2, s in combos:
+                if g2 == g:
+                    by_model.setdefault(evaluated[name, g, s]["checkpoint_uri"], []).append(s)
+            for uri, at_g in by_model.items():
+                ev_cfg = EvalConfig(**(cfg.evaluate.model_dump() | {
+                    "num_samples": args.samples, "frontier": at_g, "guidance_scale": g,
+                    "nll_images": 0, "bootstrap_draws": 0}))
+                res = evaluate(uri, cfg.data, ev_cfg, cfg.runtime, echo=lambda s: None)
+                arrays = load_paired(res)["arrays"]
+                reference = torch.from_numpy(arrays["reference"]).double()
+                for s in at_g:
+                    feats[name, g, s] = torch.from_numpy(arrays[f"samples/{s}"]).double()
+                seconds[f"{name}@{g}" + ("" if uri == models[name]["checkpoint_uri"]
+                                         else " (baseline model)")] = res["seconds"]
             log(f"{name} guidance {g}: " + ", ".join(
                 f"{e['sampler']}:{e['steps']} FD {e['fd']:.3f}" for e in res["frontier"]))
 
@@ -127,7 +142,8 @@ def main() -> None:
         log(f"guidance {g} {s}: mean FD over {args.block}-sample draws "
             f"{rows[-1]['mean_block_fd']:.3f}")
     result = {"command": "benchmarks/quality.py " + " ".join(sys.argv[1:]), "git": git_revision(),
-              "baseline": args.baseline, "rows": rows, "eval_seconds": seconds,
+              "baseline": args.baseline, "baseline_model": args.baseline_model or None,
+              "rows": rows, "eval_seconds": seconds,
               "seconds": round(time.perf_counter() - t_start, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +164,8 @@ def markdown(result: dict, names: list[str], args) -> str:
         f"FD in the project's reference-network feature space against the held-out split. "
         f"*Draws*: mean ± sd over disjoint {args.block}-sample draws of {args.samples} samples, "
         f"per model; *vs baseline*: FD(all) − the baseline's FD(all) on the same noise, with "
-        f"its paired 95 % interval, per model. Baseline {args.baseline}.",
+        f"its paired 95 % interval, per model. Baseline {args.baseline}"
+        + (f" on model {args.baseline_model}." if args.baseline_model else "."),
         "",
         "| guidance | setting | mean of the models' draw means | vs baseline | "
         + " | ".join(f"{n}: draws; all; vs baseline" for n in names) + " |",

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from diffusion.pipeline import DiffusionConfig
 from diffusion.unet import UNetConfig
 from tasks.datasets import DataConfig
-from tasks.digits import DIGITS_UNET
+from tasks.digits import DIGITS_DIFFUSION, DIGITS_UNET
 from tasks.errors import ConfigError
 from tasks.evaluate import EvalConfig
 from tasks.generate import GenerateConfig
@@ -34,7 +34,7 @@ class PipelineConfig(BaseModel):
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: UNetConfig = Field(default_factory=lambda: DIGITS_UNET)
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    diffusion: DiffusionConfig = Field(default_factory=lambda: DIGITS_DIFFUSION)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

@@ -35,7 +35,7 @@ from diffusion import (
 from diffusion.pipeline import DiffusionConfig, sample_images
 from diffusion.pixels import uint8_to_unit
 from diffusion.training import make_lr_scheduler, make_optimizer, train_step
-from tasks.digits import CLASS_NAMES, DIGITS_UNET, digits_splits
+from tasks.digits import CLASS_NAMES, DIGITS_DIFFUSION, DIGITS_UNET, digits_splits
 from tasks.images import save_grid_png
 
 
@@ -47,7 +47,7 @@ class DemoConfig:
     unet: UNetConfig = DIGITS_UNET
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, warmup_steps=100))
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig("dpmpp_2m", steps=20))
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    diffusion: DiffusionConfig = DIGITS_DIFFUSION
     guidance_scale: float = 1.5
     samples_per_class: int = 10
     nll_images: int = 64  # val images for the bits/dim estimate (T network calls per batch)
