@@ -118,10 +118,11 @@ def main() -> None:
                 reference = torch.from_numpy(arrays["reference"]).double()
                 for s in at_g:
                     feats[name, g, s] = torch.from_numpy(arrays[f"samples/{s}"]).double()
-                seconds[f"{name}@{g}" + ("" if uri == models[name]["checkpoint_uri"]
-                                         else " (baseline model)")] = res["seconds"]
-            log(f"{name} guidance {g}: " + ", ".join(
-                f"{e['sampler']}:{e['steps']} FD {e['fd']:.3f}" for e in res["frontier"]))
+                who = name if uri == models[name]["checkpoint_uri"] else (
+                    f"{args.baseline_model} (baseline model)")
+                seconds[f"{who}@{g}"] = res["seconds"]
+                log(f"{who} guidance {g}: " + ", ".join(
+                    f"{e['sampler']}:{e['steps']} FD {e['fd']:.3f}" for e in res["frontier"]))
 
     torch.set_num_threads(1)  # the bootstrap's small eigendecompositions: no thread spin-waits
     ref_stats = feature_statistics(reference)
