@@ -1,5 +1,6 @@
 """Machine measurement shared by the benchmarks: CPU accounting from /proc, waiting for a quiet
-machine, and the git revision a result was made from.
+machine, the git revision a result was made from, a timestamped log line, and writing a
+result's JSON and markdown.
 
 ``CpuMeter`` splits the CPU seconds spent during a block between this process ("driver"), its
 descendants ("children": Ray's processes, a multiprocessing pool) and everything else on the
@@ -15,6 +16,7 @@ functions there by value), so this module imports nothing beyond the standard li
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -230,3 +232,18 @@ def git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (tasks/ modified)" if dirty else "")
+
+
+def log(msg: str) -> None:
+    """``[HH:MM:SS] msg``, flushed (the benchmarks run for many minutes under tee)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_result(out: str | Path, tag: str, result: dict, text: str) -> None:
+    """``out/<tag>.json`` (the result) and ``out/<tag>.md`` (``text``, its table), then print
+    the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{tag}.md").write_text(text)
+    print(text)

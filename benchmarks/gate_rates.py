@@ -51,24 +51,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._machine import git_revision
+from benchmarks._machine import git_revision, log, write_result
 
 SETTING = "dpmpp_2m:10"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def recipe_sha(cfg) -> str:
-    """What makes two trainings the same recipe: the model, diffusion and train sections, less
-    the seed, the step count and the run's name and checkpoint cadence (12 hex digits)."""
+    """What makes two trainings the same recipe (12 hex digits): the pipeline's own run
+    identity (``tasks.train.config.run_identity`` less ``EXECUTION_KEYS``, as a default run
+    name is derived) less the seed and the step count."""
     import hashlib
 
-    train = cfg.train.model_dump(mode="json")
-    for key in ("seed", "steps", "run_name", "checkpoint_every"):
-        train.pop(key, None)
-    body = {"model": cfg.model.to_dict(), "diffusion": cfg.diffusion.to_dict(), "train": train}
+    from tasks.train.config import EXECUTION_KEYS, run_identity
+
+    body = run_identity(cfg.model, cfg.diffusion, cfg.train)
+    body["train"] = {k: v for k, v in body["train"].items()
+                     if k not in EXECUTION_KEYS | {"seed", "steps"}}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -316,11 +314,7 @@ def main() -> None:
               "git": git_revision(), "setting": SETTING, "models": models, "timing": timing,
               "quality_500": qual, "summary": summary, "verdicts": rows,
               "seconds": round(time.perf_counter() - t_start, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{args.tag}.md").write_text(markdown(result, args))
-    print(markdown(result, args))
+    write_result(args.out, args.tag, result, markdown(result, args))
 
 
 def markdown(result: dict, args) -> str:

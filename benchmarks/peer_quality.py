@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._machine import git_revision
-from benchmarks.gate_rates import log, recipe_sha
+from benchmarks._machine import git_revision, log, write_result
+from benchmarks.gate_rates import recipe_sha
 from benchmarks.quality import draw_fd
 from benchmarks.recipes import t_interval
 
@@ -207,12 +207,7 @@ def main() -> None:
               "git": git_revision(), "setting": args.setting, "samples": args.samples,
               "seeds": rows, "summary": summary,
               "seconds": round(time.perf_counter() - t_start, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result, seeds, args)
-    (out / f"{args.tag}.md").write_text(text)
-    print(text)
+    write_result(args.out, args.tag, result, markdown(result, seeds, args))
 
 
 def markdown(result: dict, seeds: list[int], args) -> str:

@@ -36,11 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._machine import git_revision
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+from benchmarks._machine import git_revision, log, write_result
 
 
 def draw_fd(x, ref_stats, block: int) -> dict:
@@ -146,12 +142,7 @@ def main() -> None:
               "baseline": args.baseline, "baseline_model": args.baseline_model or None,
               "rows": rows, "eval_seconds": seconds,
               "seconds": round(time.perf_counter() - t_start, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result, list(models), args)
-    (out / f"{args.tag}.md").write_text(text)
-    print(text)
+    write_result(args.out, args.tag, result, markdown(result, list(models), args))
 
 
 def markdown(result: dict, names: list[str], args) -> str:

@@ -33,7 +33,6 @@ Writes ``results/<tag>.json`` and ``results/<tag>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,8 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._machine import git_revision
-from benchmarks.gate_rates import log, train_models
+from benchmarks._machine import git_revision, log, write_result
+from benchmarks.gate_rates import train_models
 from benchmarks.quality import draw_fd
 
 # Two-sided 95 % Student t quantiles by degrees of freedom (scipy is not a dependency).
@@ -158,12 +157,7 @@ def main() -> None:
     result = {"command": "benchmarks/recipes.py " + " ".join(sys.argv[1:]), "git": git_revision(),
               "setting": args.setting, "samples": args.samples, "rows": rows,
               "seconds": round(time.perf_counter() - t_start, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result, seeds, args)
-    (out / f"{args.tag}.md").write_text(text)
-    print(text)
+    write_result(args.out, args.tag, result, markdown(result, seeds, args))
 
 
 def markdown(result: dict, seeds: list[int], args) -> str:
