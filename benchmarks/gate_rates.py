@@ -70,21 +70,33 @@ def recipe_sha(cfg) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def data_sha(cfg) -> str:
+    """What makes two trainings' data the same (12 hex digits): the source and the settings that
+    fix the dataset version's bytes, the train/held-out split among them (``data.val_fraction``).
+    A model is judged against its own held-out split, so one trained on other data is another
+    model even under the same recipe."""
+    import hashlib
+
+    body = {"source": cfg.data.source, **cfg.data.preprocessing()}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def train_models(cfg, work: Path, specs: list[tuple[str, int, int]]) -> dict[str, dict]:
     """``{name: {"checkpoint_uri", "seconds", "loss"}}`` for (name, seed, steps) specs; a run
     already finished in ``work`` is found by its name and not trained again. A name recorded
-    with another recipe is an error (a default changed since: use another ``--prefix``)."""
+    with another recipe or data is an error (a default changed since: use another ``--prefix``)."""
     from tasks.train import TrainConfig, run_training
 
     record = work / "models.json"
     known = json.loads(record.read_text()) if record.exists() else {}
-    sha = recipe_sha(cfg)
+    sha, data = recipe_sha(cfg), data_sha(cfg)
     out = {}
     for name, seed, steps in specs:
-        if name in known and known[name].get("recipe") != sha:
+        if name in known and (known[name].get("recipe"), known[name].get("data")) != (sha, data):
             raise SystemExit(f"{record}: {name} was trained with recipe "
-                             f"{known[name].get('recipe')}, not this one ({sha}); give these "
-                             "models another name (--prefix) or use another --work")
+                             f"{known[name].get('recipe')} on data {known[name].get('data')}, "
+                             f"not this recipe ({sha}) and data ({data}); give these models "
+                             "another name (--prefix) or use another --work")
         if name in known and known[name]["steps"] == steps and Path(
                 known[name]["checkpoint_uri"]).exists():
             out[name] = known[name]
@@ -98,7 +110,7 @@ def train_models(cfg, work: Path, specs: list[tuple[str, int, int]]) -> dict[str
                            pipeline=cfg.to_json_dict(), echo=lambda s: None)
         seconds = time.perf_counter() - t0
         out[name] = {"checkpoint_uri": res.checkpoint_uri, "seed": seed, "steps": steps,
-                     "recipe": sha, "seconds": round(seconds, 1),
+                     "recipe": sha, "data": data, "seconds": round(seconds, 1),
                      "loss": res.metrics.get("loss")}
         log(f"trained {name} (seed {seed}, {steps} steps) in {seconds:.0f} s: "
             f"{res.checkpoint_uri}")

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._machine import git_revision, log, write_result
-from benchmarks.gate_rates import recipe_sha
+from benchmarks.gate_rates import data_sha, recipe_sha
 from benchmarks.quality import draw_fd
 from benchmarks.recipes import t_interval
 
@@ -144,9 +144,10 @@ def main() -> None:
     preprocess(cfg.data, cfg.runtime, echo=lambda s: None)
     known = (json.loads((work / "models.json").read_text())
              if (work / "models.json").exists() else {})
-    sha = recipe_sha(cfg)  # the pipeline's models of this recipe, by seed
+    sha, data = recipe_sha(cfg), data_sha(cfg)  # the pipeline's models of this recipe, by seed
     pipeline_models = {m["seed"]: m for m in known.values()
-                       if m.get("recipe") == sha and m["steps"] == cfg.train.steps}
+                       if (m.get("recipe"), m.get("data")) == (sha, data)
+                       and m["steps"] == cfg.train.steps}
     if not pipeline_models:
         raise SystemExit(f"{work}/models.json has no model of the default recipe ({sha}): run "
                          "benchmarks/gate_rates.py (or recipes.py) with this --work first")

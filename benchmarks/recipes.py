@@ -9,6 +9,8 @@ intervals that hold both the sampling noise and the training seed's.
     #   add --set diffusion.schedule=linear --default-prefix linear-
 
 A recipe is a name and ``--set`` overrides of the default config (several joined by ``;``).
+It may change the data only by holding out more (``data.val_fraction``): its models are still
+judged on the default data's held-out split, which they held out too.
 Every (recipe, seed) is trained with the pipeline's own training (``run_training``, local Ray,
 the default's steps and time budget) under ``--work`` (models.json; the default recipe's models
 are those ``benchmarks/gate_rates.py`` trains, ``<--default-prefix>seed<N>``, so both benchmarks
@@ -59,6 +61,18 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def holds_out_more(recipe: str, data, base) -> None:
+    """A recipe may change the data only by holding out more of it (a larger
+    ``data.val_fraction``): the split is by key hash against the fraction, so its held-out split
+    contains the default's, and its models are judged on the default's like every other.
+    Anything else would judge models against images some of them trained on."""
+    same = data.model_copy(update={"val_fraction": base.val_fraction}) == base
+    if not same or data.val_fraction < base.val_fraction:
+        raise SystemExit(f"recipe {recipe} changes the data section other than by a larger "
+                         "data.val_fraction: its models could not all be judged on held-out "
+                         "images")
+
+
 def parse_recipe(text: str) -> tuple[str, list[str]]:
     name, sep, sets = text.partition("=")
     if not sep or not name.isidentifier() or name == "default":
@@ -104,13 +118,16 @@ def main() -> None:
     base = load_config(sets=args.set, root=root)
     t_start = time.perf_counter()
     ensure_ray(base.runtime)
-    preprocess(base.data, base.runtime, echo=lambda s: None)
 
+    base_version = preprocess(base.data, base.runtime, echo=lambda s: None).ref.version
+    # every model is judged on the default data's held-out split, which each one held out too
+    judged_on = base.data.model_copy(update={"version": base_version})
     models: dict[str, dict] = {}
     for recipe, sets in recipes.items():
         cfg = load_config(sets=args.set + sets, root=root)
         if cfg.data != base.data:
-            raise SystemExit(f"recipe {recipe} changes the data section: not comparable")
+            holds_out_more(recipe, cfg.data, base.data)
+            preprocess(cfg.data, cfg.runtime, echo=lambda s: None)
         prefix = args.default_prefix if recipe == "default" else f"{recipe}-"
         trained = train_models(cfg, work, [(f"{prefix}seed{s}", s, cfg.train.steps)
                                            for s in seeds])
@@ -123,7 +140,7 @@ def main() -> None:
         "bootstrap_draws": 0}))
     feats, reference = {}, None
     for (recipe, s), m in models.items():
-        res = evaluate(m["checkpoint_uri"], base.data, ev_cfg, base.runtime, echo=lambda s: None)
+        res = evaluate(m["checkpoint_uri"], judged_on, ev_cfg, base.runtime, echo=lambda s: None)
         arrays = load_paired(res)["arrays"]
         reference = torch.from_numpy(arrays["reference"]).double()
         feats[recipe, s] = torch.from_numpy(arrays[f"samples/{args.setting}"]).double()
