@@ -47,7 +47,12 @@ class DataConfig(BaseModel):
     )
     resolution: int = Field(8, ge=4, le=1024, description="Target height = width in pixels.")
     channels: Literal[1, 3] = Field(1, description="1 (grayscale, mode L) or 3 (RGB).")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share (by key hash).")
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Held-out share (by key hash): the evaluation's "
+        "reference set, so its size sets how small a difference the promotion gate can tell "
+        "from noise. The digits: 0.2 holds out 324 images, and the default model beats a "
+        "200-step one in all 56 paired decisions; at 0.1 (165 images) in 11 of 16 "
+        "(benchmarks/gate_rates.py). A large dataset needs only a few thousand (0.05 of CIFAR-10).")
     strict: bool = Field(False, description="Fail on any bad input instead of skipping it.")
     image_column: str = Field("image", description="Parquet sources: the image column.")
     label_column: str | None = Field("label", description="Parquet sources: the label column.")

@@ -12,7 +12,7 @@ import numpy as np
 
 from diffusion.pipeline import DiffusionConfig
 from diffusion.unet import UNetConfig
-from tasks.datasets import split_of
+from tasks.datasets import DataConfig, split_of
 
 __all__ = ["CLASS_NAMES", "DIGITS_DIFFUSION", "DIGITS_UNET", "NAME", "digits_splits",
            "load_digits_uint8", "split_of"]
@@ -51,8 +51,11 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images[:, None], bunch.target.astype(np.int64), keys
 
 
-def digits_splits(val_fraction: float = 0.1):
-    """{'train': (images, labels), 'val': (images, labels)} with the deterministic split."""
+def digits_splits(val_fraction: float | None = None):
+    """{'train': (images, labels), 'val': (images, labels)} with the deterministic split, the
+    pipeline's (``data.val_fraction``, by default :class:`~tasks.datasets.DataConfig`'s)."""
+    if val_fraction is None:
+        val_fraction = DataConfig.model_fields["val_fraction"].default
     images, labels, keys = load_digits_uint8()
     is_val = np.array([split_of(k, val_fraction) == "val" for k in keys])
     return {"train": (images[~is_val], labels[~is_val]), "val": (images[is_val], labels[is_val])}

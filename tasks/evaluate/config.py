@@ -29,9 +29,9 @@ class EvalConfig(BaseModel):
 
     num_samples: int = Field(
         1000, ge=2, description="Generated images per sampler setting: what the promotion "
-        "gate judges (digits, benchmarks/gate_rates.py: at 1000, another seed's model is "
-        "never promoted, 0 of 48, and the default is found better than a 200-step model in "
-        "11 of 16 paired decisions, 16 of 16 under the old linear schedule).")
+        "gate judges (digits, benchmarks/gate_rates.py: at 1000, against the 324 held-out "
+        "images, another seed's model is never promoted, 0 of 168, and the default is found "
+        "better than a 200-step model in 56 of 56 paired decisions).")
     seed: int = Field(2024, description="Sample i uses noise stream (seed, i).")
     guidance_scale: float = Field(
         1.0, ge=0, description="Classifier-free guidance (conditional models; 1 = none). The "

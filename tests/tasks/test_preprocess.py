@@ -183,10 +183,10 @@ def test_digits_source(ray_local, tmp_path):
     res, _, _ = run("digits", tmp_path, name="digits")
     m = res.manifest
     assert m["rows"] == 1797 and m["shape"] == [1, 8, 8] and m["class_names"] == list("0123456789")
-    assert m["splits"]["val"]["rows"] == 165 and not m["skipped"]
+    assert m["splits"]["val"]["rows"] == 324 and not m["skipped"]
     from tasks.digits import digits_splits
 
-    val_images, val_labels = digits_splits(0.1)["val"]
+    val_images, val_labels = digits_splits()["val"]  # the default split, 0.2
     t = read_split(tmp_path, m, "val").sort_by("key")
     got = np.frombuffer(b"".join(t.column("pixels").to_pylist()), np.uint8).reshape(-1, 1, 8, 8)
     np.testing.assert_array_equal(got, val_images)
