@@ -29,6 +29,7 @@ from infra.testbed import (
     TRAIN_DEPLOYMENT,
     addr,
 )
+from tasks.datasets import DataConfig
 
 PY = sys.executable
 OPS = str(Path(__file__).with_name("ops.py"))
@@ -230,7 +231,10 @@ def test_a_storage_outage_while_preprocessing_and_generating_commits_each_once(t
     new generation are committed, whole."""
     datasets = len(committed_whole(testbed, "pipeline/datasets/digits/"))
     generations = len(committed_whole(testbed, "pipeline/generations/"))
-    runs = {PREPROCESS_DEPLOYMENT: {"overrides": ["data.val_fraction=0.2"]},
+    # a split no other run preprocesses, so the job has a new version to write (the default
+    # split's version is committed already and its job would end at once, never overlapping)
+    new_split = round(DataConfig().val_fraction + 0.05, 2)
+    runs = {PREPROCESS_DEPLOYMENT: {"overrides": [f"data.val_fraction={new_split}"]},
             GENERATE_DEPLOYMENT: {"overrides": ["generate.num_samples=96", "generate.seed=5",
                                                 "generate.shard_size=8"]}}
     ids = {name: deploy(testbed, name, params) for name, params in runs.items()}
