@@ -108,10 +108,10 @@ def grid_task(generation: dict, config: PipelineConfig, mlflow_run_id: str | Non
     if mlflow_run_id:
         from mlflow import MlflowClient
 
-        from tasks.tracking import explained
+        from tasks.tracking import connect_uri, explained
 
         with explained(tracking_uri):
-            MlflowClient(tracking_uri=tracking_uri).log_image(
+            MlflowClient(tracking_uri=connect_uri(tracking_uri)).log_image(
                 mlflow_run_id, Image.open(io.BytesIO(png)), "samples/generated-grid.png")
     text = (f"{generation['num_samples']} samples of `{generation['model_ref']}`, one row per "
             f"class. File: `{uri}`")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -239,12 +240,15 @@ def check_against_registry(serving: dict, weights: bytes, config: bytes) -> None
     from mlflow import MlflowClient
 
     uri = mlflow.get_tracking_uri()
+    # without user:password@ (to the last '@', as tasks.storage.redact; no tasks.* import here)
+    shown = re.sub(r"://.*@", "://", uri, count=1, flags=re.S)
     try:
         found = MlflowClient(uri, uri).search_model_versions(
             f"name = '{name}' and tags.weights_sha256 = '{digest}'", max_results=100)
     except Exception as e:
         raise ValueError(
-            f"cannot check the weights of {name} against the model registry at {uri}: {e}. Set "
+            f"cannot check the weights of {name} against the model registry at {shown}: "
+            f"{str(e).replace(uri, shown)}. Set "
             "MLFLOW_TRACKING_URI to the registry the model came from, or "
             f"{REGISTRY_CHECK_ENV}=0 to check against serving.json only") from None
     if not any((mv.tags or {}).get("config_sha256") in (None, config_digest) for mv in found):

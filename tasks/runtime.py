@@ -63,16 +63,19 @@ class RuntimeConfig(StorageConfig):
     )
     mlflow_uri: str | None = Field(
         None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite "
-        "under the root). A user:password@ in it (percent-encoded) is handed to MLflow as "
-        "MLFLOW_TRACKING_USERNAME/PASSWORD and removed from the URI."
+        "under the root). A user:password@ in it (percent-encoded; everything from :// to the "
+        "last @ counts) is removed from the URI: for a server it is handed to MLflow as "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD, for a database (postgresql://, mysql://, mssql://) "
+        "the whole URI is kept in MLFLOW_TRACKING_URI for MLflow's clients only."
     )
 
     @field_validator("mlflow_uri")
     @classmethod
     def _credentials_to_mlflow(cls, v: str | None) -> str | None:
         """Credentials in the URI go where MLflow reads them (MLFLOW_TRACKING_USERNAME and
-        MLFLOW_TRACKING_PASSWORD of this process, which every MLflow client here and the local
-        Ray it starts inherit); the config keeps the URI without them. So no config that is
+        MLFLOW_TRACKING_PASSWORD of this process for a server, the whole URI in its
+        MLFLOW_TRACKING_URI for a database store; every MLflow client here and the local Ray it
+        starts inherit them); the config keeps the URI without them. So no config that is
         printed, stored with a checkpoint, logged to MLflow or recorded by Prefect as a flow
         run's parameters carries the password."""
         return None if v is None else credentials_to_mlflow(v)

@@ -85,44 +85,80 @@ SECRET_PARAM = re.compile(
 _STORAGE = ("s3", "s3a", "gs", "gcs", "az", "abfs", "file", "local", "memory")
 
 
-def redact(url: str) -> str:
-    """``url`` without the credentials it may carry: the ``user:password@`` part (a password
-    may hold '/' or '@'), and the values of query parameters that hold one (``token=``,
-    ``X-Amz-Signature=``, ``password=``...). Storage URLs (``s3://bucket/key@v1``) carry no
-    user part, so an '@' in their paths is kept."""
-    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", url)
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _credentials(url: str) -> tuple[str, str | None, str] | None:
+    """``url`` as (``scheme://``, the ``user:password`` it carries or None, the rest), or None
+    when it has no ``scheme://``.
+
+    Fails closed: a password typed raw may hold '/', '?', '#', '@' or ':', so where the
+    authority ends cannot be known, and everything from ``://`` to the *last* '@' in the URL is
+    taken for credentials (an '@' in a path or query is written ``%40``). Storage URLs are the
+    exception their names allow: a bucket or container name holds no ':', so without one before
+    the first '/' an '@' in ``s3://bucket/models@v1`` is part of the key."""
+    m = _SCHEME.match(url)
     if not m:
-        return url
+        return None
     scheme, rest = m.group(1).lower(), url[m.end():]
+    first = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    # a storage URL without ':' before its first '/': only an '@' there (abfs://container@...)
+    at = first.rfind("@") if scheme in _STORAGE and ":" not in first else rest.rfind("@")
+    if at < 0:
+        return m.group(0), None, rest
+    return m.group(0), rest[:at], rest[at + 1:]
+
+
+def _params(text: str) -> str:
+    return "&".join(f"{k}=***" if SECRET_PARAM.match(k) and sep else k + sep + v
+                    for k, sep, v in (p.partition("=") for p in text.split("&")))
+
+
+def redact(url: str) -> str:
+    """``url`` without the credentials it may carry: the ``user:password@`` part (everything
+    from ``://`` to the last '@', see :func:`_credentials`), and the values of query or
+    fragment parameters that hold one (``token=``, ``X-Amz-Signature=``, ``password=``...).
+    Storage URLs (``s3://bucket/key@v1``) carry no user part, so an '@' in their keys is kept;
+    so are ``models:/name@alias`` references, which have no ``://``."""
+    parts = _credentials(url)
+    if parts is None:
+        return url
+    head, _, rest = parts
     rest, hash_, fragment = rest.partition("#")
     rest, q, query = rest.partition("?")
-    first = rest.split("/", 1)[0]
-    if "@" in first:  # user:password@host (the password may hold '@')
-        rest = rest[first.rindex("@") + 1:]
-    elif (scheme not in _STORAGE and "@" in rest and ":" in first
-          and not first.split(":", 1)[1].isdigit()):  # user:pa/ss@host: a '/' in the password
-        rest = rest[rest.index("@", len(first)) + 1:]
-        while "@" in rest.split("/", 1)[0]:
-            rest = rest.split("@", 1)[1]
-    if query:
-        query = "&".join(
-            f"{k}=***" if SECRET_PARAM.match(k) and sep else k + sep + v
-            for k, sep, v in (p.partition("=") for p in query.split("&")))
-    return f"{m.group(0)}{rest}{q}{query}{hash_}{fragment}"
+    return f"{head}{rest}{q}{_params(query) if query else ''}{hash_}" + \
+        (_params(fragment) if fragment else "")
+
+
+# MLflow's database stores (mlflow.store.db.db_types), with or without a +driver.
+_DATABASES = ("postgresql", "mysql", "mssql", "sqlite")
+
+
+def is_database_uri(uri: str) -> bool:
+    m = _SCHEME.match(uri)
+    return bool(m) and m.group(1).lower().split("+", 1)[0] in _DATABASES
 
 
 def credentials_to_mlflow(uri: str) -> str:
-    """``uri`` without its ``user:password@``, which goes where MLflow reads credentials:
-    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD of this process (percent-decoded).
-    Every MLflow client here, and the local Ray workers this process starts, inherit them."""
-    from urllib.parse import unquote, urlsplit
+    """``uri`` without its ``user:password@`` (see :func:`redact`), the credentials kept where
+    MLflow reads them in this process, which every MLflow client here and the local Ray workers
+    it starts inherit:
 
-    try:
-        parts = urlsplit(uri)
-        user, password = parts.username, parts.password
-    except ValueError:  # not a URL urlsplit can read: nothing to hand over
+    - an MLflow server (http/https): MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD
+      (percent-decoded);
+    - a database store (``postgresql://``, ``mysql://``, ``mssql://``): MLflow has no password
+      variable, so the whole URI goes to MLFLOW_TRACKING_URI, and
+      :func:`tasks.tracking.connect_uri` hands it to MLflow's clients in place of the URI
+      without credentials that configs, logs and messages carry."""
+    from urllib.parse import unquote
+
+    parts = _credentials(uri)
+    if parts is None or parts[1] is None:
         return redact(uri)
-    if user is not None and password is not None:
+    user, sep, password = parts[1].partition(":")
+    if is_database_uri(uri):
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    elif sep:
         os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
         os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
     return redact(uri)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from tasks.errors import TrackingError, TrackingUnavailable
-from tasks.storage import credentials_to_mlflow, redact
+from tasks.storage import credentials_to_mlflow, is_database_uri, redact
 
 EXPERIMENT = "diffusion-pipeline"
 RUN_NAME_TAG = "pipeline.run_name"
@@ -32,6 +32,24 @@ def tracking_uri(runtime, root) -> str:
             f"the storage root {root.describe()} is not local, so there is no default SQLite "
             "tracking store; set runtime.mlflow_uri or MLFLOW_TRACKING_URI to an MLflow server")
     return f"sqlite:///{os.path.join(root.path, 'mlflow.db')}"
+
+
+def connect_uri(uri: str) -> str:
+    """The URI an MLflow client opens for ``uri``: for a database store whose credentials
+    :func:`tracking_uri` took out (MLflow has no password variable for one), the whole URI this
+    process holds in MLFLOW_TRACKING_URI (put there from ``runtime.mlflow_uri``, or set so by
+    the operator, on a cluster too) when it is ``uri`` plus credentials; else ``uri``. Only
+    MLflow's clients get it: configs, results, logs and messages carry ``uri``."""
+    full = os.environ.get("MLFLOW_TRACKING_URI")
+    if full and full != uri and is_database_uri(uri) and redact(full) == uri:
+        return full
+    return uri
+
+
+def scrub(text: str, uri: str) -> str:
+    """``text`` (an MLflow or driver error) with the URI the client opened shown redacted."""
+    full = connect_uri(uri)
+    return text.replace(full, redact(full)) if full != uri else text
 
 
 def artifact_root(uri: str) -> str | None:
@@ -67,7 +85,7 @@ def ensure_experiment(uri: str, experiment: str = EXPERIMENT) -> str:
     from mlflow import MlflowClient
 
     with explained(uri):
-        return _experiment_id(MlflowClient(tracking_uri=uri), uri, experiment)
+        return _experiment_id(MlflowClient(tracking_uri=connect_uri(uri)), uri, experiment)
 
 
 def ensure_run(uri: str, root, run_name: str, *, params: dict[str, str], tags: dict[str, str],
@@ -75,7 +93,7 @@ def ensure_run(uri: str, root, run_name: str, *, params: dict[str, str], tags: d
     """The MLflow run id for ``run_name`` (created with params and tags on first use)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=connect_uri(uri))
     with explained(uri):
         exp_id = _experiment_id(client, uri, experiment)
         found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
@@ -109,11 +127,12 @@ def explained(uri: str):
 def _explain(e: Exception, uri: str) -> Exception:
     from mlflow.exceptions import MlflowException
 
+    said = scrub(str(e), uri)
     if isinstance(e, OSError) or (isinstance(e, MlflowException) and is_unreachable(e)):
-        return TrackingUnavailable(f"cannot reach MLflow at {redact(uri)}: {e}; check "
+        return TrackingUnavailable(f"cannot reach MLflow at {redact(uri)}: {said}; check "
                                    "runtime.mlflow_uri / MLFLOW_TRACKING_URI")
     if isinstance(e, MlflowException):
-        return TrackingError(f"MLflow at {redact(uri)} refused or failed: {e}")
+        return TrackingError(f"MLflow at {redact(uri)} refused or failed: {said}")
     return e
 
 
@@ -141,7 +160,7 @@ class RunLogger:
         if self._client is None:
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowClient(tracking_uri=connect_uri(self.uri))
         return self._client
 
     def _guard(self, what: str, fn) -> None:
@@ -151,7 +170,8 @@ class RunLogger:
             fn()
         except Exception as e:  # tracking must never take training down
             if not self._warned:
-                self.echo(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues")
+                self.echo(f"MLflow {what} failed ({type(e).__name__}: "
+                          f"{scrub(str(e), self.uri or '')}); training continues")
                 self._warned = True
 
     def metrics(self, values: dict[str, Any], step: int) -> None:
@@ -171,7 +191,7 @@ def find_run(uri: str, run_name: str, experiment: str = EXPERIMENT) -> str | Non
     """The MLflow run id of the training run ``run_name``, or None."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=connect_uri(uri))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -187,7 +207,8 @@ def log_json(uri: str, run_id: str, obj: Any, artifact_file: str) -> None:
 
     from mlflow import MlflowClient
 
-    MlflowClient(tracking_uri=uri).log_text(run_id, json.dumps(obj, indent=2), artifact_file)
+    MlflowClient(tracking_uri=connect_uri(uri)).log_text(run_id, json.dumps(obj, indent=2),
+                                                         artifact_file)
 
 
 def log_evaluation(uri: str, run_id: str, evaluation: dict, table_md: str) -> None:
@@ -196,7 +217,7 @@ def log_evaluation(uri: str, run_id: str, evaluation: dict, table_md: str) -> No
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=connect_uri(uri))
     ts = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[
         Metric(f"eval.{k}", float(v), ts, 0) for k, v in evaluation["metrics"].items()
@@ -207,4 +228,4 @@ def log_evaluation(uri: str, run_id: str, evaluation: dict, table_md: str) -> No
 def finish_run(uri: str, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
-    MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+    MlflowClient(tracking_uri=connect_uri(uri)).set_terminated(run_id, status)

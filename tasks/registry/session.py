@@ -21,7 +21,7 @@ from typing import Any
 from tasks.errors import RegistryError, RegistryUnavailable
 from tasks.registry.config import RegistryConfig
 from tasks.storage import redact
-from tasks.tracking import is_unreachable
+from tasks.tracking import connect_uri, is_unreachable
 
 _ENV_GUARD = threading.Lock()
 _ENV_USERS = 0
@@ -80,7 +80,7 @@ def _mlflow(uri: str, cfg: RegistryConfig, what: str) -> Iterator[Any]:
     hint = "check runtime.mlflow_uri / MLFLOW_TRACKING_URI and that the server is up"
     with _http_bounds(cfg):
         try:
-            yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+            yield MlflowClient(tracking_uri=connect_uri(uri), registry_uri=connect_uri(uri))
         except RegistryError:
             raise
         except MlflowException as e:
@@ -116,7 +116,7 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     from mlflow.tracking._tracking_service import utils
 
     old_global, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(connect_uri(uri))
     try:
         yield
     finally:
