@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 CHALLENGER, CHAMPION = "challenger", "champion"
 WEIGHTS_TAG = "weights_sha256"
 CONFIG_TAG = "config_sha256"  # of config.json as registered (versions since it was recorded)
+SERVING_FILE = "serving.json"  # a version's digests and sampling defaults, beside its weights
 EVAL_KEY_TAG = "eval.key"
 HISTORY_TAG = "champion.history"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tasks.errors import RegistryError
-from tasks.registry.config import CONFIG_TAG, WEIGHTS_TAG, RegistryConfig
+from tasks.registry.config import CONFIG_TAG, SERVING_FILE, WEIGHTS_TAG, RegistryConfig
 from tasks.registry.session import _error_code, _mlflow
 
 _REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -86,17 +87,63 @@ def resolve(model_ref: str, tracking_uri: str) -> dict:
         return _resolve(client, model_ref)
 
 
+# A version's files, at fixed paths in its folder in the artifact store (where
+# ``mlflow.pyfunc.log_model`` puts the artifacts tasks.registry gives it) and downloaded to the
+# same paths under a new folder: no path the store lists chooses where a file is written.
+_MLMODEL = "MLmodel"
+
+
+def _files() -> dict[str, str]:
+    """The artifacts' fixed paths in the model's folder (diffusion.serialization imports torch,
+    which the registry's other lookups do not need)."""
+    from diffusion.serialization import CONFIG_FILE, WEIGHTS_FILE
+
+    return {"weights": f"artifacts/{WEIGHTS_FILE}", "config": f"artifacts/{CONFIG_FILE}",
+            "serving": f"artifacts/{SERVING_FILE}"}
+
+
+def _listed(name: str, key: str, path: object, fixed: str) -> None:
+    """Refuse an MLmodel that lists the ``key`` artifact anywhere but its ``fixed`` path."""
+    if not isinstance(path, str) or PurePosixPath(path).is_absolute() or "\\" in path \
+            or ".." in PurePosixPath(path).parts:
+        raise RegistryError(
+            f"{name}: its MLmodel lists the {key} at {path!r}, outside the model's folder; the "
+            "version's artifacts were modified; refusing to download it; re-register it")
+    if path != fixed:
+        raise RegistryError(
+            f"{name}: its MLmodel lists the {key} at {path!r}, not {fixed!r} where "
+            "tasks.registry puts it; register the model with tasks.registry")
+
+
+def _download(name: str, base: str, rel: str, out: Path, tracking_uri: str) -> Path:
+    """The file ``rel`` of the model's folder ``base``, downloaded to ``out/rel``: what MLflow
+    returns must be that path, a regular file that resolves inside ``out``."""
+    import mlflow.artifacts
+
+    want = out / rel
+    want.parent.mkdir(parents=True, exist_ok=True)
+    got = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{base}/{rel}", dst_path=str(want.parent), tracking_uri=tracking_uri)
+    if os.path.abspath(got) != str(want) or want.is_symlink() or not want.is_file() \
+            or not Path(os.path.realpath(want)).is_relative_to(os.path.realpath(out)):
+        raise RegistryError(
+            f"{name}: the artifact store gave {got} for {rel}, not the file {want}; the "
+            "version's artifacts were modified; re-register it")
+    return want
+
+
 def load_version(
     model_ref: str, tracking_uri: str, dst: str | None = None
 ) -> tuple[Any, dict, dict]:
     """``(UNet in eval mode, config, defaults)`` of a registered version.
 
-    Only the weights, config.json and serving.json are downloaded (into ``dst``, kept, or a
-    temporary directory). The weights are checked against the version's ``weights_sha256`` tag
+    Only MLmodel, the weights, config.json and serving.json are downloaded, each from its fixed
+    path in the version's folder to the same path under ``dst`` (a new or empty folder, kept) or
+    a temporary directory; an MLmodel that lists them anywhere else is refused before anything
+    else is downloaded. The weights are checked against the version's ``weights_sha256`` tag
     before they are parsed: a tampered or truncated file raises
     :class:`diffusion.serialization.WeightsIntegrityError` and no tensor is ever built from it.
     """
-    import mlflow.artifacts
     from mlflow.models import Model
 
     from diffusion.serialization import unet_from_bytes
@@ -104,26 +151,33 @@ def load_version(
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(_mlflow(tracking_uri, RegistryConfig(), f"load {model_ref}"))
         info = _resolve(client, model_ref)
+        name = f"{model_ref} (v{info['version']})"
         expected = info["tags"].get(WEIGHTS_TAG)
         if not expected:
             raise RegistryError(
-                f"{model_ref} (v{info['version']}) has no {WEIGHTS_TAG} tag: it was not "
-                "registered by tasks.registry, so its weights cannot be checked")
+                f"{name} has no {WEIGHTS_TAG} tag: it was not registered by tasks.registry, so "
+                "its weights cannot be checked")
         base = client.get_model_version_download_uri(info["name"], info["version"]).rstrip("/")
-        out = Path(dst) if dst else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        out.mkdir(parents=True, exist_ok=True)
+        if dst:
+            out = Path(os.path.abspath(dst))
+            out.mkdir(parents=True, exist_ok=True)
+            if any(out.iterdir()):
+                raise RegistryError(f"{out} is not empty; load {model_ref} into a new or empty "
+                                    "folder")
+        else:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory()))
 
-        def fetch(rel: str) -> Path:  # keeps the model's layout under ``out``
-            return Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{base}/{rel}", dst_path=str(out / Path(rel).parent),
-                tracking_uri=tracking_uri))
-
-        flavor = Model.load(str(fetch("MLmodel"))).flavors.get("python_function", {})
-        arts = {k: v["path"] for k, v in (flavor.get("artifacts") or {}).items()}
-        if not {"weights", "config", "serving"} <= set(arts):
+        mlmodel = _download(name, base, _MLMODEL, out, tracking_uri)
+        flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
+        arts = {k: v.get("path") if isinstance(v, dict) else v
+                for k, v in (flavor.get("artifacts") or {}).items()}
+        files = _files()
+        if not set(files) <= set(arts):
             raise RegistryError(f"{model_ref} is not a diffusion-pipeline pyfunc (artifacts: "
                                 f"{sorted(arts)}); register it with tasks.registry")
-        paths = {k: fetch(arts[k]) for k in ("weights", "config", "serving")}
+        for key, fixed in files.items():
+            _listed(name, key, arts[key], fixed)
+        paths = {k: _download(name, base, rel, out, tracking_uri) for k, rel in files.items()}
         serving = json.loads(paths["serving"].read_text())
         if serving.get("weights_sha256") != expected:
             from diffusion.serialization import WeightsIntegrityError
@@ -141,5 +195,5 @@ def load_version(
                 f"sha256 {recorded[:12]}); the version's artifacts were modified; re-register it")
         model, config = unet_from_bytes(
             paths["weights"].read_bytes(), config_bytes, expected_sha256=expected,
-            name=f"{model_ref} ({arts['weights']})", require=("unet", "diffusion"))
+            name=f"{model_ref} ({files['weights']})", require=("unet", "diffusion"))
         return model, config, serving["defaults"]

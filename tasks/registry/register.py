@@ -18,6 +18,7 @@ from tasks.registry.config import (
     CONFIG_TAG,
     EVAL_KEY_TAG,
     MODEL_NAME_RE,
+    SERVING_FILE,
     WEIGHTS_TAG,
     RegistryConfig,
     _tag_value,
@@ -127,7 +128,7 @@ def _create_version(client, tracking_uri: str, model_name: str, run_id: str,
     """Log the pyfunc into ``run_id`` (``files``: the weights and config paths; serving.json is
     written here) and register it as a new version of ``model_name``."""
     with tempfile.TemporaryDirectory() as d:
-        serving_path = Path(d) / "serving.json"
+        serving_path = Path(d) / SERVING_FILE
         serving_path.write_text(json.dumps(serving, indent=2, sort_keys=True))
         info = _log_pyfunc(tracking_uri, client, run_id, files | {"serving": str(serving_path)})
     _ensure_registered_model(client, model_name)

@@ -323,6 +323,52 @@ def test_the_served_model_checks_its_files_against_the_registry(store, models, c
         load_version(f"models:/{name}/1", store["uri"])
 
 
+@pytest.mark.parametrize("hostile", ["../../sitecustomize.py", "absolute"])
+def test_a_model_path_from_the_artifact_store_cannot_write_outside_the_download(
+        store, models, tmp_path, hostile):
+    """Someone who can write to the artifact store rewrites a version's MLmodel so that its
+    weights are listed at ``../../sitecustomize.py`` or an absolute path, and puts the file there.
+    Loading the version must write nothing outside its download folder (before, the path was
+    joined to the destination and a ``sitecustomize.py`` landed outside it, ahead of any digest
+    check) and must fail naming the version and the path."""
+    import yaml
+
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    base = weights_file(store, name, "1").parents[1]  # the model's folder in the store
+    if hostile == "absolute":
+        hostile = str(tmp_path / "outside" / "sitecustomize.py")
+    payload = Path(f"{base}/{hostile}")  # where a download of the listed path reads from
+    payload.parent.mkdir(parents=True, exist_ok=True)
+    payload.write_text("print('runs at every interpreter start')\n")
+    mlmodel = yaml.safe_load((base / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["artifacts"]["weights"]["path"] = hostile
+    (base / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    dst = tmp_path / "a" / "b" / "dl"
+    try:
+        with pytest.raises(Exception) as failed:
+            load_version(f"models:/{name}/1", store["uri"], dst=str(dst))
+        assert not list(tmp_path.rglob("sitecustomize.py"))
+        assert failed.type is RegistryError
+        failed.match(rf"models:/{name}/1.*{re.escape(hostile)}")
+    finally:
+        payload.unlink()
+
+
+def test_a_model_loads_into_a_new_or_empty_folder_only(store, models, tmp_path):
+    """What is already in the destination (a link, a file) is never written through."""
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    dst = tmp_path / "dl"
+    dst.mkdir()
+    (dst / "artifacts").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(Exception) as failed:
+        load_version(f"models:/{name}/1", store["uri"], dst=str(dst))
+    assert not (tmp_path / "model.safetensors").exists()
+    assert failed.type is RegistryError
+    failed.match(rf"{re.escape(str(dst))} is not empty")
+
+
 # ------------------------------------------------------------------------------------------
 # Promotion and rollback
 # ------------------------------------------------------------------------------------------
