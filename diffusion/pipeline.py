@@ -51,8 +51,9 @@ class DiffusionConfig:
     min_snr_gamma: float | None = None
 
     # Read by pydantic (no import needed) when the pipeline config embeds this dataclass:
-    # unknown keys are an error there too, as in from_dict.
-    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+    # unknown keys are an error there too, as in from_dict; NaN and infinity too, as
+    # in every section (tasks.bounds).
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "allow_inf_nan": False}
 
     def __post_init__(self) -> None:
         if not 1 <= self.T <= MAX_T:

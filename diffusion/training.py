@@ -39,9 +39,10 @@ OPTIM_BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_optim_value(name: str, value: Any) -> Any:
-    """``value`` if it is in :data:`OPTIM_BOUNDS`' range for ``name``, else ValueError."""
+    """``value`` if it is a finite number in :data:`OPTIM_BOUNDS`' range for ``name``, else
+    ValueError (``lr=inf`` would pass ``> 0``)."""
     ok, what = OPTIM_BOUNDS[name]
-    if not ok(value):
+    if (value is not None and not math.isfinite(value)) or not ok(value):
         raise ValueError(f"{name} must be {what}, got {value}")
     return value
 

@@ -71,8 +71,9 @@ class UNetConfig:
     groups: int = 8
 
     # Read by pydantic (no import needed) when a pipeline config embeds this dataclass:
-    # unknown keys are an error there too, as in from_dict.
-    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+    # unknown keys are an error there too, as in from_dict; NaN and infinity too, as
+    # in every section (tasks.bounds).
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "allow_inf_nan": False}
 
     def __post_init__(self) -> None:
         # Accept lists (JSON, YAML) and store tuples so the config stays hashable.

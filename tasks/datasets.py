@@ -18,8 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
+from tasks.bounds import SECTION
 from tasks.errors import DatasetNotFound, StorageError
 from tasks.storage import Location, call, read_json
 
@@ -34,7 +35,7 @@ VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 class DataConfig(BaseModel):
     """The ``data`` section: which source becomes which dataset, and how it is preprocessed."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     name: str = Field("digits", description="Dataset name: datasets/<name>/<version>/ under root.")
     source: str = Field(

@@ -19,8 +19,9 @@ import logging
 import os
 import time
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
+from tasks.bounds import SECTION, Seconds
 from tasks.errors import ConfigError
 from tasks.storage import Location, StorageConfig, credentials_to_mlflow, storage_options
 
@@ -36,12 +37,12 @@ class StageTimeouts(BaseModel):
     ``runtime.stage_timeouts`` keys). A hung stage then fails this run instead of blocking
     every later scheduled one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
-    preprocess: float = Field(6 * 3600, gt=0, description="Seconds for preprocessing.")
-    train: float = Field(72 * 3600, gt=0, description="Seconds for one training run.")
-    evaluate: float = Field(6 * 3600, gt=0, description="Seconds for one evaluation.")
-    generate: float = Field(24 * 3600, gt=0, description="Seconds for one generation job.")
+    preprocess: Seconds = Field(6 * 3600, description="Seconds for preprocessing.")
+    train: Seconds = Field(72 * 3600, description="Seconds for one training run.")
+    evaluate: Seconds = Field(6 * 3600, description="Seconds for one evaluation.")
+    generate: Seconds = Field(24 * 3600, description="Seconds for one generation job.")
 
 
 class RuntimeConfig(StorageConfig):
@@ -55,8 +56,8 @@ class RuntimeConfig(StorageConfig):
     )
     stage_timeouts: StageTimeouts = Field(
         default_factory=StageTimeouts, description="Seconds each Ray stage may run.")
-    ray_jobs_unreachable_s: float = Field(
-        600.0, gt=0, description="Seconds a flow run keeps polling a Ray Jobs API that does not "
+    ray_jobs_unreachable_s: Seconds = Field(
+        600.0, description="Seconds a flow run keeps polling a Ray Jobs API that does not "
         "answer before it fails (the job runs on; a rerun re-attaches).")
     ray_num_cpus: int | None = Field(
         None, ge=1, description="CPUs for a local Ray (default: all); ignored on a cluster."

@@ -27,15 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from tasks.bounds import SECTION, Seconds
 from tasks.errors import StorageError, StorageUnavailable
 
 
 class StorageConfig(BaseModel):
     """How to reach object storage (the ``runtime.*`` storage keys)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     s3_endpoint_url: str | None = Field(
         None,
@@ -43,7 +44,7 @@ class StorageConfig(BaseModel):
         "or AWS itself.",
     )
     storage_retries: int = Field(3, ge=1, le=20, description="Attempts per S3 request.")
-    storage_connect_timeout: float = Field(5.0, gt=0, description="Seconds per S3 connect.")
+    storage_connect_timeout: Seconds = Field(5.0, description="Seconds per S3 connect.")
 
 
 def storage_options(url: str, cfg: StorageConfig | None = None) -> dict[str, Any]:

@@ -4,7 +4,9 @@ task)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from tasks.bounds import SECTION, Seed
 
 
 def parse_setting(text: str) -> tuple[str, int]:
@@ -25,14 +27,14 @@ def parse_setting(text: str) -> tuple[str, int]:
 class EvalConfig(BaseModel):
     """The ``evaluate`` section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     num_samples: int = Field(
         1000, ge=2, description="Generated images per sampler setting: what the promotion "
         "gate judges (digits, benchmarks/gate_rates.py: at 1000, against the 324 held-out "
         "images, another seed's model is never promoted, 0 of 168, and the default is found "
         "better than a 200-step model in 56 of 56 paired decisions).")
-    seed: int = Field(2024, description="Sample i uses noise stream (seed, i).")
+    seed: Seed = Field(2024, description="Sample i uses noise stream (seed, i).")
     guidance_scale: float = Field(
         1.0, ge=0, description="Classifier-free guidance (conditional models; 1 = none). The "
         "samples' distance to the data grows with it on the digits (benchmarks/quality.py: FD "
@@ -45,8 +47,9 @@ class EvalConfig(BaseModel):
                              "(1 + tolerance) × the best distance.")
     nll_images: int = Field(16, ge=0, description="Val images for bits/dim (0: skip; T network "
                             "calls per image).")
-    memorization_threshold: float = Field(0.05, gt=0, description="RMS pixel distance in [0, 1] "
-                                          "below which a sample copies a training image.")
+    memorization_threshold: float = Field(0.05, gt=0, le=1, description="RMS pixel distance "
+                                          "in (0, 1] below which a sample copies a training "
+                                          "image.")
     inception_weights: str | None = Field(
         None, description="FID Inception-v3 weights (local .safetensors): FID instead of the "
         "reference network's distance.")

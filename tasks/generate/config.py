@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.bounds import SECTION, Seed
 
 
 class GenerateConfig(BaseModel):
     """The ``generate`` section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     model: str | None = Field(
         None, description="models:/<name>@<alias>, models:/<name>/<version> or a checkpoint / "
@@ -24,7 +26,7 @@ class GenerateConfig(BaseModel):
     labels: str | int | list[float] = Field(
         "auto", description="auto (uniform over classes for conditional models, none "
         "otherwise), uniform, none (unconditional), a class id, or per-class weights.")
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     batch_size: int = Field(256, ge=1, description="Images per sampler call.")
     shard_size: int = Field(4096, ge=1, description="Samples per output file.")
     output: str | None = Field(None, description="Default: ROOT/generations/<job id>.")

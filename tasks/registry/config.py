@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.bounds import SECTION, Seconds
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 WEIGHTS_TAG = "weights_sha256"
@@ -26,7 +28,7 @@ def _known_metric(name: str) -> str:
 class RegistryConfig(BaseModel):
     """The ``registry`` section of the pipeline config."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     model_name: str | None = Field(
         None, description="Registered model name (default: '<data.name>-diffusion').")
@@ -46,10 +48,10 @@ class RegistryConfig(BaseModel):
         "decide the first promotion.")
     retries: int = Field(3, ge=0, le=10, description="MLflow HTTP retries per request.")
     timeout_s: float = Field(10, gt=0, le=600, description="MLflow HTTP timeout per request.")
-    lock_stale_s: float = Field(
-        600, gt=0, description="A promotion lease not refreshed for this long is broken.")
-    lock_wait_s: float = Field(
-        120, gt=0, description="How long a promotion waits for another one to finish.")
+    lock_stale_s: Seconds = Field(
+        600, description="A promotion lease not refreshed for this long is broken.")
+    lock_wait_s: Seconds = Field(
+        120, description="How long a promotion waits for another one to finish.")
     serving_max_rows: int = Field(
         1024, ge=1, le=1_000_000,
         description="Images the served model makes per request, at most (recorded in the "

@@ -13,10 +13,11 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from diffusion.pipeline import DiffusionConfig
 from diffusion.training import OPTIM_BOUNDS, OptimConfig, check_optim_value
+from tasks.bounds import SECTION, Seed
 from tasks.errors import TrainConfigError
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -25,7 +26,7 @@ RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 class TrainConfig(BaseModel):
     """The ``train`` section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SECTION
 
     # The optimiser's keys (diffusion.training.OptimConfig's, same names) are range-checked by
     # its own OPTIM_BOUNDS (_optim_bounds below), so the two can never disagree.
@@ -56,7 +57,7 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(3, ge=0, description="Worker-group restarts before giving up.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How workers are placed on nodes (SPREAD: one per node if possible).")
-    seed: int = 0
+    seed: Seed = 0
     run_name: str | None = Field(
         None, description="Names the run; the same name resumes it. Default: derived from the "
         "dataset version and the config, so an unchanged rerun resumes (or finds it done).")

@@ -227,3 +227,13 @@ def test_train_step_is_reproducible_with_a_generator():
 def test_optim_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OptimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
+                                  "label_dropout"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_optimiser_values_must_be_finite(name, bad):
+    """``lr=inf`` (or an infinite weight decay or clipping norm) passed ``> 0``: every
+    optimiser value is a finite number."""
+    with pytest.raises(ValueError, match=name):
+        OptimConfig(**{name: bad})

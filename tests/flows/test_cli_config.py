@@ -110,3 +110,12 @@ def test_help_fits_the_terminal_and_says_everything(command, columns):
         assert paragraph in text
     for opt in ("--config", "--set", "--root", "--debug") if command not in (None, "demo") else []:
         assert opt in text
+
+
+@pytest.mark.parametrize("item", ["registry.thresholds.fd=nan", "runtime.stage_timeouts.train=1e12",
+                                  "train.lr=inf"])
+def test_a_value_that_would_disable_a_check_is_one_error_line_naming_the_key(item):
+    result = invoke("config", "--set", item)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and item.split("=")[0] in lines[0], result.output

@@ -107,3 +107,100 @@ def test_an_unknown_section_lists_the_sections(tmp_path):
     f.write_text("steps: 100\n")  # a key at the top level: the section it belongs to
     with pytest.raises(ConfigError, match=r"'steps': not a section; did you mean 'train.steps'"):
         load_config(f)
+
+
+def _numeric_keys() -> list[str]:
+    """Every key of the pipeline config that holds a number (optional ones included), found
+    from the sections' own field types, so a key added later is covered too."""
+    import dataclasses
+    import typing
+
+    def fields(cls) -> dict:
+        if hasattr(cls, "model_fields"):
+            return {k: f.annotation for k, f in cls.model_fields.items()}
+        if dataclasses.is_dataclass(cls):
+            return typing.get_type_hints(cls)
+        return {}
+
+    out: list[str] = []
+
+    def walk(cls, prefix: str) -> None:
+        for k, t in fields(cls).items():
+            if fields(t):
+                walk(t, f"{prefix}{k}.")
+            elif any(a in (int, float) for a in (typing.get_args(t) or (t,))):
+                out.append(prefix + k)
+
+    walk(PipelineConfig, "")
+    return out
+
+
+NUMERIC_KEYS = _numeric_keys()
+
+
+def test_the_numeric_keys_are_all_found():
+    assert len(NUMERIC_KEYS) > 60
+    assert {"train.lr", "runtime.stage_timeouts.train", "model.dropout", "diffusion.min_snr_gamma",
+            "registry.lock_wait_s", "generate.labels"} <= set(NUMERIC_KEYS)
+
+
+def _refused(item: str, key: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(sets=[item])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("key", [*NUMERIC_KEYS, "registry.thresholds.fd"])
+@pytest.mark.parametrize("bad", ["nan", ".nan", "inf", ".inf", "-.inf", "-inf"])
+def test_no_numeric_key_takes_nan_or_infinity(key, bad):
+    """NaN passes every comparison-based check (``v > nan`` is False, so a NaN threshold
+    passes every model) and infinity passes ``> 0``: refused at load, in one line naming the
+    key, for every number in the config."""
+    _refused(f"{key}={bad}", key)
+
+
+@pytest.mark.parametrize(("item", "key"), [
+    # timeouts: Python's setitimer overflows past 2**63 ns (~292 years); the config stops at a year
+    ("runtime.stage_timeouts.train=1e12", "runtime.stage_timeouts.train"),
+    ("runtime.stage_timeouts.preprocess=31536001", "runtime.stage_timeouts.preprocess"),
+    ("runtime.stage_timeouts.evaluate=0", "runtime.stage_timeouts.evaluate"),
+    ("runtime.stage_timeouts.generate=-1", "runtime.stage_timeouts.generate"),
+    ("runtime.ray_jobs_unreachable_s=1e12", "runtime.ray_jobs_unreachable_s"),
+    ("runtime.storage_connect_timeout=1e12", "runtime.storage_connect_timeout"),
+    ("registry.lock_wait_s=1e12", "registry.lock_wait_s"),
+    ("registry.lock_stale_s=1e12", "registry.lock_stale_s"),
+    # seeds: torch takes 64 bits at most (train.seed is also multiplied by 7919)
+    ("train.seed=-1", "train.seed"),
+    ("evaluate.seed=-1", "evaluate.seed"),
+    ("train.seed=18446744073709551616", "train.seed"),
+    ("generate.seed=18446744073709551616", "generate.seed"),
+    # a distance in [0, 1]
+    ("evaluate.memorization_threshold=1.5", "evaluate.memorization_threshold"),
+    # negative counts
+    ("train.steps=-1", "train.steps"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("evaluate.nll_images=-1", "evaluate.nll_images"),
+    ("evaluate.bootstrap_draws=-1", "evaluate.bootstrap_draws"),
+    ("generate.num_samples=0", "generate.num_samples"),
+    ("train.max_failures=-1", "train.max_failures"),
+    ("runtime.ray_jobs_resubmits=-1", "runtime.ray_jobs_resubmits"),
+    ("generate.labels=[1, .nan]", "generate.labels"),
+    ("generate.labels=[1, -1]", "generate.labels"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(item, key):
+    _refused(item, key)
+
+
+def test_the_longest_stage_timeout_is_one_setitimer_takes():
+    import signal
+
+    from tasks.bounds import MAX_SECONDS
+
+    top = load_config(sets=[f"runtime.stage_timeouts.{s}={MAX_SECONDS}"
+                            for s in ("preprocess", "train", "evaluate", "generate")])
+    assert top.runtime.stage_timeouts.train == MAX_SECONDS
+    if hasattr(signal, "setitimer"):
+        old = signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
+        signal.setitimer(signal.ITIMER_REAL, *old)
