@@ -21,11 +21,15 @@ at once (a crashed run restarted on the same machine does not wait out ``stale_s
 with a capped backoff and give up after ``wait_s`` with :class:`LeaseBusy` naming the holder.
 
 **Fencing**: a holder that cannot refresh, or whose lease was broken, learns it at its next
-refresh (:attr:`Lease.lost`). Work that must not be done twice asks :func:`check_held` right
-before each write: it fails unless the lock still holds this token *and* its heartbeat is younger
-than ``stale_s / 2`` in store time, so nobody can break the lease for at least another
-``stale_s / 2``: writes that finish within that margin can never overlap a new holder's (training
-checks before every checkpoint, :mod:`tasks.train.worker`).
+refresh (:attr:`Lease.lost`). Work that must not be done twice asks :func:`check_held` (or
+:meth:`Lease.check`) right before each write: it fails unless the lock holds this token, then
+*this token's own* heartbeat is younger than ``stale_s / 2`` in store time, then the lock still
+holds this token. Nobody can break the lease (as stale) for at least another ``stale_s / 2``
+after a check passes: **the margin**. A write must therefore *follow the check at once and finish
+within ``stale_s / 2``*; nothing slow (an MLflow call with its retries, an evaluation) may sit
+between the check and the write, so a sequence of writes checks before each one (training checks
+right before it uploads each checkpoint, :mod:`tasks.train.worker`; the registry before every
+write of a promotion or rollback, :mod:`tasks.registry.promotion`).
 
 What is left, by design: the breaker re-reads the lock before deleting it, and a holder deletes
 its lock on release only after reading its own token there; a lease that was stale for
@@ -232,15 +236,30 @@ class Lease:
                 self._beat()
 
     def check(self) -> str | None:
-        """None while this token holds the lease with a heartbeat younger than ``stale_s / 2``
-        in store time; else why not (see the module's fencing)."""
+        """None while this token holds the lease with a heartbeat of its own younger than
+        ``stale_s / 2`` in store time; else why not (see the module's fencing).
+
+        Only this token's heartbeat is evidence of life: not the lock's modification time
+        (:meth:`age`'s fallback for a waiter, which after a break is the *new* holder's fresh
+        lock) and not a missing file. The reads, in order: the lock (this token's), the
+        heartbeat, the lock again (still this token's: a break between the two reads, or a
+        heartbeat the refresh rewrote just after a break it had not seen yet, is not taken for
+        life), then the store's time, so the age covers the whole check."""
         if self.lost:
             return self.lost
-        holder = self.holder()
-        lost = self.lost_to(holder)
+        lost = self.lost_to(self.holder())
         if lost:
             return lost
-        age = self.age(holder)
+        try:
+            seen = _mtime(self._aux(self.token, "beat"))
+        except FileNotFoundError:  # removed by the process that broke the lease: name it
+            return self.lost_to(self.holder()) or (
+                f"the lease {self.loc.describe()} has no heartbeat of this holder's (another "
+                f"process broke it)")
+        lost = self.lost_to(self.holder())
+        if lost:
+            return lost
+        age = max(0.0, self._now() - seen)
         if age > self.stale_s / 2:
             return (f"the lease {self.loc.describe()} was last refreshed {age:.0f} s ago (the "
                     f"store's time), over half of the {self.stale_s:.0f} s after which another "

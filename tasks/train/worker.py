@@ -1,11 +1,12 @@
 """Ray Train's per-worker loop, :func:`train_loop_per_worker`, run on every worker with DDP.
 
 The loop counts optimizer steps, not epochs, and ends at exactly ``train.steps``. Every
-``train.checkpoint_every`` steps rank 0 checks that the run's driver still holds the training
-lease (else every rank stops, writing nothing), writes a checkpoint (:mod:`tasks.checkpoints`)
-and all ranks report it. A non-finite loss stops every rank at the same step (the check is on the
-all-reduced gradient norm); the attempt then ends with status ``diverged`` in the run's status
-file (:mod:`tasks.train.runs`), keeping the last good checkpoint.
+``train.checkpoint_every`` steps rank 0 saves a checkpoint locally (:mod:`tasks.checkpoints`),
+checks that the run's driver still holds the training lease (else every rank stops, uploading
+nothing), and all ranks report it, which uploads it; MLflow logging comes after the upload. A
+non-finite loss stops every rank at the same step (the check is on the all-reduced gradient
+norm); the attempt then ends with status ``diverged`` in the run's status file
+(:mod:`tasks.train.runs`), keeping the last good checkpoint.
 
 TorchTrainer ships the loop to the workers by reference, so every worker imports this module:
 it imports neither Prefect nor MLflow nor the driver (:mod:`tasks.train.driver`); Ray and the
@@ -228,20 +229,22 @@ def _train(w: _Worker, s: _State, net, batches, start: int, nodes: int, tracker,
         window.add(out)
         done = step + 1
         is_ckpt = done % train.checkpoint_every == 0 or done == train.steps
-        if is_ckpt and (lost := _lease_lost(w)):
-            w.echo(f"stopping at step {done} without writing its checkpoint: {lost}")
-            if "now held by" not in lost:  # still ours, only not fresh: say why it stopped
-                w.final({"step": done, "status": "lease_lost", "error": lost,
-                         "last_good_step": last_good, "resumed_from": start})
-            return
         if done % train.log_every == 0 or is_ckpt:
             metrics = window.metrics(done, steps=train.steps, start=start, nodes=nodes,
                                      lr=s.sched.get_last_lr()[0], batch_size=train.batch_size,
                                      world_size=w.world)
             w.echo(f"step {done}/{train.steps} loss {metrics['loss']:.4f} "
                    f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s")
+            lost = _report(w, s, metrics, done, checkpoint=is_ckpt)
+            if lost:
+                w.echo(f"stopping at step {done} without writing its checkpoint: {lost}")
+                if "now held by" not in lost:  # still ours, only not fresh: say why it stopped
+                    w.final({"step": done, "status": "lease_lost", "error": lost,
+                             "last_good_step": last_good, "resumed_from": start})
+                return
+            # MLflow after the upload: its calls (and retries) never sit between the lease's
+            # fence and the checkpoint write
             tracker.metrics(metrics, done)
-            _report(w, s, metrics, done, checkpoint=is_ckpt)
             if is_ckpt:
                 last_good = done
             if w.rank == 0 and train.sample_every and (done % train.sample_every == 0
@@ -298,16 +301,21 @@ def _inputs(w: _Worker, b: dict, gen) -> tuple[Any, Any]:
     return x, labels
 
 
-def _report(w: _Worker, s: _State, metrics: dict, done: int, *, checkpoint: bool) -> None:
-    """Every rank reports the window's metrics; at a checkpoint step rank 0 first writes the
-    checkpoint (with the run's config and dataset) and reports it along."""
+def _report(w: _Worker, s: _State, metrics: dict, done: int, *, checkpoint: bool) -> str | None:
+    """Every rank reports the window's metrics. At a checkpoint step rank 0 first saves the
+    checkpoint (with the run's config and dataset) to a local temporary directory; then every
+    rank checks the training lease (:func:`_lease_lost`) and, still held, reports, which
+    uploads the checkpoint to the run's storage. The fence is the last thing before the upload
+    (only Ray's barrier that names the checkpoint directory sits between them), so the upload
+    starts within the lease's margin (``LEASE_STALE_S / 2``, :mod:`tasks.lease`) and must finish
+    within it. Returns why the lease was lost (then nothing is reported or uploaded), else None."""
     import ray.train
 
     from tasks.checkpoints import save_training_checkpoint
 
     if not checkpoint:
         ray.train.report(metrics)
-        return
+        return None
     cfg = w.cfg
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
@@ -322,7 +330,10 @@ def _report(w: _Worker, s: _State, metrics: dict, done: int, *, checkpoint: bool
                        "run_identity": {k: cfg[k] for k in ("model", "diffusion", "train")}},
             )
             ckpt = ray.train.Checkpoint.from_directory(d)
+        if lost := _lease_lost(w):
+            return lost
         ray.train.report(metrics, checkpoint=ckpt)
+    return None
 
 
 def _take_lease_elsewhere(w: _Worker) -> None:

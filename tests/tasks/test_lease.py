@@ -104,6 +104,65 @@ def test_a_holder_whose_lease_was_taken_knows_it_and_is_fenced(tmp_path):
                                                        stale_s=30)
 
 
+def fence_raced(d: Path, a: Lease, meanwhile) -> str | None:
+    """``a``'s fence (from another process, as a training worker checks it) with ``meanwhile()``
+    run right after the fence's first read of the lock: the reads of one check interleaved with
+    another process's break."""
+    checker = Lease(str(d), "m", stale_s=a.stale_s, wait_s=0, token=a.token)
+    first = checker.holder
+
+    def holder():
+        doc = first()
+        if checker.holder is holder:  # once
+            del checker.holder
+            meanwhile()
+        return doc
+
+    checker.holder = holder
+    return checker.check()
+
+
+def test_the_fence_judges_only_its_own_heartbeat_against_a_break_in_between(tmp_path):
+    """A's heartbeat stopped landing (A was cut off); between the fence's read of the lock (A's
+    still) and its look at the heartbeat, B breaks A's stale lease. The fence must refuse A:
+    B's fresh lock is no sign of A's life, and neither is a lock nobody holds; nor is a heartbeat
+    A's refresh wrote just after the break, once the lock is B's."""
+    def cut_off(a: Lease) -> None:
+        beat = tmp_path / f"m.lock.{a.token}.beat"
+        os.utime(beat, (time.time() - 60, time.time() - 60))
+
+    def b_breaks_and_takes(a: Lease, then=None):
+        def go():
+            cut_off(a)
+            b = Lease(str(tmp_path), "m", stale_s=30, wait_s=1)
+            b.__enter__()
+            taken.append(b)
+            if then:
+                then(b)
+        return go
+
+    taken: list[Lease] = []
+    # stale_s=30: A's own refresh (every 7.5 s) stays out of the way
+    with Lease(str(tmp_path), "m", stale_s=30, wait_s=1) as a:
+        assert fence_raced(tmp_path, a, lambda: None) is None  # no break: A holds it, fresh
+        reason = fence_raced(tmp_path, a, b_breaks_and_takes(a))
+        assert reason and "now held by" in reason
+        taken.pop().__exit__(None, None, None)
+    assert not (tmp_path / "m.lock").exists()
+
+    with Lease(str(tmp_path), "m", stale_s=30, wait_s=1) as a:  # broken, then released
+        reason = fence_raced(tmp_path, a, b_breaks_and_takes(
+            a, then=lambda b: (taken.pop(), b.__exit__(None, None, None))))
+        assert reason and "m.lock" in reason
+    for p in tmp_path.iterdir():
+        p.unlink()
+
+    with Lease(str(tmp_path), "m", stale_s=30, wait_s=1) as a:  # A's late beat after the break
+        reason = fence_raced(tmp_path, a, b_breaks_and_takes(a, then=lambda b: a._beat()))
+        assert reason and "now held by" in reason
+        taken.pop().__exit__(None, None, None)
+
+
 def test_a_live_holder_refreshes_past_the_stale_age(tmp_path):
     with Lease(str(tmp_path), "m", stale_s=0.4, wait_s=1):
         time.sleep(1.0)  # longer than stale_s: only the refresh keeps it

@@ -3,6 +3,7 @@ iterator and the default run name."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -205,3 +206,59 @@ def test_a_local_ray_quiets_the_placement_group_cleaner_in_its_workers(monkeypat
     monkeypatch.delenv("RAY_ADDRESS")
     local_ray_worker_setup()
     assert os.environ["RAY_ADDRESS"] == "192.0.2.7:6379"  # else this worker's own Ray
+
+
+def test_nothing_runs_between_the_lease_fence_and_the_checkpoint_upload(monkeypatch, tmp_path):
+    """The training lease guarantees a fence that passed another ``stale_s / 2`` (tasks.lease):
+    the checkpoint's upload (``ray.train.report`` with it) must come right after the check, not
+    after MLflow calls whose retries can outlast that margin. The loop of one rank-0 worker with
+    Ray's report, the fence and MLflow recorded: at every checkpoint the order is save (local),
+    fence, upload, then MLflow; a failed fence stops the loop with nothing uploaded or logged."""
+    import ray.train
+
+    import tasks.checkpoints
+    from tasks.train import worker
+    from tasks.train.config import optim_config
+
+    cfg = load_config(sets=[*BASE, "train.steps=6", "train.checkpoint_every=2",
+                            "train.log_every=1", "train.batch_size=4"])
+    job = {"run_name": "fence", "run_dir": str(tmp_path), "storage_options": {},
+           "lease": {"dir": str(tmp_path), "name": "_training", "token": "t", "stale_s": 120},
+           "model": cfg.model.to_dict(), "diffusion": cfg.diffusion.to_dict(),
+           "train": cfg.train.model_dump(mode="json"), "class_names": DIGITS["class_names"],
+           "pipeline": {}, "dataset": {}}
+    w = worker._Worker(job, 0, 1, cfg.train, cfg.diffusion, cfg.model,
+                       optim_config(cfg.train, cfg.diffusion), cfg.diffusion.build_schedule(),
+                       torch.device("cpu"), None, False)
+    s = worker._build(w)
+    events: list[tuple] = []
+    save = tasks.checkpoints.save_training_checkpoint
+
+    def saved(d, **kw):
+        events.append(("save", kw["step"]))
+        save(d, **kw)
+
+    def fence(_w):
+        step = 2 * (1 + sum(e[0] == "fence" for e in events))  # checkpoint_every=2
+        events.append(("fence", step))
+        return "the lease was broken" if step == 6 else None
+
+    monkeypatch.setattr(tasks.checkpoints, "save_training_checkpoint", saved)
+    monkeypatch.setattr(worker, "_lease_lost", fence)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: events.append(
+        ("upload" if checkpoint else "report", metrics["step"])))
+    tracker = SimpleNamespace(metrics=lambda m, step: events.append(("mlflow", step)))
+    gen = torch.Generator().manual_seed(0)
+    batches = iter(lambda: {"x": torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8,
+                                               generator=gen),
+                            "label": torch.zeros(4, dtype=torch.long)}, None)
+
+    worker._train(w, s, s.model, batches, 0, 1, tracker, str(tmp_path))
+    for step in (2, 4):
+        i = events.index(("upload", step))
+        assert events[i - 2:i + 2] == [("save", step), ("fence", step), ("upload", step),
+                                       ("mlflow", step)]
+    assert events[-2:] == [("save", 6), ("fence", 6)]  # lost: no upload, no MLflow
+    assert ("report", 5) in events and ("mlflow", 5) in events
+    status = json.loads((tmp_path / "_status.json").read_text())
+    assert status["status"] == "lease_lost" and status["last_good_step"] == 4
