@@ -13,6 +13,17 @@ shares, e.g. ``<root>/registry/locks``; refreshed while held, broken when stale)
 history, a JSON list of versions on the registered model (tag ``champion.history``, newest last),
 is only written under the lease; the ``champion`` alias is the source of truth and the history is
 reconciled with it before use.
+
+Every registry write is fenced (:class:`_Writes`): right before each one the lease must still be
+this process's (:meth:`tasks.lease.Lease.check`, as training checks before each checkpoint).
+A promoter cut off from the store while it re-evaluated the champion (hours) can have its lease
+broken and an operator's rollback done meanwhile; when it comes back it writes nothing more,
+instead of moving the alias back and rewriting the history from what it read before. The lease
+is refreshed by its own thread all along (every ``lock_stale_s / 4``), so a long evaluation keeps
+it. Each write is one MLflow request, bounded by ``registry.retries`` and ``registry.timeout_s``
+(:mod:`tasks.registry.session`: with the defaults 4 attempts of at most 10 s to connect and 10 s
+to answer, 6 s of backoff: under 90 s), inside the margin a passed check leaves
+(``lock_stale_s / 2``, 300 s by default); nothing else sits between a check and its write.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from tasks.errors import LeaseBusy, RegistryError, RegistryUnavailable, StorageError
 from tasks.registry.config import CHALLENGER, CHAMPION, HISTORY_TAG, RegistryConfig, _tag_value
@@ -28,22 +40,57 @@ from tasks.registry.gate import _earlier_rejection, _eval_value, _judge, _policy
 from tasks.registry.refs import _aliases, _aliases_text, _registered_model, _version
 from tasks.registry.session import _mlflow
 
+if TYPE_CHECKING:
+    from tasks.lease import Lease
+
 
 @contextlib.contextmanager
 def _lease(lock_dir: str, model_name: str, cfg: RegistryConfig,
-           options: dict | None) -> Iterator[None]:
+           options: dict | None) -> Iterator[Lease]:
     """The model's promotion lease (:class:`tasks.lease.Lease`), failures as registry errors."""
     from tasks.lease import Lease
 
     try:
         with Lease(lock_dir, model_name, stale_s=cfg.lock_stale_s, wait_s=cfg.lock_wait_s,
-                   options=options):
-            yield
+                   options=options) as lease:
+            yield lease
     except LeaseBusy as e:
         raise RegistryError(f"another promotion or rollback of {model_name} is running: {e}") \
             from e
     except StorageError as e:
         raise RegistryUnavailable(f"cannot take the promotion lease of {model_name}: {e}") from e
+
+
+class _Writes:
+    """The registry writes of one promotion or rollback, each made only while its lease holds:
+    ``writes("set_registered_model_alias", name, alias, version)`` checks the lease (the fence,
+    :mod:`tasks.lease`), then calls the MLflow client's method. A lost lease raises
+    :class:`RegistryError` saying what was written and what to do; nothing after it is written.
+    ``doing``: "promotion of v3"; ``before``: what the process did before its first write (the
+    slow part, where a lease is most likely lost); ``rerun``: what to do then."""
+
+    def __init__(self, client, lease: Lease, model_name: str, doing: str, before: str,
+                 rerun: str):
+        self.client, self.lease, self.model_name = client, lease, model_name
+        self.doing, self.before, self.rerun = doing, before, rerun
+        self.done = 0
+
+    def __call__(self, method: str, *args) -> None:
+        try:
+            lost = self.lease.check()
+        except StorageError as e:
+            raise RegistryUnavailable(
+                f"cannot check the registry lease of {self.model_name} before a write of this "
+                f"{self.doing} ({self.done} made): {e}; {self.rerun} once the store answers") \
+                from e
+        if lost:
+            where = (f"before this {self.doing} wrote anything (while it {self.before})"
+                     if not self.done else f"after {self.done} writes of this {self.doing}")
+            made = "nothing was written" if not self.done else "the rest were not made"
+            raise RegistryError(f"the registry lease of {self.model_name} was lost {where}: "
+                                f"{lost}; {made}; {self.rerun}")
+        getattr(self.client, method)(*args)
+        self.done += 1
 
 
 def _history(rm) -> list[str]:
@@ -58,8 +105,8 @@ def _history(rm) -> list[str]:
     return history
 
 
-def _write_history(client, name: str, history: list[str]) -> None:
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-200:]))
+def _write_history(write: _Writes, name: str, history: list[str]) -> None:
+    write("set_registered_model_tag", name, HISTORY_TAG, json.dumps(history[-200:]))
 
 
 def _now() -> str:
@@ -82,7 +129,7 @@ def _challenger(client, rm, model_name: str, version: str | None, metric: str):
     return chall, chall_value
 
 
-def _record_decision(client, model_name: str, chall, champ, ok: bool, reason: str,
+def _record_decision(write: _Writes, model_name: str, chall, champ, ok: bool, reason: str,
                      result: dict, policy: str) -> None:
     """The decision as ``promotion.*`` tags on the challenger, and as a
     ``promotion.challenge.v<challenger>`` record on the champion it was judged against."""
@@ -111,24 +158,24 @@ def _record_decision(client, model_name: str, chall, champ, ok: bool, reason: st
                  **({"promotion.samples": str(int(result["samples"]))}
                     if result.get("samples") is not None else {}),
                  "promotion.reason": reason[:4000]}.items():
-        client.set_model_version_tag(model_name, chall.version, k, v)
+        write("set_model_version_tag", model_name, chall.version, k, v)
     if champ is not None:
-        client.set_model_version_tag(model_name, champ.version,
-                                     f"promotion.challenge.v{chall.version}",
-                                     json.dumps(record))
+        write("set_model_version_tag", model_name, champ.version,
+              f"promotion.challenge.v{chall.version}", json.dumps(record))
 
 
-def _move_champion(client, model_name: str, rm, chall, champ, history: list[str]) -> None:
+def _move_champion(write: _Writes, model_name: str, rm, chall, champ,
+                   history: list[str]) -> None:
     """``champion`` → the challenger; the history, the old champion and ``challenger`` follow."""
     # alias first: it is the source of truth, and _history reconciles a missed write
-    client.set_registered_model_alias(model_name, CHAMPION, chall.version)
+    write("set_registered_model_alias", model_name, CHAMPION, chall.version)
     history.append(str(chall.version))
-    _write_history(client, model_name, history)
+    _write_history(write, model_name, history)
     if champ is not None:
-        client.set_model_version_tag(model_name, champ.version, "promotion.superseded_by",
-                                     str(chall.version))
+        write("set_model_version_tag", model_name, champ.version, "promotion.superseded_by",
+              str(chall.version))
     if _aliases(rm).get(CHALLENGER) == str(chall.version):
-        client.delete_registered_model_alias(model_name, CHALLENGER)
+        write("delete_registered_model_alias", model_name, CHALLENGER)
 
 
 def promote(
@@ -157,7 +204,7 @@ def promote(
     """
     metric = cfg.metric
     with _mlflow(tracking_uri, cfg, f"promote {model_name}") as client, \
-            _lease(lock_dir, model_name, cfg, lock_options):
+            _lease(lock_dir, model_name, cfg, lock_options) as lease:
         rm = _registered_model(client, model_name)
         chall, chall_value = _challenger(client, rm, model_name, version, metric)
         history = _history(rm)
@@ -187,9 +234,12 @@ def promote(
         ok, reason, compared = _judge(model_name, chall, chall_value, champ, cfg, evaluate,
                                       paired)
         result |= compared
-        _record_decision(client, model_name, chall, champ, ok, reason, result, policy)
+        write = _Writes(client, lease, model_name, f"promotion of v{chall.version}",
+                        f"judged v{chall.version} against the champion v{previous}"
+                        if champ is not None else f"judged v{chall.version}", "rerun promote")
+        _record_decision(write, model_name, chall, champ, ok, reason, result, policy)
         if ok:
-            _move_champion(client, model_name, rm, chall, champ, history)
+            _move_champion(write, model_name, rm, chall, champ, history)
         return result | {"promoted": ok, "reason": reason,
                          "champion": str(chall.version) if ok else previous}
 
@@ -199,7 +249,7 @@ def rollback(model_name: str, *, tracking_uri: str, lock_dir: str,
     """Move ``champion`` back to its previous holder (the history's second-to-last entry)."""
     cfg = cfg or RegistryConfig()
     with _mlflow(tracking_uri, cfg, f"roll back {model_name}") as client, \
-            _lease(lock_dir, model_name, cfg, lock_options):
+            _lease(lock_dir, model_name, cfg, lock_options) as lease:
         rm = _registered_model(client, model_name)
         current = _aliases(rm).get(CHAMPION)
         if current is None:
@@ -213,10 +263,14 @@ def rollback(model_name: str, *, tracking_uri: str, lock_dir: str,
         target = history[-1]
         _version(client, model_name, target)  # still there?
         at = _now()
-        client.set_registered_model_alias(model_name, CHAMPION, target)
-        _write_history(client, model_name, history)
-        client.set_model_version_tag(model_name, current, "promotion.decision", "rolled_back")
-        client.set_model_version_tag(model_name, current, "promotion.rolled_back_at", at)
-        client.set_model_version_tag(model_name, target, "promotion.restored_at", at)
-        client.set_model_version_tag(model_name, target, "promotion.restored_from", str(current))
+        write = _Writes(client, lease, model_name, f"rollback of v{current}",
+                        f"decided to move the champion back to v{target}",
+                        "rerun rollback if the champion it finds then is still to be rolled back")
+        write("set_registered_model_alias", model_name, CHAMPION, target)
+        _write_history(write, model_name, history)
+        write("set_model_version_tag", model_name, current, "promotion.decision", "rolled_back")
+        write("set_model_version_tag", model_name, current, "promotion.rolled_back_at", at)
+        write("set_model_version_tag", model_name, target, "promotion.restored_at", at)
+        write("set_model_version_tag", model_name, target, "promotion.restored_from",
+              str(current))
         return {"champion": target, "previous": str(current), "history": history}
