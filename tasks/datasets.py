@@ -60,6 +60,12 @@ class DataConfig(BaseModel):
     key_column: str | None = Field(
         None, description="Parquet sources: a unique key column (default: '<file>#<row>')."
     )
+    max_classes: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="Parquet sources: most classes a label column may define (integer labels "
+        "are class indices below it, strings at most this many distinct values); a corrupt "
+        "label such as 4294967295 is refused instead of becoming four billion classes.",
+    )
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Refuse images declaring more pixels (decompression bombs)."
     )

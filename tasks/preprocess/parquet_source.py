@@ -2,9 +2,10 @@
 
 The image column holds encoded bytes, either plain binary or the Hugging Face ``{bytes, path}``
 struct; the optional label column holds integers (class names from the Hugging Face metadata
-when present) or strings (class names are the sorted distinct values). Every file's schema is
-checked while listing, so a wrong column name fails before any work starts. One work item per
-row group.
+when present) or strings (class names are the sorted distinct values), the same type in every
+file, defining at most ``data.max_classes`` classes. Every file's schema and labels are checked
+while listing, so a wrong column name or a corrupt label fails before any work starts. One work
+item per row group.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.datasets import DataConfig
@@ -44,9 +46,9 @@ def _list_parquet(loc: Location, cfg: DataConfig) -> Listing:
         raise PreprocessError(f"data.source {loc.describe()}: {outside[0]} is {OUTSIDE}; copy "
                               "the file into the source folder or point data.source at it")
     entries, units = [], []
-    class_names: list[str] | None = None
+    hf_names: tuple[str, list[str]] | None = None  # (file, the class names its metadata gives)
     label_column = cfg.label_column
-    label_values: set = set()
+    labels = _Labels(label_column or "", cfg.max_classes)
     for path, info in sorted(files.items()):
         rel = _rel(loc, path)
         entries.append((rel, int(info.get("size") or 0), _stamp(info)))
@@ -55,13 +57,14 @@ def _list_parquet(loc: Location, cfg: DataConfig) -> Listing:
             schema = pf.schema_arrow
             _check_columns(rel, schema, cfg)
             if label_column and label_column in schema.names:
-                class_names = class_names or _hf_class_names(schema, label_column)
-                label_values.update(_read_labels(f, rel, label_column))
+                names = hf_names or _hf_class_names(schema, label_column)
+                hf_names = hf_names or ((rel, names) if names else None)
+                labels.add(rel, pq.read_table(f, columns=[label_column]).column(0))
             units += _row_group_units(pf, rel, path)
-    class_names, label_map = _label_classes(label_values, class_names, label_column)
+    class_names, label_map = labels.classes(hf_names)
     for u in units:
         u["label_map"] = json.dumps(label_map) if label_map else None
-    return Listing("parquet", loc.describe(), entries, units, class_names if label_values else None)
+    return Listing("parquet", loc.describe(), entries, units, class_names)
 
 
 def _check_columns(rel: str, schema: pa.Schema, cfg: DataConfig) -> None:
@@ -84,17 +87,6 @@ def _check_columns(rel: str, schema: pa.Schema, cfg: DataConfig) -> None:
                               "data.key_column to an existing column or to null")
 
 
-def _read_labels(f, rel: str, label_column: str) -> list:
-    """The non-null values of one file's label column, which must hold integers or strings."""
-    labels = pq.read_table(f, columns=[label_column]).column(0)
-    ltype = labels.type
-    if not (pa.types.is_integer(ltype) or pa.types.is_string(ltype)
-            or pa.types.is_large_string(ltype)):
-        raise PreprocessError(f"{rel}: label column {label_column!r} has type "
-                              f"{ltype}; expected integers or strings")
-    return [v for v in labels.to_pylist() if v is not None]
-
-
 def _row_group_units(pf: pq.ParquetFile, rel: str, path: str) -> list[dict]:
     """One work item per row group, with the row offset of its first row in the file."""
     units = []
@@ -106,22 +98,68 @@ def _row_group_units(pf: pq.ParquetFile, rel: str, path: str) -> list[dict]:
     return units
 
 
-def _label_classes(label_values: set, class_names: list[str] | None,
-                   label_column: str | None) -> tuple[list[str] | None, dict | None]:
-    """(class names, string label → index map or None) for the label values seen.
+class _Labels:
+    """The label values of a Parquet source, checked file by file as they are read: integers
+    or strings, one type in every file, defining at most ``data.max_classes`` classes (integer
+    labels are class indices, so one corrupt value must not become billions of classes)."""
 
-    String labels are numbered in sorted order. Integer labels keep the Hugging Face class
-    names when there are enough of them, else are named by their number.
-    """
-    label_map: dict | None = None
-    if label_values:
-        if all(isinstance(v, str) for v in label_values):
-            class_names = sorted(label_values)
-            label_map = {c: i for i, c in enumerate(class_names)}
+    def __init__(self, column: str, max_classes: int):
+        self.column, self.max_classes = column, max_classes
+        self.values: set = set()
+        self.first: dict[str, str] = {}  # "integers" / "strings" → the first file holding them
+
+    def add(self, rel: str, values: pa.ChunkedArray) -> None:
+        """One file's label column (nulls are unlabelled rows)."""
+        col, top = self.column, self.max_classes
+        if pa.types.is_integer(values.type):
+            kind = "integers"
+        elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            kind = "strings"
         else:
-            top = max(label_values)
-            if min(label_values) < 0:
-                raise PreprocessError(f"label column {label_column!r} holds negative labels")
-            if class_names is None or len(class_names) <= top:
-                class_names = [str(i) for i in range(top + 1)]
-    return class_names, label_map
+            raise PreprocessError(f"{rel}: label column {col!r} has type {values.type}; "
+                                  "expected integers or strings")
+        self.first.setdefault(kind, rel)
+        if len(self.first) > 1:
+            raise PreprocessError(
+                f"label column {col!r} holds integers in {self.first['integers']} and strings "
+                f"in {self.first['strings']}; every file must hold the same type (class "
+                "indices or class names)")
+        if kind == "integers":
+            lo, hi = (v.as_py() for v in pc.min_max(values).values())
+            if lo is not None and lo < 0:
+                raise PreprocessError(f"{rel}: label {lo} in column {col!r} is negative; "
+                                      f"labels are class indices 0..{top - 1}")
+            if hi is not None and hi >= top:
+                raise PreprocessError(
+                    f"{rel}: label {hi} in column {col!r} is not below data.max_classes={top} "
+                    f"(labels are class indices, so it would make {hi + 1} classes); fix the "
+                    "file, or raise data.max_classes if the dataset has that many classes")
+        self.values.update(v for v in pc.unique(values).to_pylist() if v is not None)
+        if kind == "strings" and len(self.values) > top:
+            raise PreprocessError(
+                f"{rel}: label column {col!r} brings the distinct labels to {len(self.values)}, "
+                f"more than data.max_classes={top}; set data.label_column to the column that "
+                "holds the classes, or raise data.max_classes if the dataset has that many")
+
+    def classes(self, hf_names: tuple[str, list[str]] | None
+                ) -> tuple[list[str] | None, dict | None]:
+        """(class names, string label → index map or None); (None, None) without labels.
+
+        String labels are numbered in sorted order. Integer labels keep the Hugging Face class
+        names when there are enough of them, else are named by their number.
+        """
+        if not self.values:
+            return None, None
+        if "strings" in self.first:
+            names = sorted(self.values)
+            return names, {c: i for i, c in enumerate(names)}
+        top = max(self.values)
+        if hf_names is not None and len(hf_names[1]) > top:
+            rel, names = hf_names
+            if len(names) > self.max_classes:
+                raise PreprocessError(
+                    f"{rel}: its Hugging Face metadata names {len(names)} classes for column "
+                    f"{self.column!r}, more than data.max_classes={self.max_classes}; raise "
+                    "data.max_classes if the dataset has that many")
+            return names, None
+        return [str(i) for i in range(top + 1)], None

@@ -186,6 +186,8 @@ def test_no_numeric_key_takes_nan_or_infinity(key, bad):
     ("generate.num_samples=0", "generate.num_samples"),
     ("train.max_failures=-1", "train.max_failures"),
     ("runtime.ray_jobs_resubmits=-1", "runtime.ray_jobs_resubmits"),
+    ("data.max_classes=0", "data.max_classes"),
+    ("data.max_classes=1000001", "data.max_classes"),
     ("generate.labels=[1, .nan]", "generate.labels"),
     ("generate.labels=[1, -1]", "generate.labels"),
 ])

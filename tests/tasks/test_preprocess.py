@@ -387,3 +387,64 @@ def test_a_file_over_the_byte_cap_is_skipped_from_the_listing_unread(tmp_path):
     roomy = DataConfig(source=str(src), max_file_bytes=400 * 10**6)
     assert "cat/huge.jpg" in {u["key"] for u in list_source(roomy, RuntimeConfig()).units}
     assert version_of(listing, cfg) != version_of(listing, roomy)
+
+
+def _labelled_parquet(path: Path, labels: pa.Array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": pa.array([b"x"] * len(labels), pa.binary()),
+                             "label": labels}), path)
+
+
+@pytest.mark.parametrize("top", [20_000, 4_294_967_295])
+def test_a_label_beyond_max_classes_is_refused_naming_file_label_and_key(tmp_path, top):
+    """One corrupt integer label (4294967295 in a uint32 column) made the listing build
+    range(label + 1) class names: four billion strings. Labels are class indices below
+    data.max_classes, refused in one line naming the file, the label and the key."""
+    from tasks.preprocess.sources import list_source
+
+    _labelled_parquet(tmp_path / "src" / "a.parquet", pa.array([0, 1, 2], pa.uint32()))
+    _labelled_parquet(tmp_path / "src" / "b.parquet", pa.array([1, top, None], pa.uint32()))
+    cfg = DataConfig(source=str(tmp_path / "src"), format="parquet")
+    with pytest.raises(PreprocessError) as e:
+        list_source(cfg, RuntimeConfig())
+    msg = str(e.value)
+    assert "b.parquet" in msg and str(top) in msg and "data.max_classes" in msg, msg
+    assert "\n" not in msg
+    # a dataset that really has that many classes says so
+    if top < 10**6:
+        listing = list_source(cfg.model_copy(update={"max_classes": top + 1}), RuntimeConfig())
+        assert len(listing.class_names) == top + 1
+
+
+def test_negative_labels_name_the_file(tmp_path):
+    from tasks.preprocess.sources import list_source
+
+    _labelled_parquet(tmp_path / "src" / "neg.parquet", pa.array([0, -3], pa.int64()))
+    with pytest.raises(PreprocessError, match=r"neg\.parquet.*-3"):
+        list_source(DataConfig(source=str(tmp_path / "src"), format="parquet"), RuntimeConfig())
+
+
+def test_too_many_distinct_string_labels_are_refused(tmp_path):
+    """A label column of unique strings (an id column by mistake) would make a class per row."""
+    from tasks.preprocess.sources import list_source
+
+    _labelled_parquet(tmp_path / "src" / "a.parquet", pa.array(["cat", "dog"]))
+    _labelled_parquet(tmp_path / "src" / "b.parquet", pa.array(["owl", "eel"]))
+    cfg = DataConfig(source=str(tmp_path / "src"), format="parquet", max_classes=3)
+    with pytest.raises(PreprocessError, match=r"b\.parquet.*more than data\.max_classes=3"):
+        list_source(cfg, RuntimeConfig())
+    assert list_source(cfg.model_copy(update={"max_classes": 4}),
+                       RuntimeConfig()).class_names == ["cat", "dog", "eel", "owl"]
+
+
+def test_integer_and_string_labels_in_different_files_are_refused_naming_both(tmp_path):
+    """Mixed label types raised a bare TypeError from max(); one line names a file of each."""
+    from tasks.preprocess.sources import list_source
+
+    _labelled_parquet(tmp_path / "src" / "a.parquet", pa.array([0, 1], pa.int64()))
+    _labelled_parquet(tmp_path / "src" / "b.parquet", pa.array(["cat", None]))
+    with pytest.raises(PreprocessError) as e:
+        list_source(DataConfig(source=str(tmp_path / "src"), format="parquet"), RuntimeConfig())
+    msg = str(e.value)
+    assert "a.parquet" in msg and "b.parquet" in msg and "integer" in msg and "string" in msg
+    assert "\n" not in msg
