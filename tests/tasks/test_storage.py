@@ -58,7 +58,8 @@ def test_credentials_in_the_mlflow_uri_go_to_mlflows_variables_not_the_config(mo
     from tasks.tracking import tracking_uri
 
     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # so that the teardown restores (removes) what a test sets
+        monkeypatch.delenv(var)
     rt = RuntimeConfig(mlflow_uri="https://ops:p%40ss%2Fw0rd@mlflow.example:5000/x?token=t")
     assert rt.mlflow_uri == "https://mlflow.example:5000/x?token=***"
     assert "p%40ss" not in rt.model_dump_json()
@@ -112,8 +113,10 @@ def test_credentials_to_mlflow_takes_a_raw_password_whole(monkeypatch):
     password of http://u:a#b@h and 'b@h' for a fragment)."""
     from tasks.storage import credentials_to_mlflow
 
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(var, "")  # so that the teardown restores (removes) what a test sets
     for pw in ("a#b?c/d@e", "x?y", "p#q"):
-        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
         assert credentials_to_mlflow(f"https://ops:{pw}@mlflow.example:5000") == \
             "https://mlflow.example:5000"
         assert os.environ["MLFLOW_TRACKING_PASSWORD"] == pw
@@ -147,7 +150,8 @@ def test_a_database_uri_keeps_its_password_for_mlflow_and_shows_none(monkeypatch
     from tasks.tracking import ensure_experiment, tracking_uri
 
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # so that the teardown restores (removes) what a test sets
+        monkeypatch.delenv(var)
     full = "postgresql://mlflow:s3cr#t?x@db.example:5432/mlflow"
     shown = "postgresql://db.example:5432/mlflow"
     rt = RuntimeConfig(mlflow_uri=full)
