@@ -176,7 +176,7 @@ class _TimedSampler:
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "cpu_affinity": (len(os.sched_getaffinity(0))
                              if hasattr(os, "sched_getaffinity") else None),
-            "device": str(self.inner.device), "autocast": str(self.inner.autocast),
+            "device": str(self.inner.device), "bf16": self.inner.job.bf16,
             "calls": []}
         self._save()
 
@@ -269,9 +269,10 @@ def steady(rows: list[int], ends: list[float], start: float) -> dict:
 
 
 def plain_run(cfg: GenerateConfig, runtime: RuntimeConfig, threads: int | None, *,
-              device: str = "cpu", autocast=None, max_seconds: float = 1e9) -> dict:
+              device: str = "cpu", max_seconds: float = 1e9) -> dict:
     """``resolve_job`` (loads the model) then ``sample_indices`` shard by shard, in this
-    process. Stops after the shard that passes ``max_seconds`` (then ``truncated``)."""
+    process, at the job's precision (``generate.bf16`` resolved). Stops after the shard that
+    passes ``max_seconds`` (then ``truncated``)."""
     import torch
 
     if threads:
@@ -287,7 +288,7 @@ def plain_run(cfg: GenerateConfig, runtime: RuntimeConfig, threads: int | None, 
             truncated = True
             break
         x, y = sample_indices(model, job, np.arange(start, end), cfg.batch_size,
-                              torch.device(device), autocast)
+                              torch.device(device))
         ends.append(time.perf_counter())
         images.append(x)
         labels.append(y)
@@ -426,7 +427,7 @@ def gpu_section(args, root: Path, wait: dict) -> dict:
     print(f"gpu: plain loop, {n} samples of {unet.in_channels}×{unet.resolution}² "
           f"({minfo['parameters'] / 1e6:.1f}M parameters), {args.gpu_sampler}:{steps}, batch "
           f"{batch}, bf16, on {device} ...")
-    a = tb.timed(plain_run, gen, runtime, None, device=device, autocast=torch.bfloat16, **wait)
+    a = tb.timed(plain_run, gen, runtime, None, device=device, **wait)  # bf16: gen says on
     print(f"  plain: {describe(a)}")
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -37,7 +37,8 @@ class GenerateConfig(BaseModel):
     gpus_per_actor: float = Field(0.0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor; a CPU actor runs "
                                   "torch on this many threads.")
-    bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: on with GPUs.")
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: on for GPU actors (generate.gpus_per_actor > 0).")
 
     @field_validator("labels")
     @classmethod

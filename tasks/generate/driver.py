@@ -105,8 +105,20 @@ def _same_job(out: Location, job: Job, found: dict) -> None:
         raise GenerateError(
             f"{out.describe()} already holds generation job {found.get('job_id')} "
             f"({found.get('model_ref')}, {found.get('num_samples')} samples, seed "
-            f"{found.get('seed')}), not this one ({job.job_id}); choose another "
-            "generate.output or remove it")
+            f"{found.get('seed')}), not this one ({job.job_id}){_differences(job, found)}; "
+            "choose another generate.output or remove it")
+
+
+def _differences(job: Job, found: dict) -> str:
+    """``: it differs in bf16 (False there, True here), ...``: the fields of the job's identity
+    the found record holds otherwise (structures by name only), or nothing."""
+    diff = []
+    for key, here in job.identity().items():
+        there = found.get(key, "unrecorded")
+        if there != here:
+            diff.append(key if isinstance(here, dict | list) else f"{key} ({there} there, "
+                        f"{here} here)")
+    return f": it differs in {', '.join(diff)}" if diff else ""
 
 
 def _claim(out: Location, job: Job, record: dict) -> None:
@@ -179,7 +191,7 @@ def _write_shards(cfg: GenerateConfig, runtime: RuntimeConfig, job: Job, model, 
         fn_constructor_kwargs={
             "job": asdict(job), "weights_ref": [weights_ref], "output": out.url,
             "options": storage_options(out.url, runtime), "batch_size": cfg.batch_size,
-            "bf16": cfg.bf16, "cpus": cfg.cpus_per_actor})
+            "cpus": cfg.cpus_per_actor})
     stats = _follow(ds, job.num_samples, have, echo)
     missing = [k for k, _, _ in todo if k not in stats]
     if missing:

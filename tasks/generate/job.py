@@ -1,12 +1,17 @@
 """The job: everything that determines a generation's output, its id, its shards, and the
 label of each sample.
 
-A job is ``(model weights, sampler, steps, guidance, labels, seed, N, shard size, format)``; its
-fingerprint is the *job id*. Sample i draws its noise from ``SampleNoise(seed, [i])`` and its
-label (when labels are drawn from a distribution) from the same (seed, i) stream, so sample i
-depends on the job and i alone: not on the batch size, the number of actors, the shard it lands
-in or the order shards run in. It is also what the registered pyfunc returns for
-``{"seed": seed, "index": i, "label": label_i}``.
+A job is ``(model weights, sampler, steps, guidance, labels, seed, N, shard size, format,
+device, bf16)``; its fingerprint is the *job id*. The last two are the numerics, as used: the
+device kind the actors sample on and whether they sample in bfloat16 (``generate.bf16``
+resolved), because they change the pixels: a job on other hardware or at the other precision is
+another job, and never finishes or reuses this one's shards.
+
+Sample i draws its noise from ``SampleNoise(seed, [i])`` and its label (when labels are drawn
+from a distribution) from the same (seed, i) stream, so sample i depends on the job and i alone:
+not on the batch size, the number of actors, the shard it lands in or the order shards run in.
+It is also what the registered pyfunc returns for ``{"seed": seed, "index": i, "label":
+label_i}``.
 
 Both sides use it: the driver resolves it (:mod:`tasks.generate.resolve`), the sampler actors
 rebuild it from its fields (:mod:`tasks.generate.worker`).
@@ -39,6 +44,8 @@ class Job:
     num_samples: int
     shard_size: int
     format: str
+    device: str  # the actors' device kind, as device_kind() names it
+    bf16: bool  # sampled under bfloat16 autocast
 
     def identity(self) -> dict:
         d = asdict(self)
@@ -59,6 +66,18 @@ class Job:
         """(shard number, first index, end index) for every shard."""
         n, s = self.num_samples, self.shard_size
         return [(k, k * s, min(n, (k + 1) * s)) for k in range((n + s - 1) // s)]
+
+
+def device_kind(use_gpu: bool) -> str:
+    """The kind of device a sampler actor in this process samples on, as a job records it:
+    ``cuda:<GPU model>`` for a GPU actor that sees a GPU (models differ in kernels, so in the
+    last bits of an image), else ``cpu`` (every CPU is taken as one kind, although BLAS
+    libraries differ in rounding too)."""
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name()}"
+    return "cpu"
 
 
 def labels_for(job: Job, indices: np.ndarray) -> np.ndarray | None:

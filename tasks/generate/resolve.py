@@ -33,8 +33,32 @@ def resolve_job(cfg: GenerateConfig, runtime: RuntimeConfig, *, default_model: s
     job = Job(model_ref=ref, model_version=loaded.version, weights_sha256=loaded.weights_sha256,
               config={k: config[k] for k in ("unet", "diffusion", "class_names") if k in config},
               sampler=asdict(sampler), guidance_scale=scale, labels=labels, seed=cfg.seed,
-              num_samples=cfg.num_samples, shard_size=cfg.shard_size, format=cfg.format)
+              num_samples=cfg.num_samples, shard_size=cfg.shard_size, format=cfg.format,
+              **_numerics(cfg, runtime, echo))
     return job, model
+
+
+def _numerics(cfg: GenerateConfig, runtime: RuntimeConfig, echo) -> dict:
+    """The device kind the sampler actors sample on (``cpu`` without generate.gpus_per_actor,
+    whatever the host has) and generate.bf16 resolved (auto: on for GPU actors)."""
+    device = gpu_kind(cfg, runtime, echo) if cfg.gpus_per_actor else "cpu"
+    return {"device": device,
+            "bf16": cfg.bf16 == "on" or (cfg.bf16 == "auto" and device != "cpu")}
+
+
+def gpu_kind(cfg: GenerateConfig, runtime: RuntimeConfig, echo) -> str:
+    """The kind of device a GPU sampler actor gets (:func:`tasks.generate.job.device_kind`),
+    asked of the cluster by one task that holds what an actor holds. A job's actors must all
+    have it (each checks), so a job runs on one GPU model."""
+    import ray
+
+    from tasks.generate.job import device_kind
+    from tasks.runtime import ensure_ray
+
+    ensure_ray(runtime, echo=echo)
+    probe = ray.remote(device_kind).options(num_gpus=cfg.gpus_per_actor,
+                                             num_cpus=cfg.cpus_per_actor)
+    return ray.get(probe.remote(True))
 
 
 def _sampler(cfg: GenerateConfig, ref: str, T: int, defaults: dict | None,

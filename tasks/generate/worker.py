@@ -15,14 +15,18 @@ import time
 
 import numpy as np
 
-from tasks.generate.job import Job, labels_for
+from tasks.errors import GenerateError
+from tasks.generate.job import Job, device_kind, labels_for
 from tasks.generate.layout import shard_path
 from tasks.storage import Location, atomic_write_bytes
 
 
-def sample_indices(model, job: Job, indices: np.ndarray, batch_size: int, device,
-                   autocast_dtype=None) -> tuple[np.ndarray, np.ndarray | None]:
-    """uint8 [len(indices), C, H, W] samples and their labels (None: unconditional)."""
+def sample_indices(model, job: Job, indices: np.ndarray, batch_size: int, device
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 [len(indices), C, H, W] samples and their labels (None: unconditional), at the
+    job's precision (bfloat16 autocast when ``job.bf16``)."""
+    import torch
+
     from diffusion import SampleNoise, SamplerConfig
     from diffusion.pipeline import DiffusionConfig, sample_images
 
@@ -34,7 +38,7 @@ def sample_indices(model, job: Job, indices: np.ndarray, batch_size: int, device
         prediction=diffusion.prediction, labels=labels,
         guidance_scale=1.0 if job.guidance_scale is None else job.guidance_scale,
         null_label=job.config["unet"].get("num_classes"), batch_size=batch_size,
-        autocast_dtype=autocast_dtype)
+        autocast_dtype=torch.bfloat16 if job.bf16 else None)
     return images.numpy(), labels
 
 
@@ -80,15 +84,15 @@ class Sampler:
     the actor used ~1.5 cores, about 20% slower than the same loop in a plain process."""
 
     def __init__(self, job: dict, weights_ref, output: str, options: dict, batch_size: int,
-                 bf16: str, cpus: float = 1.0):
+                 cpus: float = 1.0):
         from concurrent.futures import ThreadPoolExecutor
 
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
         self._torch_thread.submit(self._setup, job, weights_ref, output, options, batch_size,
-                                  bf16, cpus).result()
+                                  cpus).result()
 
     def _setup(self, job: dict, weights_ref, output: str, options: dict, batch_size: int,
-               bf16: str, cpus: float) -> None:
+               cpus: float) -> None:
         import ray
         import safetensors.torch
         import torch
@@ -96,14 +100,18 @@ class Sampler:
         from diffusion.serialization import unet_from_state
 
         self.job = Job(**job)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        have = device_kind(use_gpu=self.job.device != "cpu")
+        if have != self.job.device:  # its shards would not be the others' numerics
+            raise GenerateError(
+                f"generation job {self.job.job_id} samples on {self.job.device}, but this sampler "
+                f"actor has {have}; run it on a cluster of that GPU model, or generate anew "
+                "into another generate.output")
+        self.device = torch.device("cpu" if have == "cpu" else "cuda")
         if self.device.type == "cpu":  # as many threads as the CPUs Ray reserved for us
             torch.set_num_threads(max(1, int(cpus)))
         weights = ray.get(weights_ref[0]) if isinstance(weights_ref, list) else weights_ref
         model = unet_from_state(self.job.config, safetensors.torch.load(weights))
         self.model = model.to(self.device)
-        on_gpu = self.device.type == "cuda"
-        self.autocast = torch.bfloat16 if bf16 == "on" or (bf16 == "auto" and on_gpu) else None
         self.out = Location.of(output, options)
         self.batch_size = batch_size
 
@@ -116,7 +124,7 @@ class Sampler:
             t0 = time.perf_counter()
             indices = np.arange(int(start), int(end))
             images, labels = sample_indices(self.model, self.job, indices, self.batch_size,
-                                            self.device, self.autocast)
+                                            self.device)
             if self.job.format == "parquet+png":
                 for i, img in zip(indices, images, strict=True):
                     atomic_write_bytes(self.out.child("png", f"{i:09d}.png"), png_bytes(img))

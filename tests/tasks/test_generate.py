@@ -93,6 +93,77 @@ def test_labels_follow_the_weights_and_a_fixed_label(models, tmp_path):
     assert set(labels_for(j, np.arange(10))) == {1}
 
 
+def test_the_job_id_covers_the_precision_used_and_the_device(models, tmp_path, monkeypatch):
+    """bf16 and the device change the pixels, so the job holds them as used: bf16 resolved
+    (``auto``: on for GPU actors only), the device kind ``cpu`` (every CPU is one kind) or
+    ``cuda:<GPU model>`` (models differ in kernels). (Before, neither was in the job: a rerun
+    with only bf16 changed was the same job.)"""
+    import tasks.generate.resolve as resolve
+
+    def resolved(**kw):
+        return resolve_job(job(models, tmp_path, **kw), rt(tmp_path), echo=lambda s: None)[0]
+
+    auto, off, on = (resolved(bf16=b) for b in ("auto", "off", "on"))
+    assert (auto.identity()["bf16"], auto.identity()["device"]) == (False, "cpu")
+    assert on.identity()["bf16"] is True
+    assert auto.job_id == off.job_id != on.job_id
+
+    gpu = {}
+    for model in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"):
+        monkeypatch.setattr(resolve, "gpu_kind", lambda cfg, runtime, echo, m=model: f"cuda:{m}")
+        gpu[model] = resolved(gpus_per_actor=1.0)
+    h100 = gpu["NVIDIA H100 80GB HBM3"]
+    assert (h100.bf16, h100.device) == (True, "cuda:NVIDIA H100 80GB HBM3")
+    assert len({on.job_id, h100.job_id, gpu["NVIDIA A100-SXM4-80GB"].job_id}) == 3
+    assert resolved(gpus_per_actor=1.0, bf16="off").job_id != h100.job_id
+
+
+def test_a_rerun_with_only_bf16_changed_is_not_given_the_other_precisions_output(models,
+                                                                                 tmp_path):
+    """An output holding a complete fp32 job (its claim and manifest as the driver writes
+    them): the same settings find it complete; the same settings with bf16 on are refused in
+    one line naming the difference. (Before, they were given the fp32 output as complete.)"""
+    import json
+
+    from tasks.generate import driver
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fp32, _ = resolve_job(job(models, tmp_path, output=str(out)), rt(tmp_path),
+                          echo=lambda s: None)
+    record = driver._job_record(fp32)
+    (out / "_job.json").write_text(json.dumps(record))
+    (out / "_manifest.json").write_text(json.dumps(record | {"shards": []}))
+    assert generate(job(models, tmp_path, output=str(out)), rt(tmp_path),
+                    echo=lambda s: None).reused
+    with pytest.raises(GenerateError) as failed:
+        generate(job(models, tmp_path, output=str(out), bf16="on"), rt(tmp_path),
+                 echo=lambda s: None)
+    failed.match(r"already holds generation job \w{16} .*not this one \(\w{16}\): it differs "
+                 r"in bf16 \(False there, True here\); choose another generate.output or remove")
+    assert "\n" not in str(failed.value)
+
+
+def test_a_sampler_actor_samples_with_the_jobs_numerics_or_refuses(models, tmp_path):
+    """The actor takes its device and precision from the job, not from what it finds: a job
+    that samples on another device is refused before any shard is written."""
+    from dataclasses import asdict, replace
+
+    import safetensors.torch
+
+    from tasks.generate import Sampler
+
+    j, model = resolve_job(job(models, tmp_path, bf16="on"), rt(tmp_path), echo=lambda s: None)
+    weights = safetensors.torch.save(model.state_dict())
+    actor = Sampler(asdict(j), weights, str(tmp_path / "o"), {}, 4)
+    assert actor.device.type == "cpu" and actor.job.bf16 is True
+    with pytest.raises(GenerateError, match=r"samples on cuda:Some GPU 9000, but this sampler "
+                                            r"actor has (cpu|cuda:.+);"):
+        Sampler(asdict(replace(j, device="cuda:Some GPU 9000")), weights, str(tmp_path / "o"),
+                {}, 4)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_different_job_in_the_output_is_refused(ray_local, models, tmp_path):
     out = str(tmp_path / "out")
     generate(job(models, tmp_path, num_samples=5, output=out), rt(tmp_path), echo=lambda s: None)
