@@ -386,6 +386,7 @@ def job_run(
     (or its error) beside the request. The entrypoint of every stage's Ray Job (tasks.jobs)."""
     import json
 
+    from tasks.code import check_same_code, describe
     from tasks.jobs import error_line, error_record
     from tasks.stages import run_stage
     from tasks.storage import (
@@ -402,7 +403,10 @@ def job_run(
     req: dict = {}
     try:  # reading the request and writing the result are part of the stage: storage may fail
         req = read_json(Location.of(request, storage_options(request, options)))
-        echo(f"running stage {req['stage']} (job key {req['key']}, attempt {req['attempt']})")
+        # A job runs the cluster's code: never another release's request.
+        check_same_code(req.get("code"), where=f"the {req.get('stage')} job's request")
+        echo(f"running stage {req['stage']} ({req.get('name')}, attempt {req['attempt']}, "
+             f"{describe(req['code'])})")
         result = run_stage(req["stage"], req["args"], echo=echo)
         out = req["result"]
         atomic_write_bytes(Location.of(out, storage_options(out, options)),

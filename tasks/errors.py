@@ -10,7 +10,7 @@
     └── StorageError, DatasetNotFound, PreprocessError, TrainConfigError, TrainingBusy
         (TrainingLeaseLost), TrainingDiverged, RunNotFound, CheckpointError, LeaseBusy,
         EvalError, RegistryError, TrackingError, GenerateError, ClusterAuthError,
-        StageJobFailed, StageTimeout
+        StageJobFailed, StageTimeout, CodeMismatch
                                     fail at once; the same way every time
 
 Each error also keeps the builtin base it always had (``ValueError``, ``RuntimeError``,
@@ -134,3 +134,8 @@ class StageJobFailed(PipelineError, RuntimeError):
 
 class StageTimeout(PipelineError, TimeoutError):
     """A stage ran past its timeout (``runtime.stage_timeouts``); names the stage and the job."""
+
+
+class CodeMismatch(PipelineError, RuntimeError):
+    """A Ray Job's request was made by other code than the node that runs it holds: names both
+    versions and what to install (:mod:`tasks.code`)."""

@@ -59,6 +59,10 @@ class RuntimeConfig(StorageConfig):
     ray_jobs_unreachable_s: Seconds = Field(
         600.0, description="Seconds a flow run keeps polling a Ray Jobs API that does not "
         "answer before it fails (the job runs on; a rerun re-attaches).")
+    ray_jobs_resubmits: int = Field(
+        2, ge=0, le=20, description="Times a stage's Ray Job is resubmitted when the cluster "
+        "loses it (its head restarted, or Ray ended it because its supervisor died); the stage "
+        "resumes from what it stored.")
     ray_num_cpus: int | None = Field(
         None, ge=1, description="CPUs for a local Ray (default: all); ignored on a cluster."
     )

@@ -10,13 +10,17 @@ process: what ``diffusion-pipeline job-run`` calls inside the job.
 Each stage takes JSON arguments (the Prefect tasks' own) and returns a JSON summary:
 
 ===========  ====================================================  ============================
-stage        arguments                                             job key
+stage        arguments                                             job name
 ===========  ====================================================  ============================
 preprocess   ``data``, ``runtime``                                 ``<dataset>-<version>``
 train        ``config`` (the pipeline config)                      the run name
-evaluate     ``model_ref``, ``config``, ``dataset_version``        digest of the arguments
-generate     ``config``, ``default_model``                         digest (model pinned)
+evaluate     ``model_ref``, ``config``, ``dataset_version``        the model (pinned version)
+generate     ``config``, ``default_model``                         the model (pinned version)
 ===========  ====================================================  ============================
+
+A job's submission id is ``<stage>-<name>-<digest>``; the digest covers the job's identity
+(:func:`job_identity`: the arguments with aliases resolved, the storage root, the tracking
+server, less what only changes how the job is run) and the code (:mod:`tasks.code`).
 """
 
 from __future__ import annotations
@@ -121,21 +125,43 @@ def _plan_evaluate(args: dict, echo: Echo) -> str | None:
 
     if stored_evaluation(args, echo=echo) is not None:
         return None
-    return fingerprint_of(args)
+    return str(args["model_ref"])
 
 
 def _plan_generate(args: dict, echo: Echo) -> str | None:
-    return fingerprint_of(args)
+    model = (args["config"].get("generate") or {}).get("model") or args.get("default_model")
+    return str(model or "default")
 
 
+# Each stage's plan: the readable name of its job, or None when its result exists already.
 _PLAN = {"preprocess": _plan_preprocess, "train": _plan_train, "evaluate": _plan_evaluate,
          "generate": _plan_generate}
 
+# ``runtime`` keys that change how a job is run or watched, not what it produces: left out of
+# its identity, so changing one re-attaches to the running job instead of submitting a second.
+RUNTIME_EXECUTION_KEYS = frozenset({
+    "ray_address", "stage_timeouts", "ray_jobs_unreachable_s", "ray_jobs_resubmits",
+    "storage_retries", "storage_connect_timeout", "ray_num_cpus",
+})
 
-def fingerprint_of(args: dict) -> str:
-    from tasks.jobs import fingerprint
 
-    return fingerprint(args)
+def job_identity(stage: str, args: dict, root_url: str) -> dict:
+    """What a job's output depends on: the job's arguments (aliases already pinned to
+    versions) with the storage root as an absolute URL, less :data:`RUNTIME_EXECUTION_KEYS`
+    and the train section's execution keys (:data:`tasks.train.config.EXECUTION_KEYS`: how
+    often to log or checkpoint never changes the model)."""
+    from tasks.storage import redact
+    from tasks.train.config import EXECUTION_KEYS
+
+    def runtime(rt: dict) -> dict:
+        kept = {k: v for k, v in rt.items() if k not in RUNTIME_EXECUTION_KEYS}
+        return kept | {"root": redact(root_url)}
+
+    if stage == "preprocess":
+        return args | {"runtime": runtime(args["runtime"])}
+    c = args["config"]
+    train = {k: v for k, v in (c.get("train") or {}).items() if k not in EXECUTION_KEYS}
+    return args | {"config": c | {"runtime": runtime(c["runtime"]), "train": train}}
 
 
 def pin_models(stage: str, args: dict) -> dict:
@@ -165,13 +191,14 @@ def pin_models(stage: str, args: dict) -> dict:
     return out
 
 
-def for_job(stage: str, args: dict, tracking_uri: str | None) -> dict:
+def for_job(stage: str, args: dict, tracking_uri: str | None, root_url: str) -> dict:
     """The job's copy of ``args``: the runtime joins the cluster it runs in (no Ray address),
-    logs to the tracking server this driver resolved, and carries no credential."""
+    stores under the root this driver resolved (a local root made absolute), logs to the
+    tracking server this driver resolved, and carries no credential."""
     from tasks.storage import redact
 
     def runtime(rt: dict) -> dict:
-        return rt | {"ray_address": None,
+        return rt | {"ray_address": None, "root": root_url,
                      "mlflow_uri": redact(tracking_uri) if tracking_uri else rt.get("mlflow_uri")}
 
     if stage == "preprocess":
@@ -198,19 +225,21 @@ def execute(stage: str, args: dict, *, echo: Echo = print,
     from tasks import tracking
     from tasks.jobs import JobRunner, StageJob
 
-    key = _PLAN[stage](args, echo)
-    if key is None:  # nothing to do: the stage returns what exists without touching Ray
+    args = pin_models(stage, args)  # first: a job is named by versions, never by an alias
+    name = _PLAN[stage](args, echo)
+    if name is None:  # nothing to do: the stage returns what exists without touching Ray
         return run_stage(stage, args, echo=echo)
     root = runtime.root_location()
-    args = pin_models(stage, args)
     try:
         uri = tracking.tracking_uri(runtime, root)
     except Exception:  # no tracking store: the stage itself says so if it needs one
         uri = None
     runner = JobRunner(address, root, echo=echo, timeout_s=timeout,
                        unreachable_s=runtime.ray_jobs_unreachable_s,
+                       resubmits=runtime.ray_jobs_resubmits,
                        entrypoint_args=_entrypoint_args(runtime), progress=progress)
-    return runner.run(StageJob(stage, key, for_job(stage, args, uri)))
+    job_args = for_job(stage, args, uri, root.url)
+    return runner.run(StageJob(stage, name, job_args, job_identity(stage, job_args, root.url)))
 
 
 def _entrypoint_args(runtime: RuntimeConfig) -> tuple[str, ...]:

@@ -131,6 +131,26 @@ def redact(url: str) -> str:
         (_params(fragment) if fragment else "")
 
 
+def scrub(text: str, *urls: str | None) -> str:
+    """``text`` (an error message, a log line) with the credentials of each of ``urls`` taken
+    out wherever they appear: as typed, percent-decoded, and the password alone. For messages
+    built by others (a Ray job's failure message, an SDK's error) that quote an address this
+    process holds with its credentials."""
+    from urllib.parse import unquote
+
+    secrets: set[str] = set()
+    for url in urls:
+        parts = _credentials(url) if url else None
+        if parts is None or parts[1] is None:
+            continue
+        userinfo = parts[1]
+        password = userinfo.partition(":")[2]
+        secrets |= {userinfo, unquote(userinfo), password, unquote(password)}
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 # MLflow's database stores (mlflow.store.db.db_types), with or without a +driver.
 _DATABASES = ("postgresql", "mysql", "mssql", "sqlite")
 

@@ -26,7 +26,7 @@ BUILTIN_BASE = {
     "RegistryUnavailable": RuntimeError, "TrackingError": RuntimeError,
     "TrackingUnavailable": RuntimeError, "GenerateError": ValueError,
     "ClusterUnreachable": ConnectionError, "ClusterAuthError": PermissionError,
-    "StageJobFailed": RuntimeError, "StageTimeout": TimeoutError,
+    "StageJobFailed": RuntimeError, "StageTimeout": TimeoutError, "CodeMismatch": RuntimeError,
 }
 TRANSIENT = {"StorageUnavailable": "StorageError", "RegistryUnavailable": "RegistryError",
              "TrackingUnavailable": "TrackingError", "ClusterUnreachable": "TransientError"}
