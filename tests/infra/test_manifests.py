@@ -1023,3 +1023,36 @@ def test_postgres_init_takes_passwords_from_the_environment():
     assert sorted(passwords) == ["MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD"]
     for var in passwords:
         assert REQUIRED_REF.match(env[var]), var
+
+
+def _images(node: Any) -> list[str]:
+    """Every ``image`` value (a string) in a loaded manifest."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + [
+            i for v in node.values() for i in _images(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in _images(v)]
+    return []
+
+
+def test_images_are_referenced_by_an_immutable_tag():
+    """A cluster runs the code its image holds (issue 25 item 11): `:latest` (or no tag) with
+    IfNotPresent leaves each node on whichever build it pulled first. The pipeline's image is
+    tagged with this release's version, the version job-run's code check names."""
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    found = []
+    for path in [*INFRA.rglob("*.yaml"), *INFRA.rglob("*.yml")]:
+        if "testbed" in path.parts:
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            for image in _images(doc):
+                if "{{" in image:  # set at deploy time ($PIPELINE_IMAGE): the docs pin it
+                    continue
+                found.append((path.relative_to(INFRA), image))
+                name, _, tag = image.rpartition("/")[2].partition(":")
+                assert (tag and tag != "latest") or "@sha256:" in image, (path, image)
+                if name == "diffusion-pipeline":
+                    assert tag == version, f"{path}: {image} is not this release's {version}"
+    assert sum(i.rpartition("/")[2].startswith("diffusion-pipeline:") for _, i in found) >= 3
