@@ -165,8 +165,11 @@ def test_ray_train_chatter_and_print_teeing_are_off_for_the_trainer(monkeypatch)
     kw = run_config_logging()
     # print() in a worker goes to the console once (Ray Train's patch printed it twice)
     assert kw["worker_runtime_env"]["env_vars"] == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    # Ray Train's INFO records only in its log files; warnings still on the console
-    assert kw["logging_config"].log_level == "WARNING"
+    # Ray Train's INFO records only in its log files; warnings still on the console (where this
+    # Ray has LoggingConfig: the floor of pyproject.toml predates it, make test-min)
+    assert ("logging_config" in kw) == hasattr(ray.train, "LoggingConfig")
+    if hasattr(ray.train, "LoggingConfig"):
+        assert kw["logging_config"].log_level == "WARNING"
     ray.train.RunConfig(**kw)  # what _trainer passes is what this Ray's RunConfig takes
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")  # a driver's own setting wins
     assert run_config_logging()["worker_runtime_env"]["env_vars"] == {
@@ -177,7 +180,10 @@ def test_a_local_ray_quiets_the_placement_group_cleaner_in_its_workers(monkeypat
     """Without a dashboard (State API) Ray Train's placement-group cleaner warned every second;
     with another Ray on the machine its State API client died guessing the cluster."""
     import ray
-    import ray.train.v2._internal.execution.controller.placement_group_cleaner as pgc
+
+    # a Ray without the cleaner (pyproject's floor, make test-min) has nothing to quiet
+    pgc = pytest.importorskip(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner")
 
     from tasks.runtime import QUIET_RAY_LOGGERS, local_ray_worker_setup, ray_init_kwargs
 
