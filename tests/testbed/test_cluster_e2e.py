@@ -15,6 +15,7 @@ tests run the single-stage deployments, so an outage costs one stage, not a retr
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -113,8 +114,8 @@ def train_params(seed: int, steps: int, **more: str) -> dict:
 
 
 def run_name_of(sid: str) -> str:
-    name = sid.removeprefix("train-")
-    return name.rsplit("-a", 1)[0] if "-a" in name[-4:] else name
+    """The run name in a train job's id, ``train-<run name>-<digest>[-a<attempt>]``."""
+    return re.sub(r"-[0-9a-f]{12}(-a\d+)?$", "", sid.removeprefix("train-"))
 
 
 # -- 1. a deployed run ---------------------------------------------------------------------------
@@ -205,6 +206,35 @@ def test_a_killed_driver_a_partition_and_a_lost_host_leave_one_job_at_the_exact_
     resumed = status["resumed_from"]  # 4: Ray Train restarted the worker group from a checkpoint
     assert resumed > 0 and killed_at - resumed <= every + 25, (killed_at, resumed)
     assert first != second
+
+
+def test_a_lost_head_is_resubmitted_and_the_run_resumes_from_its_checkpoint(testbed, deployed):
+    """The head's Ray killed while a training job runs (after its first checkpoint), a fresh
+    head started and the worker hosts rejoined: the job table is gone. The deployed run, still
+    following, finds the job unknown and resubmits it as attempt 2 by itself (no person, no
+    rerun), which resumes from the checkpoint and finishes at exactly the configured step."""
+    every = 150
+    params = train_params(seed=3, steps=600, **{"train.checkpoint_every": every})
+    run_id = deploy(testbed, TRAIN_DEPLOYMENT, params)
+    sid, killed_at = running_train_job(testbed, at_step=every + 10)
+    testbed.kill_host_ray("head")
+    try:
+        time.sleep(5)
+    finally:
+        testbed.restart_host_ray("head", wait=False)
+        # the worker hosts' raylets lost the head's GCS: they join the new head
+        testbed.restart_host_ray("worker1", wait=False)
+        testbed.restart_host_ray("worker2", wait=True)  # until all three nodes are alive
+    out = wait_run(testbed, run_id, timeout=600)
+    assert out["state"] == "COMPLETED", (out["message"], out["logs"][-40:])
+    logs = "\n".join(out["logs"])
+    assert f"Ray job {sid} disappeared from the cluster" in logs
+    assert "resubmitting it as attempt 2" in logs
+    assert [(j["id"], j["status"]) for j in jobs(testbed, f"train-{run_name_of(sid)}")] == [
+        (f"{sid}-a2", "SUCCEEDED")]  # the new head knows only the resubmission
+    status = run_status(testbed, run_name_of(sid))
+    assert (status["status"], status["step"]) == ("finished", 600)
+    assert every <= status["resumed_from"] <= killed_at + 25, (killed_at, status)
 
 
 # -- 5. storage outage ---------------------------------------------------------------------------
