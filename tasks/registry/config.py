@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.bounds import SECTION, Seconds
 
@@ -75,6 +76,30 @@ class RegistryConfig(BaseModel):
         for k in v:
             _known_metric(k)
         return v
+
+    def worst_request_s(self) -> float:
+        """The longest one MLflow request may take under these bounds (as
+        :func:`tasks.registry.session._http_bounds` sets them): each of ``retries + 1`` attempts
+        its connect and its read timeout, and urllib3's backoff between attempts (factor 1:
+        0, 2, 4... seconds, plus at most 0.5 s of jitter each)."""
+        timeout = max(1, math.ceil(self.timeout_s))
+        backoff = (2 ** self.retries - 2 if self.retries else 0) + 0.5 * self.retries
+        return (self.retries + 1) * 2 * timeout + backoff
+
+    @model_validator(mode="after")
+    def _writes_fit_the_fence(self) -> RegistryConfig:
+        """A registry write follows its lease check at once and must end within the fence's
+        margin, ``lock_stale_s / 2`` (:mod:`tasks.lease`): one MLflow request, retries
+        included, must fit in it."""
+        worst = self.worst_request_s()
+        if worst > self.lock_stale_s / 2:
+            raise ValueError(
+                f"registry.lock_stale_s={self.lock_stale_s:g} leaves a registry write "
+                f"{self.lock_stale_s / 2:g} s after its lease check, but one MLflow request may "
+                f"take {worst:g} s (registry.retries={self.retries}, registry.timeout_s="
+                f"{self.timeout_s:g}); raise registry.lock_stale_s to at least {2 * worst:g} "
+                "or lower registry.retries or registry.timeout_s")
+        return self
 
 
 def model_name_for(cfg: RegistryConfig, dataset_name: str) -> str:

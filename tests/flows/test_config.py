@@ -206,3 +206,16 @@ def test_the_longest_stage_timeout_is_one_setitimer_takes():
     if hasattr(signal, "setitimer"):
         old = signal.setitimer(signal.ITIMER_REAL, MAX_SECONDS)
         signal.setitimer(signal.ITIMER_REAL, *old)
+
+
+def test_one_mlflow_request_must_fit_the_registry_fences_margin():
+    """A registry write follows its lease check at once and must end within lock_stale_s / 2
+    (issue 25 item 4): a lease that may be broken sooner than one MLflow request with its
+    retries can take is refused, naming the three keys."""
+    from tasks.registry import RegistryConfig
+
+    default = RegistryConfig()
+    assert default.worst_request_s() == 4 * 2 * 10 + (2 + 4) + 1.5  # 87.5 s < 300 s
+    msg = _refused("registry.lock_stale_s=120", "registry.lock_stale_s")
+    assert "registry.retries" in msg and "registry.timeout_s" in msg and "175" in msg
+    load_config(sets=["registry.lock_stale_s=120", "registry.retries=1", "registry.timeout_s=5"])

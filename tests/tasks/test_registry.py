@@ -607,7 +607,8 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, mo
 def test_a_held_lease_makes_a_promotion_wait_then_fail_and_a_stale_one_is_broken(store, models):
     name = unique_name()
     reg(store, models[0], name, fd=10.0)
-    quick = RegistryConfig(lock_wait_s=0.5, lock_stale_s=60)
+    # a lease stale after a minute fits MLflow requests of at most 10 s (retries 0, 5 s each)
+    quick = RegistryConfig(lock_wait_s=0.5, lock_stale_s=60, retries=0, timeout_s=5)
     with Lease(store["locks"], name, stale_s=60, wait_s=1):
         with pytest.raises(RegistryError, match=rf"another promotion or rollback of {name} is "
                            r"running: the lease .* is held by"):
