@@ -95,11 +95,6 @@ def is_jobs_address(address: str | None) -> bool:
     return bool(address) and address.startswith(("http://", "https://"))
 
 
-def fingerprint(payload: Any, n: int = 16) -> str:
-    """A short digest of ``payload`` (JSON, keys sorted)."""
-    return digest(payload)[:n]
-
-
 def digest(payload: Any) -> str:
     """sha256 of ``payload`` as JSON with sorted keys, hex."""
     text = json.dumps(payload, sort_keys=True, default=str)
