@@ -145,17 +145,15 @@ RUNTIME_EXECUTION_KEYS = frozenset({
 })
 
 
-def job_identity(stage: str, args: dict, root_url: str) -> dict:
-    """What a job's output depends on: the job's arguments (aliases already pinned to
-    versions) with the storage root as an absolute URL, less :data:`RUNTIME_EXECUTION_KEYS`
+def job_identity(stage: str, args: dict) -> dict:
+    """What a job's output depends on: the job's arguments (:func:`for_job`'s: aliases
+    pinned to versions, the storage root an absolute URL), less :data:`RUNTIME_EXECUTION_KEYS`
     and the train section's execution keys (:data:`tasks.train.config.EXECUTION_KEYS`: how
     often to log or checkpoint never changes the model)."""
-    from tasks.storage import redact
     from tasks.train.config import EXECUTION_KEYS
 
     def runtime(rt: dict) -> dict:
-        kept = {k: v for k, v in rt.items() if k not in RUNTIME_EXECUTION_KEYS}
-        return kept | {"root": redact(root_url)}
+        return {k: v for k, v in rt.items() if k not in RUNTIME_EXECUTION_KEYS}
 
     if stage == "preprocess":
         return args | {"runtime": runtime(args["runtime"])}
@@ -239,7 +237,7 @@ def execute(stage: str, args: dict, *, echo: Echo = print,
                        resubmits=runtime.ray_jobs_resubmits,
                        entrypoint_args=_entrypoint_args(runtime), progress=progress)
     job_args = for_job(stage, args, uri, root.url)
-    return runner.run(StageJob(stage, name, job_args, job_identity(stage, job_args, root.url)))
+    return runner.run(StageJob(stage, name, job_args, job_identity(stage, job_args)))
 
 
 def _entrypoint_args(runtime: RuntimeConfig) -> tuple[str, ...]:
