@@ -202,14 +202,20 @@ def _nll(inputs: _Inputs, cfg: EvalConfig, echo) -> tuple[dict, np.ndarray]:
 
 
 def _paired_inputs(features_at: dict[str, np.ndarray], real_feats,
-                   per_image_nll: np.ndarray | None) -> bytes:
+                   per_image_nll: np.ndarray | None, labels: np.ndarray | None,
+                   reference_labels: np.ndarray) -> bytes:
     """The safetensors file of an evaluation's paired inputs: ``samples/<sampler:steps>``
-    [N, F] features, ``reference`` [M, F] and ``nll`` [n] (float32; no pickle)."""
+    [N, F] features, ``reference`` [M, F] and ``nll`` [n] (float32; no pickle), and where the
+    samples are class-conditional, ``labels`` [N] and ``reference_labels`` [M] (int64, −1:
+    unlabelled), the strata the gate's bootstrap resamples within."""
     import safetensors.numpy
 
     tensors = {f"samples/{k}": np.ascontiguousarray(v, np.float32)
                for k, v in features_at.items()}
     tensors["reference"] = np.ascontiguousarray(np.asarray(real_feats.float().cpu()), np.float32)
+    if labels is not None:
+        tensors["labels"] = np.ascontiguousarray(labels, np.int64)
+        tensors["reference_labels"] = np.ascontiguousarray(reference_labels, np.int64)
     if per_image_nll is not None:
         tensors["nll"] = np.ascontiguousarray(per_image_nll, np.float32)
     return safetensors.numpy.save(tensors)
@@ -279,8 +285,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     # what a paired comparison with another model under this key needs (tasks.registry.gate):
     # the features of every setting's samples, the reference's, the per-image NLL; written
     # before the result, which is the commit
-    atomic_write_bytes(features_location(cache), _paired_inputs(features_at, real_feats,
-                                                                per_image_nll))
+    atomic_write_bytes(features_location(cache), _paired_inputs(
+        features_at, real_feats, per_image_nll, labels, inputs.val_y))
     atomic_write_bytes(cache, json.dumps(result, indent=2).encode())
     echo(summary(result, cache.describe()))
     return result | {"stored_at": cache.describe(), "reused": False}
