@@ -235,7 +235,8 @@ def preprocess(
     state = "already committed, reused" if ref["reused"] else "committed"
     typer.echo(
         f"dataset {ref['name']} version {ref['version']} ({state}): {ref['train']} train, "
-        f"{ref['val']} val, {ref['skipped']} skipped; shape {tuple(ref['shape'])}, "
+        f"{ref['val']} val, {ref['test']} test, {ref['skipped']} skipped; shape "
+        f"{tuple(ref['shape'])}, "
         f"{len(ref['class_names'])} classes"
     )
     typer.echo(f"manifest: {ref['manifest_uri']}")

@@ -4,7 +4,14 @@ A dataset version lives at ``<root>/datasets/<name>/<version>/``::
 
     train/part-<run>-<task>.parquet   rows: key (string), label (int32, null = unlabelled),
     val/part-<run>-<task>.parquet           pixels (binary: uint8, C×H×W, row-major)
+    test/part-<run>-<task>.parquet
     _manifest.json                    written last; readers trust only this file
+
+Three splits by the key's hash (:func:`split_of`): ``train`` (what training reads), ``val``
+(the selection split: the evaluation's reference, the default sampler, the promotion gate and
+every benchmark choice) and ``test`` (locked: only a report reads it, never a decision).
+Versions written before the test split existed list only train and val; they still open, and
+asking them for ``test`` says how to get one (:func:`part_files`).
 
 Readers open a dataset only through its manifest (:func:`open_dataset`); part files that the
 manifest does not list (left by a run that was killed, or that lost a race) are ignored.
@@ -18,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.bounds import SECTION
 from tasks.errors import DatasetNotFound, StorageError
@@ -27,7 +34,7 @@ from tasks.storage import Location, call, read_json
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = "diffusion-pipeline/dataset"
 MANIFEST_FORMAT_VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 
@@ -54,6 +61,11 @@ class DataConfig(BaseModel):
         "from noise. The digits: 0.2 holds out 324 images, and the default model beats a "
         "200-step one in all 56 paired decisions; at 0.1 (165 images) in 11 of 16 "
         "(benchmarks/gate_rates.py). A large dataset needs only a few thousand (0.05 of CIFAR-10).")
+    test_fraction: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Locked test share (by key hash, disjoint from val): "
+        "read only to report a model (evaluate.split: test), never by a decision (the gate, "
+        "the default sampler, benchmark choices). The digits: 0.15 holds out 271 images, taken "
+        "from train; val is unchanged. 0: no test split.")
     strict: bool = Field(False, description="Fail on any bad input instead of skipping it.")
     image_column: str = Field("image", description="Parquet sources: the image column.")
     label_column: str | None = Field("label", description="Parquet sources: the label column.")
@@ -108,6 +120,13 @@ class DataConfig(BaseModel):
             raise ValueError("data.source is empty; use 'digits', a folder or a Parquet URL")
         return v.strip()
 
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.val_fraction ({self.val_fraction}) + data.test_fraction "
+                             f"({self.test_fraction}) must be below 1 to leave train rows")
+        return self
+
     @property
     def mode(self) -> str:
         return "L" if self.channels == 1 else "RGB"
@@ -120,6 +139,7 @@ class DataConfig(BaseModel):
             "mode": self.mode,
             "resize": "exif-transpose, alpha over white, center-crop to square, bicubic",
             "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
             "max_image_pixels": self.max_image_pixels,
             "image_column": self.image_column,
             "label_column": self.label_column,
@@ -127,12 +147,20 @@ class DataConfig(BaseModel):
         }
 
 
-def split_of(key: str, val_fraction: float) -> str:
-    """'val' for a stable ``val_fraction`` share of keys (SHA-256 of the key), else 'train'."""
+def split_of(key: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """A key's split from u = the first 8 bytes of its SHA-256 / 2⁶⁴, uniform on [0, 1): 'val'
+    for u < ``val_fraction``, 'test' for u ≥ 1 − ``test_fraction``, else 'train'. Each key's
+    side depends on the key alone; val does not move with test_fraction nor test with
+    val_fraction, and a larger fraction holds out a superset."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+    if not 0 <= test_fraction < 1 - val_fraction:
+        raise ValueError(f"test_fraction must be in [0, 1 - val_fraction) = [0, "
+                         f"{1 - val_fraction:g}), got {test_fraction}")
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    if u < val_fraction:
+        return "val"
+    return "test" if u >= 1 - test_fraction else "train"
 
 
 @dataclass(frozen=True)
@@ -220,6 +248,11 @@ def part_files(root: Location, manifest: dict, split: str) -> list[str]:
     """Full paths (on ``root.fs``) of the part files of one split, as the manifest lists them."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in manifest["splits"]:
+        raise DatasetNotFound(
+            f"dataset {manifest['name']}@{manifest['version']} has no {split} split (written "
+            f"before it existed); preprocess the source again with data.{split}_fraction > 0 "
+            "for a version that has one")
     vdir = dataset_dir(root, manifest["name"], manifest["version"])
     return [vdir.child(f["path"]).path for f in manifest["splits"][split]["files"]]
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from tasks.datasets import split_of
+from tasks.datasets import SPLITS, split_of
 from tasks.errors import StorageError
 from tasks.faults import maybe_die
 from tasks.storage import Location, call
@@ -115,7 +115,8 @@ def output_schema(channels: int, resolution: int) -> pa.Schema:
 def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels: int,
                  val_fraction: float, image_column: str, label_column: str | None,
                  key_column: str | None, source: str, options: dict,
-                 max_file_bytes: int = 64 * 2**20, fetch_bytes: int = 256 * 2**20) -> pa.Table:
+                 max_file_bytes: int = 64 * 2**20, fetch_bytes: int = 256 * 2**20,
+                 test_fraction: float = 0.0) -> pa.Table:
     """One batch of listing units → rows of (key, label, pixels, split, error).
 
     ``source`` is the source URL and ``options`` its fsspec options; unit paths are paths on
@@ -181,7 +182,7 @@ def decode_batch(batch: pa.Table, *, resolution: int, channels: int, max_pixels:
             pa.array(keys, pa.string()),
             pa.array([r[1] for r in rows], pa.int32()),
             pa.array([r[2] for r in rows], pa.binary(channels * resolution * resolution)),
-            pa.array([split_of(k, val_fraction) for k in keys], pa.string()),
+            pa.array([split_of(k, val_fraction, test_fraction) for k in keys], pa.string()),
             pa.array([r[3] for r in rows], pa.string()),
         ],
         schema=output_schema(channels, resolution),
@@ -245,7 +246,7 @@ def _decode_row_group(u, fs, add, image_column, label_column, key_column) -> Non
 
 
 class VersionPartsDatasink(Datasink):
-    """Writes each task's rows to train/ and val/ part files and returns their statistics.
+    """Writes each task's rows to train/, val/ and test/ part files and returns their statistics.
 
     File names are ``part-<run>-<task>.parquet``: a retried task overwrites its own file and
     files of other runs never collide. Nothing is visible to readers until the driver commits
@@ -276,7 +277,7 @@ class VersionPartsDatasink(Datasink):
         ]
         good = t.filter(err.is_null())
         loc = Location.of(self.version_dir, self.options)
-        for split in ("train", "val"):
+        for split in SPLITS:
             part = good.filter(pc.equal(good.column("split"), split))
             if not part.num_rows:
                 continue

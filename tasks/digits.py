@@ -1,7 +1,7 @@
 """The embedded default dataset: scikit-learn's ``load_digits`` (1,797 real 8×8 handwritten
 digits, 10 classes, shipped inside the scikit-learn wheel, so nothing is downloaded).
 
-Pixels come as integers 0..16; they are rescaled to uint8 0..255. The train/val split is a
+Pixels come as integers 0..16; they are rescaled to uint8 0..255. The train/val/test split is a
 deterministic hash of the sample key (``digits/<index>``), the same rule the preprocessing stage
 applies to any source, so a sample never changes side between runs.
 """
@@ -51,11 +51,15 @@ def load_digits_uint8() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images[:, None], bunch.target.astype(np.int64), keys
 
 
-def digits_splits(val_fraction: float | None = None):
-    """{'train': (images, labels), 'val': (images, labels)} with the deterministic split, the
-    pipeline's (``data.val_fraction``, by default :class:`~tasks.datasets.DataConfig`'s)."""
+def digits_splits(val_fraction: float | None = None, test_fraction: float | None = None):
+    """{'train' | 'val' | 'test': (images, labels)} with the deterministic split, the
+    pipeline's (``data.val_fraction`` and ``data.test_fraction``, by default
+    :class:`~tasks.datasets.DataConfig`'s)."""
+    fields = DataConfig.model_fields
     if val_fraction is None:
-        val_fraction = DataConfig.model_fields["val_fraction"].default
+        val_fraction = fields["val_fraction"].default
+    if test_fraction is None:
+        test_fraction = fields["test_fraction"].default
     images, labels, keys = load_digits_uint8()
-    is_val = np.array([split_of(k, val_fraction) == "val" for k in keys])
-    return {"train": (images[~is_val], labels[~is_val]), "val": (images[is_val], labels[is_val])}
+    side = np.array([split_of(k, val_fraction, test_fraction) for k in keys])
+    return {s: (images[side == s], labels[side == s]) for s in ("train", "val", "test")}

@@ -56,6 +56,7 @@ def write_parts(listing: Listing, cfg: DataConfig, runtime: RuntimeConfig, vdir:
                 fn_kwargs={
                     "resolution": cfg.resolution, "channels": cfg.channels,
                     "max_pixels": cfg.max_image_pixels, "val_fraction": cfg.val_fraction,
+                    "test_fraction": cfg.test_fraction,
                     "max_file_bytes": cfg.max_file_bytes, "fetch_bytes": cfg.fetch_bytes,
                     "image_column": cfg.image_column, "label_column": cfg.label_column,
                     "key_column": cfg.key_column, "options": source_options,

@@ -4,7 +4,7 @@ How it runs: the driver lists the source (names, sizes, mtimes or ETags), finger
 listing together with the preprocessing settings (→ the version), and returns at once if that
 version is already committed. Otherwise Ray Data maps the listing through Pillow (decode,
 mode conversion, EXIF orientation, center-crop, resize) and a :class:`ray.data.Datasink` writes
-train/val part files and per-part statistics; the driver then commits ``_manifest.json``, last
+train/val/test part files and per-part statistics; the driver then commits ``_manifest.json``, last
 and exclusively (see :func:`tasks.storage.commit_bytes`).
 """
 
@@ -54,6 +54,8 @@ class PreprocessResult:
             "reused": self.reused,
             "train": m["splits"]["train"]["rows"],
             "val": m["splits"]["val"]["rows"],
+            # a version written before the test split existed has none
+            "test": m["splits"].get("test", {}).get("rows", 0),
             "skipped": len(m["skipped"]),
             "shape": m["shape"],
             "class_names": m["class_names"],
@@ -104,7 +106,7 @@ def preprocess(cfg: DataConfig, runtime: RuntimeConfig, *, echo: Echo = print) -
         echo(f"version {version} was committed by a concurrent run; using it")
         return PreprocessResult(ref, manifest, True, time.perf_counter() - t0, ray_s)
     echo(f"committed {manifest_loc.describe()}: {splits['train']['rows']} train, "
-         f"{splits['val']['rows']} val, {len(skipped)} skipped")
+         f"{splits['val']['rows']} val, {splits['test']['rows']} test, {len(skipped)} skipped")
     return PreprocessResult(ref, manifest, False, time.perf_counter() - t0, ray_s)
 
 
@@ -132,7 +134,7 @@ def _merged_error(splits: dict, skipped: list[dict], listing: Listing,
                   cfg: DataConfig) -> PreprocessError | None:
     """Why the decoded splits cannot be committed (no rows, strict and skips, empty train), or
     None."""
-    total = splits["train"]["rows"] + splits["val"]["rows"]
+    total = sum(s["rows"] for s in splits.values())
     if total == 0:
         return PreprocessError(
             f"every input of {listing.uri} is bad ({len(skipped)} skipped), e.g. "
@@ -141,7 +143,8 @@ def _merged_error(splits: dict, skipped: list[dict], listing: Listing,
         return _strict_error(skipped, listing.uri)
     if splits["train"]["rows"] == 0:
         return PreprocessError(
-            f"the train split is empty ({total} row(s), data.val_fraction={cfg.val_fraction})")
+            f"the train split is empty ({total} row(s), data.val_fraction={cfg.val_fraction}, "
+            f"data.test_fraction={cfg.test_fraction})")
     return None
 
 
@@ -169,7 +172,7 @@ def _manifest(cfg: DataConfig, listing: Listing, version: str, splits: dict,
         "layout": "CHW",
         "num_classes": len(listing.class_names) if listing.class_names else 0,
         "class_names": listing.class_names or [],
-        "rows": splits["train"]["rows"] + splits["val"]["rows"],
+        "rows": sum(s["rows"] for s in splits.values()),
         "splits": splits,
         "stats_scale": "mean/std of pixels/255, per channel",
         "skipped": skipped,

@@ -10,8 +10,9 @@ def test_cli_preprocess_prints_version_counts_and_manifest(ray_local, prefect_ha
     result = invoke(args)
     assert result.exit_code == 0, result.output
     assert "dataset digits version " in result.output and "(committed)" in result.output
-    # 1797 images, 324 of them on the val side at 0.2 (tests/tasks/test_digits_and_images.py)
-    assert "1473 train, 324 val, 0 skipped; shape (1, 8, 8), 10 classes" in result.output
+    # 1797 images, 324 of them on the val side at 0.2 and 271 on the test side at the default
+    # 0.15 (tests/tasks/test_digits_and_images.py)
+    assert "1202 train, 324 val, 271 test, 0 skipped; shape (1, 8, 8), 10 classes" in result.output
     manifest = next(tmp_path.glob("datasets/digits/*/_manifest.json"))
     assert f"manifest: {manifest}" in result.output
     again = invoke(args)
@@ -24,7 +25,7 @@ def test_flow_returns_the_dataset_reference(ray_local, prefect_harness, tmp_path
 
     cfg = load_config(root=str(tmp_path))
     ref = preprocess_flow(cfg.to_json_dict())
-    assert ref["name"] == "digits" and ref["train"] + ref["val"] == 1797
+    assert ref["name"] == "digits" and ref["train"] + ref["val"] + ref["test"] == 1797
     assert ref["manifest_uri"].endswith("_manifest.json") and ref["shape"] == [1, 8, 8]
 
 

@@ -14,7 +14,7 @@ def test_digits_are_the_embedded_1797_images_as_uint8():
 
 
 def test_split_is_deterministic_disjoint_and_close_to_the_fraction():
-    a, b = digits_splits(0.1), digits_splits(0.1)
+    a, b = digits_splits(0.1, 0.0), digits_splits(0.1, 0.0)  # two splits: no test share
     assert np.array_equal(a["val"][0], b["val"][0])
     n_val, n_train = len(a["val"][0]), len(a["train"][0])
     assert n_val + n_train == 1797
@@ -58,3 +58,36 @@ def test_save_grid_png_round_trips(tmp_path):
         arr[2:10, 2:10], imgs[0].transpose(1, 2, 0).repeat(2, 0).repeat(2, 1)
     )
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_test_split_is_locked_disjoint_and_stable():
+    """Three splits by the key's hash: val takes the bottom ``val_fraction`` of the hash range
+    and test the top ``test_fraction``, so a key's side depends on the key and the fractions
+    alone, val is the same images whatever test_fraction is, and test the same whatever
+    val_fraction is (a selection split grown for a benchmark never takes test images)."""
+    images, _, keys = load_digits_uint8()
+    side = {f: [split_of(k, *f) for k in keys] for f in ((0.2, 0.0), (0.2, 0.15), (0.3, 0.15))}
+    for sides in side.values():
+        assert set(sides) <= {"train", "val", "test"}
+    # the listing's order changes nothing: each key's side is a function of the key
+    assert [split_of(k, 0.2, 0.15) for k in reversed(keys)] == side[(0.2, 0.15)][::-1]
+    of = {f: {s: {k for k, x in zip(keys, sides, strict=True) if x == s}
+              for s in ("train", "val", "test")} for f, sides in side.items()}
+    new = of[(0.2, 0.15)]
+    assert not (new["val"] & new["test"] or new["val"] & new["train"] or new["test"] & new["train"])
+    assert len(new["val"]) + len(new["test"]) + len(new["train"]) == 1797
+    # val is unchanged by test_fraction (324 at 0.2); test only takes rows that were train
+    assert new["val"] == of[(0.2, 0.0)]["val"] and len(new["val"]) == 324
+    assert not of[(0.2, 0.0)]["test"] and new["test"] < of[(0.2, 0.0)]["train"]
+    assert of[(0.3, 0.15)]["test"] == new["test"]
+    # binomial(1797, 0.15): sd ≈ 15.1; the default split is the pipeline's, with its test rows
+    assert abs(len(new["test"]) - 269.6) < 4 * 15.1
+    default = digits_splits()
+    assert len(default["test"][0]) == len(new["test"]) and len(default["val"][0]) == 324
+    assert sum(len(default[s][0]) for s in ("train", "val", "test")) == 1797
+    is_test = np.array([k in new["test"] for k in keys])
+    assert np.array_equal(default["test"][0], images[is_test])
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_of("k", 0.5, 0.5)
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_of("k", 0.2, -0.1)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from tasks.datasets import (
     MANIFEST,
+    SPLITS,
     DataConfig,
     list_versions,
     open_dataset,
@@ -78,14 +79,17 @@ def test_image_folder_round_trip(ray_local, folder, tmp_path):
         assert reason in skipped[f"cat/{name}"]
 
     rows = {}
-    for split in ("train", "val"):
+    for split in SPLITS:
         t = read_split(root, m, split)
         info = m["splits"][split]
+        if t is None:  # no rows of this split among the few inputs
+            assert info["rows"] == 0 and not info["files"]
+            continue
         assert t.num_rows == info["rows"] == sum(f["rows"] for f in info["files"])
         assert t.schema.field("pixels").type == pa.binary(3 * 8 * 8)
         for key, label, px in zip(*(t.column(c).to_pylist() for c in ("key", "label", "pixels")),
                                   strict=True):
-            assert split_of(key, 0.3) == split
+            assert split_of(key, 0.3, 0.15) == split  # val_fraction 0.3, test_fraction default
             rows[key] = (label, px)
         arr = np.frombuffer(b"".join(t.column("pixels").to_pylist()), np.uint8)
         arr = arr.reshape(-1, 3, 64).astype(np.float64) / 255
@@ -97,10 +101,9 @@ def test_image_folder_round_trip(ray_local, folder, tmp_path):
         assert label == ({"cat": 0, "dog": 1}[key.split("/")[0]] if "/" in key else None)
         expect = decode_image(data, resolution=8, mode="RGB", max_pixels=10**8)
         assert px == expect.tobytes()
-    counts = {c: m["splits"]["train"]["class_counts"][c] + m["splits"]["val"]["class_counts"][c]
-              for c in ("cat", "dog")}
+    counts = {c: sum(m["splits"][s]["class_counts"][c] for s in SPLITS) for c in ("cat", "dog")}
     assert counts == {"cat": 6, "dog": 6}
-    assert m["splits"]["train"]["unlabelled"] + m["splits"]["val"]["unlabelled"] == 3
+    assert sum(m["splits"][s]["unlabelled"] for s in SPLITS) == 3
     assert m["preprocessing"]["resolution"] == 8 and m["source"]["inputs"] == len(files) - 1
 
     # readers go through the manifest
@@ -184,15 +187,44 @@ def test_digits_source(ray_local, tmp_path):
     m = res.manifest
     assert m["rows"] == 1797 and m["shape"] == [1, 8, 8] and m["class_names"] == list("0123456789")
     assert m["splits"]["val"]["rows"] == 324 and not m["skipped"]
+    assert m["splits"]["test"]["rows"] == 271 and m["preprocessing"]["test_fraction"] == 0.15
     from tasks.digits import digits_splits
 
-    val_images, val_labels = digits_splits()["val"]  # the default split, 0.2
-    t = read_split(tmp_path, m, "val").sort_by("key")
-    got = np.frombuffer(b"".join(t.column("pixels").to_pylist()), np.uint8).reshape(-1, 1, 8, 8)
-    np.testing.assert_array_equal(got, val_images)
-    np.testing.assert_array_equal(t.column("label").to_numpy(), val_labels)
+    keys = {}
+    for split in ("train", "val", "test"):  # the default split: val 0.2, test 0.15
+        images, labels = digits_splits()[split]
+        t = read_split(tmp_path, m, split).sort_by("key")
+        got = np.frombuffer(b"".join(t.column("pixels").to_pylist()), np.uint8).reshape(
+            -1, 1, 8, 8)
+        np.testing.assert_array_equal(got, images)
+        np.testing.assert_array_equal(t.column("label").to_numpy(), labels)
+        keys[split] = set(t.column("key").to_pylist())
+    assert sum(map(len, keys.values())) == len(set().union(*keys.values())) == 1797
     up, _, _ = run("digits", tmp_path, name="digits", resolution=16, channels=3)
     assert up.manifest["shape"] == [3, 16, 16] and up.ref.version != res.ref.version
+
+
+def test_a_two_split_manifest_opens_and_asking_it_for_test_says_how_to_get_one(tmp_path):
+    """A version committed before the test split existed lists only train and val: it opens
+    and reads as before; its test split is refused naming the version and the fix."""
+    root = RuntimeConfig(root=str(tmp_path)).root_location()
+    vdir = tmp_path / "datasets" / "old" / "0123456789abcdef"
+    (vdir / "train").mkdir(parents=True)
+    split = {"rows": 0, "class_counts": {}, "unlabelled": 0, "mean": [0.0], "std": [0.0]}
+    m = {"format": "diffusion-pipeline/dataset", "format_version": 1, "name": "old",
+         "version": "0123456789abcdef", "created_at": "2026-01-01T00:00:00+00:00",
+         "shape": [1, 8, 8], "preprocessing": {"val_fraction": 0.2}, "skipped": [],
+         "splits": {"train": split | {"files": [{"path": "train/part-a-00000.parquet",
+                                                  "rows": 0, "bytes": 0}]},
+                    "val": split | {"files": []}}}
+    (vdir / MANIFEST).write_text(json.dumps(m))
+    ref, got = open_dataset(root, "old")
+    assert ref.version == "0123456789abcdef" and set(got["splits"]) == {"train", "val"}
+    assert part_files(root, got, "train")[0].endswith("train/part-a-00000.parquet")
+    assert part_files(root, got, "val") == []
+    with pytest.raises(DatasetNotFound, match=r"old@0123456789abcdef has no test split.*"
+                       r"data\.test_fraction > 0"):
+        part_files(root, got, "test")
 
 
 def _hf_parquet(path: Path, n: int, names: list[str]) -> list[bytes]:
@@ -220,7 +252,7 @@ def test_parquet_source_hugging_face_layout(ray_local, tmp_path):
     m = res.manifest
     assert m["source"]["kind"] == "parquet" and m["rows"] == 10
     assert m["class_names"] == ["airplane", "ship", "frog"]
-    t = pa.concat_tables([read_split(tmp_path / "root", m, s) for s in ("train", "val")
+    t = pa.concat_tables([read_split(tmp_path / "root", m, s) for s in SPLITS
                           if m["splits"][s]["rows"]])
     by_key = {k: (lab, px) for k, lab, px in zip(*(t.column(c).to_pylist()
                                                    for c in ("key", "label", "pixels")),
@@ -239,7 +271,7 @@ def test_parquet_source_plain_binary_string_labels_custom_columns(ray_local, tmp
         "species": ["owl", "cat", "owl", None, "cat", "owl"],
     }), path)
     res, _, _ = run(path, tmp_path / "root", image_column="jpeg", label_column="species",
-                    key_column="id", val_fraction=0.0)
+                    key_column="id", val_fraction=0.0, test_fraction=0.0)  # all train
     m = res.manifest
     assert m["class_names"] == ["cat", "owl"] and m["splits"]["train"]["unlabelled"] == 1
     assert m["splits"]["train"]["class_counts"] == {"cat": 2, "owl": 3}
@@ -271,7 +303,7 @@ def test_killed_run_leaves_no_version_and_rerun_completes(ray_local, folder, tmp
 
     res, _, _ = run(src, root, channels=3)
     assert not res.reused and res.manifest["rows"] == 15
-    listed = {f["path"] for s in ("train", "val") for f in res.manifest["splits"][s]["files"]}
+    listed = {f["path"] for s in SPLITS for f in res.manifest["splits"][s]["files"]}
     on_disk = {str(p.relative_to(res.ref.uri)) for p in Path(res.ref.uri).rglob("*.parquet")}
     assert listed < on_disk  # the dead run's parts are still there, but not in the manifest
     assert all(res.manifest["writer"]["run_id"] in p for p in listed)
@@ -296,7 +328,7 @@ def test_concurrent_runs_of_one_version(ray_local, folder, tmp_path):
     assert not errors, errors
     a, b = results
     assert a.ref == b.ref and a.manifest == b.manifest
-    listed = {f["path"] for s in ("train", "val") for f in a.manifest["splits"][s]["files"]}
+    listed = {f["path"] for s in SPLITS for f in a.manifest["splits"][s]["files"]}
     on_disk = {str(p.relative_to(a.ref.uri)) for p in Path(a.ref.uri).rglob("*.parquet")}
     assert listed == on_disk  # the loser removed its own parts
     assert read_split(root, a.manifest, "train").num_rows == a.manifest["splits"]["train"]["rows"]

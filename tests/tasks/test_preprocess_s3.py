@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.datasets import MANIFEST, DataConfig, open_dataset, part_files
+from tasks.datasets import MANIFEST, SPLITS, DataConfig, open_dataset, part_files
 from tasks.errors import StorageError
 from tasks.preprocess import preprocess
 from tasks.runtime import RuntimeConfig
@@ -24,7 +24,7 @@ def upload(s3, tmp_path) -> tuple[str, dict]:
 
 def rows_of(root: Location, manifest: dict) -> dict:
     out = {}
-    for split in ("train", "val"):
+    for split in SPLITS:
         for path in part_files(root, manifest, split):
             with root.fs.open(path, "rb") as f:
                 t = pq.read_table(f)
