@@ -4,6 +4,8 @@ task)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.bounds import SECTION, Seed
@@ -62,6 +64,12 @@ class EvalConfig(BaseModel):
                                   "intervals.")
     reference_steps: int = Field(600, ge=1, description="Training steps of the reference net.")
     max_real_images: int = Field(10_000, ge=2, description="Cap on real images per split used.")
+    split: Literal["val", "test"] = Field(
+        "val", description="The dataset split the samples are measured against. 'val' (the "
+        "selection split) for everything that decides: the promotion gate, the default "
+        "sampler, recipe and benchmark choices. 'test' (the locked split, data.test_fraction) "
+        "only to report a model: registration refuses such an evaluation, and its eval key "
+        "differs from the val one's.")
     batch_size: int = Field(250, ge=1, description="Images per sampling batch.")
     device: str = Field("auto", description="auto (CUDA when available), cpu or cuda[:N].")
     on_ray: bool = Field(

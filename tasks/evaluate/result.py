@@ -21,14 +21,15 @@ EVALUATIONS_DIR = "evaluations"
 
 
 def eval_key(manifest: dict, cfg: EvalConfig, features: Features, n_val: int) -> str:
-    """What makes two evaluations comparable: the evaluation set, seeds, sample counts, sampler
-    settings and the feature network."""
+    """What makes two evaluations comparable: the evaluation set (dataset version, split and its
+    size), seeds, sample counts, sampler settings and the feature network."""
     payload = {
         "dataset": [manifest["name"], manifest["version"]], "n_val": n_val,
         "features": [features.kind, features.sha256],
         **cfg.model_dump(include={"num_samples", "seed", "guidance_scale", "frontier",
                                   "tolerance", "nll_images", "memorization_threshold",
-                                  "max_real_images", "bootstrap_draws", "interval_level"}),
+                                  "max_real_images", "bootstrap_draws", "interval_level",
+                                  "split"}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -97,7 +98,8 @@ def table(result: dict) -> str:
              "bootstrap draws]" if draws and "fd_low" in m else "")
     lines = [
         f"Evaluation {result['eval_key']} on {result['dataset']['name']}@"
-        f"{result['dataset']['version']} ({result['dataset']['val_images']} val images)",
+        f"{result['dataset']['version']} ({result['dataset']['val_images']} "
+        f"{result['dataset'].get('split', 'val')} images)",
         "",
         f"| metric | value{level} | floor |",
         "|---|---:|---:|",

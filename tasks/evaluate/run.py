@@ -45,7 +45,9 @@ def _device(name: str):
 
 @dataclass
 class _Inputs:
-    """What one evaluation reads first: the model, its dataset version and the val split."""
+    """What one evaluation reads first: the model, its dataset version and the split it is
+    measured against (``evaluate.split``: val, or the locked test split for a report), held in
+    ``val_x``/``val_y`` whichever it is."""
 
     root: Location
     loaded: LoadedModel
@@ -63,7 +65,8 @@ class _Inputs:
 def _open_inputs(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: RuntimeConfig,
                  dataset_version: str | None) -> _Inputs:
     """Load the model and open the dataset version it is evaluated on; refuse a model whose
-    images are not the dataset's shape, or a val split too small for a Fréchet distance."""
+    images are not the dataset's shape, or an evaluation split (``evaluate.split``) too small
+    for a Fréchet distance."""
     root = runtime.root_location()
     loaded = load_model_ref(model_ref, runtime)
     trained_on = (loaded.config.get("dataset") or {})
@@ -77,10 +80,11 @@ def _open_inputs(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Run
                         f"{'x'.join(map(str, manifest['shape']))}; evaluate it on the dataset it "
                         "was trained on (data.name / data.version)")
     device = _device(cfg.device)
-    val_x, val_y = read_split(root, manifest, "val", cfg.max_real_images)
+    val_x, val_y = read_split(root, manifest, cfg.split, cfg.max_real_images)
     if len(val_x) < 2:
-        raise EvalError(f"dataset {ref.name}@{ref.version} has {len(val_x)} val images; the "
-                        "Fréchet distance needs at least 2 (raise data.val_fraction)")
+        raise EvalError(f"dataset {ref.name}@{ref.version} has {len(val_x)} {cfg.split} images; "
+                        f"the Fréchet distance needs at least 2 (raise data.{cfg.split}_fraction "
+                        "and preprocess again)")
     return _Inputs(root, loaded, ref, manifest, device, val_x, val_y)
 
 
@@ -248,8 +252,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     if stored_only:
         return None
 
-    echo(f"evaluating {loaded.source} on {ref.name}@{ref.version} ({len(val_x)} val images, "
-         f"{cfg.num_samples} samples per setting, eval key {key})")
+    echo(f"evaluating {loaded.source} on {ref.name}@{ref.version} ({len(val_x)} {cfg.split} "
+         f"images, {cfg.num_samples} samples per setting, eval key {key})")
     real_feats = features(val_x)
     real_stats = feature_statistics(real_feats)
     train_x, train_y = read_split(inputs.root, inputs.manifest, "train", cfg.max_real_images)
@@ -268,8 +272,9 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
         "format": FORMAT,
         "eval_key": key,
         "model": {"source": loaded.source, "weights_sha256": loaded.weights_sha256},
-        "dataset": {"name": ref.name, "version": ref.version, "val_images": len(val_x),
-                    "train_images": len(train_x), "floor_images": len(floor_x)},
+        "dataset": {"name": ref.name, "version": ref.version, "split": cfg.split,
+                    "val_images": len(val_x), "train_images": len(train_x),
+                    "floor_images": len(floor_x)},
         "features": {"kind": features.kind, "sha256": features.sha256},
         "metrics": {
             "fd": default["fd"], **{k: default[k] for k in ("fd_low", "fd_high") if k in default},

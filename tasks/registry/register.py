@@ -53,11 +53,26 @@ def _read_model_dir(model_dir: str) -> tuple[Path, Path, str, dict]:
     return weights_path, config_path, sha256_hex(weights), config
 
 
+def evaluation_split(evaluation: dict) -> str:
+    """The dataset split an evaluation measured against: its ``dataset.split`` (or its config's
+    ``split``); 'val' for an evaluation stored before the split was recorded."""
+    return str((evaluation.get("dataset") or {}).get("split")
+               or (evaluation.get("config") or {}).get("split") or "val")
+
+
 def _check_evaluation(evaluation: dict) -> dict[str, float]:
     if not isinstance(evaluation, dict) or not isinstance(evaluation.get("metrics"), dict) \
             or not evaluation.get("eval_key"):
         raise RegistryError("evaluation must be the dict tasks.evaluate returns, with 'eval_key' "
                             "and 'metrics'")
+    split = evaluation_split(evaluation)
+    if split != "val":
+        # the gate, the default sampler and the champion's tags read what is registered: only
+        # the selection split may decide; the locked test split is for reports
+        raise RegistryError(
+            f"evaluation {evaluation['eval_key']} was made on the {split} split "
+            f"(evaluate.split={split}); the {split} split only reports a model and never "
+            "decides. Register with an evaluation on the selection split (evaluate.split=val)")
     return {k: float(v) for k, v in evaluation["metrics"].items()
             if isinstance(v, int | float) and not isinstance(v, bool)}
 

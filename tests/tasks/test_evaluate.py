@@ -267,3 +267,29 @@ def test_two_evaluations_storing_the_reference_network_at_once_leave_one_whole(t
     assert a.sha256 == b.sha256 == later.sha256
     x = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
     assert torch.equal(a(x), later(x)) and torch.equal(b(x), later(x))
+
+
+def test_the_test_split_is_a_report_of_its_own_key_that_registration_refuses(models, tmp_path):
+    """evaluate.split: test measures against the locked test images; the key differs from the
+    val evaluation's, so the two never mix in the cache or the gate, and registering the model
+    with it is refused (no decision reads the test split)."""
+    from tasks.errors import RegistryError
+    from tasks.registry import RegistryConfig, register_model
+
+    val, _ = run(models, "trained")
+    test, lines = run(models, "trained", FAST.model_copy(update={"split": "test"}))
+    assert test["eval_key"] != val["eval_key"] and not test["reused"]
+    m = open_dataset(models["cfg"].runtime.root_location(), "digits")[1]
+    assert (val["dataset"]["split"], test["dataset"]["split"]) == ("val", "test")
+    assert val["dataset"]["val_images"] == m["splits"]["val"]["rows"]
+    assert test["dataset"]["val_images"] == m["splits"]["test"]["rows"] != m["splits"]["val"][
+        "rows"]
+    assert any("test images" in s for s in lines)
+    assert test["metrics"]["fd"] != val["metrics"]["fd"]
+    with pytest.raises(RegistryError, match=r"evaluate\.split=test.*evaluate\.split=val"):
+        register_model(str(models["trained"]) + "/model", tracking_uri=f"file://{tmp_path}/mlruns",
+                       run_id=None, cfg=RegistryConfig(), model_name="digits",
+                       evaluation=test, lineage={}, defaults={})
+    assert not (tmp_path / "mlruns").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match=r"split\n.*'val' or 'test'"):
+        EvalConfig(split="train")
