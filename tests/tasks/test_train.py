@@ -101,6 +101,15 @@ def test_a_small_split_read_on_the_driver_has_the_rows_of_the_ray_data_read(digi
     assert np.array_equal(xa[np.lexsort(xa.reshape(len(xa), -1).T)], xb[order])
     parts = _blocks(xa, ya, rows_per_block=100)  # blocks keep the row order
     assert [len(t) for t in parts][:2] == [100, 100] and sum(map(len, parts)) == len(xa)
+    # training reads the train split only, never the val or the locked test rows: both reads
+    # hold exactly the images of the train side of the key hash
+    from tasks.digits import digits_splits
+
+    splits = digits_splits()
+    assert len(splits["test"][0]) > 0 and manifest["splits"]["test"]["rows"] == len(
+        splits["test"][0])
+    want = splits["train"][0]
+    assert np.array_equal(xb[order], want[np.lexsort(want.reshape(len(want), -1).T)])
 
 
 def test_a_run_being_trained_elsewhere_is_refused_naming_its_holder(digits_root, monkeypatch):
