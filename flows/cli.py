@@ -304,16 +304,22 @@ def register(
 def promote(
     version: str = typer.Option(None, "--version", "-v", help="The version to promote. "
                                 "Default: the one with the `challenger` alias."),
+    replace_broken: bool = typer.Option(
+        False, "--replace-broken-champion", help="Replace a champion whose registry.metric is "
+        "not a number (NaN/inf: it cannot be compared with) by a version that passes "
+        "registry.thresholds and registry.max_fd_over_floor; recorded on both versions. No "
+        "effect while the champion has a number."),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     root: str = RootOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Move `champion` to the challenger if it beats the champion by registry.margin on
-    registry.metric (the first champion must pass registry.thresholds). A version that was
-    rolled back is promoted again only when named with --version."""
+    registry.metric, judged on the paired interval of the difference (every candidate must
+    pass registry.thresholds and registry.max_fd_over_floor). A version that was rolled back
+    is promoted again only when named with --version."""
     res = _run_stage(config, set_, root, debug, "promote", version=version,
-                     explicit=version is not None)
+                     explicit=version is not None, replace_broken=replace_broken)
     verdict = "promoted" if res["promoted"] else "not promoted"
     typer.echo(f"{res['name']} v{res['challenger']} {verdict}: {res['reason']}")
     typer.echo(f"  champion: v{res['champion']}" if res["champion"] else "  champion: none")

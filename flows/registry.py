@@ -46,12 +46,14 @@ def promote_task(model_name: str, version: str | None = None, *, tracking_uri: s
                  cfg: dict, lock_dir: str,
                  evaluate: Callable[[str], dict] | None = None,
                  lock_options: dict | None = None, explicit: bool = False,
-                 paired: Callable[[str], dict | None] | None = None) -> dict:
+                 paired: Callable[[str], dict | None] | None = None,
+                 replace_broken: bool = False) -> dict:
     """:func:`tasks.registry.promote`; the decision is in the returned dict (a refusal is not a
     failure)."""
     return promote(model_name, version, tracking_uri=tracking_uri,
                    cfg=RegistryConfig(**cfg), lock_dir=lock_dir, evaluate=evaluate,
-                   lock_options=lock_options, explicit=explicit, paired=paired)
+                   lock_options=lock_options, explicit=explicit, paired=paired,
+                   replace_broken=replace_broken)
 
 
 @task(name="rollback", task_run_name="rollback {model_name}", **_RETRY)
@@ -110,11 +112,13 @@ def register_flow(config: PipelineConfig, model: str | None = None) -> dict:
 
 @flow(name="promote", log_prints=True)
 def promote_flow(config: PipelineConfig, version: str | None = None,
-                 explicit: bool = False) -> dict:
+                 explicit: bool = False, replace_broken: bool = False) -> dict:
     """Promote ``version`` (default: the ``challenger``) to ``champion`` if it passes the gate.
     A champion evaluated on another set or seeds is re-evaluated on the challenger's.
     ``explicit``: a person named this version (``promote --version``), so a version that was
-    rolled back is judged again; scheduled runs never promote one."""
+    rolled back is judged again; scheduled runs never promote one. ``replace_broken``: a
+    person replaces a champion whose metric is not a number (``promote
+    --replace-broken-champion``), the challenger judged on the absolute gates alone."""
     cfg, root, uri, name = _context(config)
 
     def reevaluate(champion_ref: str) -> dict:
@@ -139,7 +143,7 @@ def promote_flow(config: PipelineConfig, version: str | None = None,
     res = promote_task(name, version, tracking_uri=uri, cfg=cfg.registry.model_dump(mode="json"),
                        lock_dir=default_lock_dir(root.url), evaluate=reevaluate,
                        lock_options=storage_options(root.url, cfg.runtime), explicit=explicit,
-                       paired=paired)
+                       paired=paired, replace_broken=replace_broken)
     return res | {"name": name, "tracking_uri": uri}
 
 

@@ -121,6 +121,31 @@ def evaluation(fd: float, key: str = "a" * 16, **metrics) -> dict:
             "default_sampler": {"name": "ddim", "steps": 4}}
 
 
+class ShiftedPaired:
+    """``paired=`` for the promotion gate (:mod:`tasks.registry.gate`): every version's stored
+    sample features are one fixed sample set moved along one feature by √fd, where
+    ``fd(model_ref)`` gives the version's fd (None: it has no stored paired inputs). The paired
+    FD difference of two versions is then about the difference of their fds, with the same
+    noise in both, so the gate tells it at once. ``asked``: the model refs asked for."""
+
+    def __init__(self, fd, n: int = 300, dim: int = 8):
+        rng = np.random.default_rng(0)
+        self.reference = rng.standard_normal((n, dim)).astype(np.float32)
+        self.base = rng.standard_normal((n, dim)).astype(np.float32)
+        self.fd, self.n, self.asked = fd, n, []
+
+    def __call__(self, model_ref: str) -> dict | None:
+        self.asked.append(model_ref)
+        fd = self.fd(model_ref)
+        if fd is None:
+            return None
+        x = self.base.copy()
+        x[:, 0] += float(fd) ** 0.5
+        return {"setting": "ddim:10", "arrays": {"samples/ddim:10": x,
+                                                 "reference": self.reference},
+                "samples": self.n, "seconds": 1.0}
+
+
 def lineage(**extra) -> dict[str, str]:
     return {"config.sha256": "c" * 64, "checkpoint.uri": "/runs/r/checkpoint_000001", **extra}
 

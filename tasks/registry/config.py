@@ -18,6 +18,11 @@ HISTORY_TAG = "champion.history"
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Metrics the gate may use and their direction (True: lower is better).
 LOWER_IS_BETTER: dict[str, bool] = {"fd": True, "nll_bpd": True, "memorization": True}
+# Metrics whose difference between two evaluations the gate can bootstrap paired
+# (tasks.registry.gate.paired_difference): registry.metric must be one.
+PAIRED_METRICS = ("fd", "nll_bpd")
+# registry.max_fd_over_floor's default
+MAX_FD_OVER_FLOOR = 3.0
 
 
 def _known_metric(name: str) -> str:
@@ -45,8 +50,14 @@ class RegistryConfig(BaseModel):
         2000, ge=100, description="Paired bootstrap resamples behind that interval.")
     thresholds: dict[str, float] = Field(
         default_factory=dict,
-        description="Absolute gates every candidate must pass (metric → bound); they alone "
-        "decide the first promotion.")
+        description="Absolute gates every candidate must pass (metric → bound), beside "
+        "registry.max_fd_over_floor; with it they alone decide the first promotion.")
+    max_fd_over_floor: float | None = Field(
+        MAX_FD_OVER_FLOOR, gt=0, description="Every candidate, the first champion included, "
+        "must have fd <= this × its evaluation's fd_floor (held-out real images, as many as "
+        "the samples where the data has them, against the same val split: what real data "
+        "scores); a version without eval.fd_floor is refused. null: off (then only "
+        "registry.thresholds gate the first champion).")
     retries: int = Field(3, ge=0, le=10, description="MLflow HTTP retries per request.")
     timeout_s: float = Field(10, gt=0, le=600, description="MLflow HTTP timeout per request.")
     lock_stale_s: Seconds = Field(
@@ -68,7 +79,11 @@ class RegistryConfig(BaseModel):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        return _known_metric(v)
+        if _known_metric(v) not in PAIRED_METRICS:
+            raise ValueError(f"registry.metric {v} cannot be compared paired (the gate compares "
+                             f"a challenger with the champion on {' or '.join(PAIRED_METRICS)}); "
+                             f"gate on it with registry.thresholds instead")
+        return v
 
     @field_validator("thresholds")
     @classmethod

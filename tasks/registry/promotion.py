@@ -135,12 +135,15 @@ def _record_decision(write: _Writes, model_name: str, chall, champ, ok: bool, re
     ``promotion.challenge.v<challenger>`` record on the champion it was judged against."""
     previous, metric = result["previous"], result["metric"]
     at = _now()
-    record = {"decision": "promoted" if ok else "rejected", "at": at,
+    # refused: not judged (no paired inputs, a broken champion), so never kept as a rejection
+    decision = "promoted" if ok else "refused" if result.get("undecided") else "rejected"
+    record = {"decision": decision, "at": at,
               "challenger": str(chall.version), "against": str(previous) if previous else None,
               "metric": metric, "challenger_value": result["challenger_value"],
               "champion_value": result["champion_value"], "margin": result["margin"],
               **{k: result[k] for k in ("difference", "difference_low", "difference_high",
-                                        "samples", "eval_seconds")
+                                        "samples", "eval_seconds", "champion_broken",
+                                        "override")
                  if result.get(k) is not None},
               "reason": reason}
     for k, v in {"promotion.decision": record["decision"], "promotion.at": at,
@@ -157,6 +160,10 @@ def _record_decision(write: _Writes, model_name: str, chall, champ, ok: bool, re
                     if result.get(k) is not None},
                  **({"promotion.samples": str(int(result["samples"]))}
                     if result.get("samples") is not None else {}),
+                 **({"promotion.champion_broken": json.dumps(result["champion_broken"])}
+                    if result.get("champion_broken") else {}),
+                 **({"promotion.override": result["override"]} if result.get("override")
+                    else {}),
                  "promotion.reason": reason[:4000]}.items():
         write("set_model_version_tag", model_name, chall.version, k, v)
     if champ is not None:
@@ -189,6 +196,7 @@ def promote(
     lock_options: dict | None = None,
     explicit: bool = False,
     paired: Callable[[str], dict | None] | None = None,
+    replace_broken: bool = False,
 ) -> dict:
     """Make ``version`` (default: the ``challenger``) the ``champion`` if the gate passes.
 
@@ -200,7 +208,11 @@ def promote(
     an evaluation dict); without it the promotion is refused rather than compare unlike numbers.
     ``lock_options``: storage options for ``lock_dir`` (default: from the environment).
     ``paired``: a version's stored paired inputs under the challenger's eval key (see
-    :mod:`tasks.registry.gate`); with it the gate judges the paired interval of the difference.
+    :mod:`tasks.registry.gate`): the gate judges the paired interval of the difference, and
+    without them refuses ("not judged", decision ``refused``) rather than compare point values.
+    ``replace_broken``: an operator's request (``promote --replace-broken-champion``) to replace
+    a champion whose metric is not a number with a challenger that passes the absolute gates;
+    recorded as ``promotion.override``. It changes nothing while the champion is a number.
     """
     metric = cfg.metric
     with _mlflow(tracking_uri, cfg, f"promote {model_name}") as client, \
@@ -224,7 +236,7 @@ def promote(
                           "again automatically; to promote it anyway: diffusion-pipeline "
                           f"promote --version {chall.version}"}
         policy = _policy(cfg)
-        earlier = _earlier_rejection(chall, previous, policy)
+        earlier = None if replace_broken else _earlier_rejection(chall, previous, policy)
         if earlier is not None:  # the same challenger, champion and policy: the same verdict
             if earlier["champion_value"] is not None:
                 earlier["improvement"] = improvement(chall_value, earlier["champion_value"],
@@ -232,7 +244,7 @@ def promote(
             return result | earlier
         champ = _version(client, model_name, str(previous)) if previous is not None else None
         ok, reason, compared = _judge(model_name, chall, chall_value, champ, cfg, evaluate,
-                                      paired)
+                                      paired, replace_broken)
         result |= compared
         write = _Writes(client, lease, model_name, f"promotion of v{chall.version}",
                         f"judged v{chall.version} against the champion v{previous}"

@@ -23,7 +23,7 @@ def test_cli_generate_from_the_champion(ray_local, prefect_harness, tmp_path):
 
     model_dir = save_tiny_model(tmp_path / "m", seed=0)
     reg = register_model(str(model_dir), tracking_uri=uri, run_id=None, cfg=RegistryConfig(),
-                         model_name="digits-diffusion", evaluation=evaluation(3.0),
+                         model_name="digits-diffusion", evaluation=evaluation(3.0, fd_floor=3.0),
                          lineage=lineage(), defaults=DEFAULTS)
     promote("digits-diffusion", reg["version"], tracking_uri=uri, cfg=RegistryConfig(),
             lock_dir=str(tmp_path / "locks"))

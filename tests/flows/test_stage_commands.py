@@ -69,7 +69,14 @@ def test_train_evaluate_register_promote_rollback_and_load_the_champion(
     arts = [a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "evaluation")]
     assert arts == [f"evaluation/{tags['eval.key']}.md"]
 
-    first = invoke(["promote", *root, *weak])
+    # a 4-step model is noise: far above the real-vs-real floor, it is not the first champion
+    refused = invoke(["promote", *root, *weak])
+    assert refused.exit_code == 0, refused.output
+    assert "v1 not promoted: v1 fd " in refused.output and " × eval.fd_floor " in \
+        refused.output and "champion: none" in refused.output
+    # an operator's looser floor rule is another policy: v1 is judged again, and promoted
+    loose = sets("registry.max_fd_over_floor=1000")
+    first = invoke(["promote", *root, *weak, *loose])
     assert first.exit_code == 0, first.output
     assert "v1 promoted: first champion" in first.output and "champion: v1" in first.output
 
@@ -77,7 +84,7 @@ def test_train_evaluate_register_promote_rollback_and_load_the_champion(
     assert invoke(["train", *root, *strong]).exit_code == 0
     reg2 = invoke(["register", *root, *strong])
     assert reg2.exit_code == 0 and "version 2 (@challenger)" in reg2.output, reg2.output
-    second = invoke(["promote", *root, *strong])
+    second = invoke(["promote", *root, *strong, *loose])
     assert second.exit_code == 0, second.output
     assert "v2 promoted: fd" in second.output and "champion: v2" in second.output
 

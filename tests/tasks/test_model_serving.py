@@ -24,6 +24,7 @@ from tasks.registry import (
 )
 from tests.helpers import (
     DEFAULTS,
+    ShiftedPaired,
     evaluation,
     free_port,
     lineage,
@@ -57,12 +58,14 @@ def test_register_promote_and_load_through_an_mlflow_server(tmp_path, models):
         cfg = RegistryConfig(margin=0.05)
         name = unique_name("srv")
         locks = str(tmp_path / "locks")
-        for i, fd in enumerate((10.0, 8.0)):
+        fds = (10.0, 8.0)  # the second judged on paired inputs that say it is better
+        paired = ShiftedPaired(lambda ref: fds[int(ref.rsplit("/", 1)[1]) - 1])
+        for i, fd in enumerate(fds):
             out = register_model(str(models[i]), tracking_uri=uri, run_id=None, cfg=cfg,
-                                 model_name=name, evaluation=evaluation(fd), lineage=lineage(),
-                                 defaults=DEFAULTS)
+                                 model_name=name, evaluation=evaluation(fd, fd_floor=10.0),
+                                 lineage=lineage(), defaults=DEFAULTS)
             assert out["version"] == str(i + 1)
-            res = promote(name, tracking_uri=uri, cfg=cfg, lock_dir=locks)
+            res = promote(name, tracking_uri=uri, cfg=cfg, lock_dir=locks, paired=paired)
             assert res["promoted"] and res["champion"] == str(i + 1)
         info = resolve(f"models:/{name}@champion", uri)
         assert info["version"] == "2" and info["tags"]["promotion.against"] == "1"

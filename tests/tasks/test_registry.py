@@ -31,6 +31,7 @@ from tasks.registry import (
 from tests.helpers import (
     DEFAULTS,
     Occupancy,
+    ShiftedPaired,
     evaluation,
     lineage,
     local_images,
@@ -55,10 +56,23 @@ def models(tmp_path_factory):
     return [save_tiny_model(d / f"m{i}", seed=i) for i in range(3)]
 
 
-def reg(store, model_dir, name, fd, key="a" * 16, run_id=None, cfg=CFG):
+def reg(store, model_dir, name, fd, key="a" * 16, run_id=None, cfg=CFG, floor=10.0):
+    """A version whose evaluation has ``fd`` and the real-vs-real floor ``floor`` (by default
+    one every fd used here passes under registry.max_fd_over_floor)."""
     return register_model(str(model_dir), tracking_uri=store["uri"], run_id=run_id, cfg=cfg,
-                          model_name=name, evaluation=evaluation(fd, key), lineage=lineage(),
-                          defaults=DEFAULTS)
+                          model_name=name, evaluation=evaluation(fd, key, fd_floor=floor),
+                          lineage=lineage(), defaults=DEFAULTS)
+
+
+def by_fd(store, **fds) -> ShiftedPaired:
+    """``paired=`` for promote: each version's paired inputs as its fd says, that is its
+    ``eval.fd`` tag, or ``fds["v<version>"]`` (e.g. the champion's fd re-evaluated on the
+    challenger's set)."""
+    def fd(model_ref: str) -> float:
+        v = model_ref.rsplit("/", 1)[1]
+        return fds.get(f"v{v}", float(resolve(model_ref, store["uri"])["tags"]["eval.fd"]))
+
+    return ShiftedPaired(fd)
 
 
 def aliases(store, name) -> dict:
@@ -397,11 +411,12 @@ def test_first_promotion_passes_the_absolute_thresholds(store, models):
 
 def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
     name = unique_name()
+    paired = by_fd(store)
     cfg = RegistryConfig(margin=0.02)
     reg(store, models[0], name, fd=10.0)
-    promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"], paired=paired)
     reg(store, models[1], name, fd=9.9)  # 1% better: not enough
-    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"], paired=paired)
     assert not res["promoted"] and res["champion"] == "1" and res["previous"] == "1"
     assert res["challenger_value"] == 9.9 and res["champion_value"] == 10.0
     assert res["improvement"] == pytest.approx(0.01) and "misses" in res["reason"]
@@ -414,12 +429,13 @@ def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
     assert json.loads(champ["promotion.challenge.v2"])["decision"] == "rejected"
     assert json.loads(chall["promotion.policy"]) == {
         "metric": "fd", "margin": 0.02, "thresholds": {}, "interval_level": 0.95,
-        "bootstrap_draws": 2000}
-    assert chall["promotion.paired"] == "false" and "compared unpaired" in res["reason"]
+        "bootstrap_draws": 2000, "max_fd_over_floor": CFG.max_fd_over_floor}
+    assert chall["promotion.paired"] == "true" and "paired interval" in res["reason"]
     assert not res.get("reused")
 
     # the same challenger, champion and policy: the verdict stands, nothing is rewritten
-    again = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    again = promote(name, tracking_uri=store["uri"], cfg=cfg,
+                    lock_dir=store["locks"], paired=paired)
     assert again["reused"] and not again["promoted"] and again["champion"] == "1"
     assert again["reason"].startswith(res["reason"]) and "unchanged since" in again["reason"]
     assert again["improvement"] == pytest.approx(res["improvement"])
@@ -427,18 +443,20 @@ def test_a_worse_challenger_leaves_the_champion_untouched(store, models):
     assert resolve(f"models:/{name}/2", store["uri"])["tags"] == chall
 
     reg(store, models[2], name, fd=9.0)  # 10% better
-    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    res = promote(name, tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"], paired=paired)
     assert res["promoted"] and res["champion"] == "3" and res["previous"] == "1"
     assert aliases(store, name) == {"champion": "3"}
     assert history(store, name) == ["1", "3"]
     assert resolve(f"models:/{name}/1", store["uri"])["tags"]["promotion.superseded_by"] == "3"
 
     # v2 was judged against v1: against the new champion, or under another policy, afresh
-    res = promote(name, "2", tracking_uri=store["uri"], cfg=cfg, lock_dir=store["locks"])
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=cfg,
+                  lock_dir=store["locks"], paired=paired)
     assert not res["promoted"] and not res.get("reused") and res["champion_value"] == 9.0
     assert resolve(f"models:/{name}/2", store["uri"])["tags"]["promotion.against"] == "3"
     looser = RegistryConfig(margin=0.005)
-    res = promote(name, "2", tracking_uri=store["uri"], cfg=looser, lock_dir=store["locks"])
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=looser,
+                  lock_dir=store["locks"], paired=paired)
     assert not res["promoted"] and not res.get("reused")
     policy = resolve(f"models:/{name}/2", store["uri"])["tags"]["promotion.policy"]
     assert json.loads(policy)["margin"] == 0.005
@@ -492,6 +510,74 @@ def test_the_gate_judges_the_paired_interval_of_the_difference(store, models):
     assert "better beyond the noise" in res["reason"]
 
 
+def test_a_broken_champion_is_replaced_only_by_the_recorded_override(store, models):
+    """A champion whose stored FD is NaN (one promoted before NaN were refused, or whose tag was
+    rewritten) blocked every later promotion with a reason reading "+nan"; the gate now reports
+    it broken, names the command, and that command replaces it, recorded on both versions."""
+    from mlflow import MlflowClient
+
+    name = unique_name()
+    paired = by_fd(store)
+    reg(store, models[0], name, fd=10.0)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
+    MlflowClient(store["uri"], store["uri"]).set_model_version_tag(name, "1", "eval.fd", "nan")
+    reg(store, models[1], name, fd=5.0)
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                  paired=paired)
+    assert not res["promoted"] and res["champion"] == "1" and "+nan" not in res["reason"]
+    assert "champion v1 is broken: its fd is nan" in res["reason"]
+    assert "diffusion-pipeline promote --version 2 --replace-broken-champion" in res["reason"]
+    tags = resolve(f"models:/{name}/2", store["uri"])["tags"]
+    assert tags["promotion.decision"] == "refused"
+    assert json.loads(tags["promotion.champion_broken"])["version"] == "1"
+    # not a verdict on v2: a rerun judges again instead of repeating it
+    again = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                    paired=paired)
+    assert not again.get("reused") and not again["promoted"]
+
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                  paired=paired, explicit=True, replace_broken=True)
+    assert res["promoted"] and "replaces the broken champion v1 (fd nan)" in res["reason"]
+    assert aliases(store, name) == {"champion": "2"} and history(store, name) == ["1", "2"]
+    tags = resolve(f"models:/{name}/2", store["uri"])["tags"]
+    assert tags["promotion.override"] == "replace_broken_champion"
+    record = json.loads(resolve(f"models:/{name}/1", store["uri"])["tags"][
+        "promotion.challenge.v2"])
+    assert record["override"] == "replace_broken_champion" and record["decision"] == "promoted"
+
+
+def test_without_paired_inputs_a_promotion_is_refused_and_judged_afresh_later(store, models):
+    """Compared unpaired, a challenger whose recorded FD is lower by chance was promoted at
+    margin 0; now it is refused, not judged, and a rerun that has the paired inputs judges it."""
+    name = unique_name()
+    reg(store, models[0], name, fd=10.0)
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    reg(store, models[1], name, fd=9.9)
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    assert not res["promoted"] and res["champion"] == "1" and not res["paired"]
+    assert "not judged" in res["reason"] and "compared unpaired" in res["reason"]
+    assert resolve(f"models:/{name}/2", store["uri"])["tags"]["promotion.decision"] == "refused"
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+                  paired=by_fd(store))
+    assert not res.get("reused") and res["paired"] and res["promoted"]
+
+
+def test_the_first_champion_is_held_to_its_real_vs_real_floor(store, models):
+    """With the default empty registry.thresholds any first model used to be promoted."""
+    name = unique_name()
+    factor = CFG.max_fd_over_floor
+    reg(store, models[0], name, fd=10.0 * factor, floor=1.0)
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    assert not res["promoted"] and "champion" not in aliases(store, name)
+    assert f"exceeds {factor:g} × eval.fd_floor 1" in res["reason"]
+    assert resolve(f"models:/{name}/1", store["uri"])["tags"]["promotion.decision"] == "rejected"
+    assert promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])["reused"]
+    # the setting is part of the policy: changed, the rejection is judged again
+    looser = RegistryConfig(max_fd_over_floor=20 * factor)
+    res = promote(name, tracking_uri=store["uri"], cfg=looser, lock_dir=store["locks"])
+    assert res["promoted"] and res["reason"].startswith("first champion: passes fd")
+
+
 def test_the_samples_a_difference_needs_scale_with_the_square_of_the_interval():
     from diffusion.metrics import Interval
     from tasks.registry.gate import _resolution_hint, samples_to_resolve
@@ -509,11 +595,12 @@ def test_the_samples_a_difference_needs_scale_with_the_square_of_the_interval():
 
 def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
     name = unique_name()
+    paired = by_fd(store, v1=8.0)
     reg(store, models[0], name, fd=10.0, key="1" * 16)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     reg(store, models[1], name, fd=9.0, key="2" * 16)
     with pytest.raises(RegistryError, match="pass evaluate="):
-        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     asked = []
 
     def evaluate(ref):
@@ -521,24 +608,26 @@ def test_another_evaluation_set_needs_the_champion_reevaluated(store, models):
         return evaluation(8.0, key="2" * 16)  # on the challenger's set the champion is better
 
     with pytest.raises(RegistryError, match="must use the challenger's set"):
-        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired,
                 evaluate=lambda ref: evaluation(1.0, key="3" * 16))
-    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired,
                   evaluate=evaluate)
     assert asked == [f"models:/{name}/1"]
     assert not res["promoted"] and res["champion_value"] == 8.0
     # judged once: an unchanged rerun does not evaluate the champion again
-    again = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+    again = promote(name, tracking_uri=store["uri"], cfg=CFG,
+                    lock_dir=store["locks"], paired=paired,
                     evaluate=evaluate)
     assert asked == [f"models:/{name}/1"] and again["reused"] and again["champion_value"] == 8.0
 
 
 def test_rollback_moves_the_champion_back_and_refuses_without_a_previous_one(store, models):
     name = unique_name()
+    paired = by_fd(store)
     reg(store, models[0], name, fd=10.0)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     reg(store, models[1], name, fd=5.0)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     assert history(store, name) == ["1", "2"]
     res = rollback(name, tracking_uri=store["uri"], lock_dir=store["locks"])
     assert res == {"champion": "1", "previous": "2", "history": ["1"]}
@@ -554,21 +643,24 @@ def test_a_rollback_sticks_until_someone_promotes_that_version_by_name(store, mo
     promoted, and the result says why. Only an explicit promote of that version judges it
     again."""
     name = unique_name()
+    paired = by_fd(store)
     reg(store, models[0], name, fd=10.0)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     first = reg(store, models[1], name, fd=5.0)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     rollback(name, tracking_uri=store["uri"], lock_dir=store["locks"])
 
     again = reg(store, models[1], name, fd=5.0, run_id=first["run_id"])  # the scheduled rerun
     assert again["version"] == "2" and not again["new"]
-    res = promote(name, "2", tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=CFG,
+                  lock_dir=store["locks"], paired=paired)
     assert not res["promoted"] and res["champion"] == "1" and res["rolled_back"]
     assert res["reason"].startswith("v2 was rolled back at ") and \
         "diffusion-pipeline promote --version 2" in res["reason"]
     assert aliases(store, name) == {"champion": "1"} and history(store, name) == ["1"]
 
-    res = promote(name, "2", tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+    res = promote(name, "2", tracking_uri=store["uri"], cfg=CFG,
+                  lock_dir=store["locks"], paired=paired,
                   explicit=True)
     assert res["promoted"] and aliases(store, name)["champion"] == "2"
     assert history(store, name) == ["1", "2"]
@@ -576,8 +668,9 @@ def test_a_rollback_sticks_until_someone_promotes_that_version_by_name(store, mo
 
 def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, models):
     name = unique_name()
+    paired = by_fd(store)
     reg(store, models[0], name, fd=10.0, key="1" * 16)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     reg(store, models[1], name, fd=8.0, key="2" * 16)
     reg(store, models[2], name, fd=6.0, key="2" * 16)
     occupancy = Occupancy()
@@ -590,7 +683,7 @@ def test_racing_promotions_leave_one_champion_and_a_consistent_history(store, mo
 
     def run(version):
         results[version] = promote(name, version, tracking_uri=store["uri"], cfg=CFG,
-                                   lock_dir=store["locks"], evaluate=slow_evaluate)
+                                   lock_dir=store["locks"], paired=paired, evaluate=slow_evaluate)
 
     run_together(run, ["2", "3"])
     champion = aliases(store, name)["champion"]
@@ -784,8 +877,9 @@ class TakeOver:
 
 def test_a_promotion_whose_lease_was_taken_while_it_judged_writes_nothing(store, models):
     name = unique_name("fence")
+    paired = by_fd(store, v1=8.0)
     reg(store, models[0], name, fd=10.0, key="1" * 16)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     reg(store, models[1], name, fd=5.0, key="2" * 16)  # another set: the champion re-evaluated
     before = state(store, name)
     take_over = TakeOver(store, name)
@@ -798,11 +892,11 @@ def test_a_promotion_whose_lease_was_taken_while_it_judged_writes_nothing(store,
             rf"the registry lease of {name} was lost before this promotion of v2 wrote "
             rf"anything \(while it judged v2 against the champion v1\): the lease .*"
             rf"{name}\.lock is now held by .* pid \d+; nothing was written; rerun promote")):
-        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired,
                 evaluate=evaluate)
     assert state(store, name) == before  # no alias moved, no tag, no history
     take_over.release()
-    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"],
+    res = promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired,
                   evaluate=lambda ref: evaluation(8.0, key="2" * 16))
     assert res["promoted"] and state(store, name)[:2] == ({"champion": "2"}, ["1", "2"])
 
@@ -814,8 +908,9 @@ def test_a_promotion_that_loses_its_lease_between_writes_makes_none_of_the_rest(
     from tasks.registry import promotion
 
     name = unique_name("fence")
+    paired = by_fd(store)
     reg(store, models[0], name, fd=10.0, key="1" * 16)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     reg(store, models[1], name, fd=5.0, key="1" * 16)
     take_over = TakeOver(store, name)
     record = promotion._record_decision
@@ -828,7 +923,7 @@ def test_a_promotion_that_loses_its_lease_between_writes_makes_none_of_the_rest(
     with pytest.raises(RegistryError, match=(
             rf"the registry lease of {name} was lost after \d+ writes of this promotion of v2: "
             r"the lease .* is now held by .*; the rest were not made; rerun promote")):
-        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+        promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     take_over.release()
     aliases, hist, tags = state(store, name)
     assert aliases == {"champion": "1", "challenger": "2"} and hist == ["1"]
@@ -842,10 +937,11 @@ def test_a_rollback_whose_lease_was_taken_writes_nothing(store, models, monkeypa
     from tasks.registry import promotion
 
     name = unique_name("fence")
+    paired = by_fd(store)
     reg(store, models[0], name, fd=10.0, key="1" * 16)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     reg(store, models[1], name, fd=5.0, key="1" * 16)
-    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"])
+    promote(name, tracking_uri=store["uri"], cfg=CFG, lock_dir=store["locks"], paired=paired)
     before = state(store, name)
     assert before[:2] == ({"champion": "2"}, ["1", "2"])
     take_over = TakeOver(store, name)
