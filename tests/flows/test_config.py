@@ -40,6 +40,8 @@ def test_json_round_trip_is_identity():
         (["data.resolution=-3"], "data.resolution"),
         (["data.channels=2"], "data.channels"),
         (["data.val_fraction=1.5"], "data.val_fraction"),
+        (["data.val_fraction=0.9"], "data.test_fraction (0.15) must be below 1"),
+        (["data.test_fraction=-0.1"], "data.test_fraction"),
         (["data.name=../up"], "data.name"),
         (["data.resolution"], "expected section.key=value"),
         (["resolution=3"], "must be section.key"),
