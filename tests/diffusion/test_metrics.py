@@ -198,17 +198,88 @@ def test_wide_features_take_the_gram_form_with_the_same_values():
     from diffusion.metrics import (
         _resample_counts,
         _ResampledFD,
+        _weighted_statistics,
         frechet_distance_interval,
         paired_frechet_difference,
     )
 
     x, ref = gaussian(30, 80, seed=1), gaussian(200, 80, seed=2, shift=0.1)
     stats = feature_statistics(ref)
-    direct, gram = _ResampledFD(x, stats, gram=False), _ResampledFD(x, stats, gram=True)
+    gram = _ResampledFD(x, stats)
     for w in _resample_counts(30, 4, torch.Generator().manual_seed(0)):
-        assert gram(w) == pytest.approx(direct(w), rel=1e-6)
+        direct = frechet_distance(*_weighted_statistics(x, w), *stats)
+        assert gram(w) == pytest.approx(direct, rel=1e-6)
     ci = frechet_distance_interval(x, ref, draws=50, resample_reference=False)  # Gram form
     assert ci.value == pytest.approx(frechet_distance_features(x, ref), rel=1e-9)
-    assert ci.low < ci.value < ci.high
+    # 30 samples in 80-d: the plain FD is mostly small-sample bias, which the interval removes
+    assert ci.low < ci.corrected < ci.high < ci.value
     d = paired_frechet_difference(x, x + 0.05, ref, draws=50, resample_reference=False)
     assert d.low > 0  # x + 0.05 is nearer the reference, shifted by 0.1
+
+
+def test_many_resamples_at_once_give_each_resample_s_fd():
+    """The batched moments (one product of counts and the rows' outer products) and the
+    Cholesky form of the trace term give each resample's FD as the direct formula does, for a
+    resampled reference and a fixed one."""
+    from diffusion.metrics import (
+        _batched_frechet,
+        _Moments,
+        _resample_counts,
+        _weighted_statistics,
+    )
+
+    x, ref = gaussian(120, 8, seed=1, shift=0.2), gaussian(90, 8, seed=2)
+    g = torch.Generator().manual_seed(0)
+    w, wr = _resample_counts(120, 5, g), _resample_counts(90, 5, g)
+    mu, cov = _Moments(x)(w)
+    mur, covr = _Moments(ref)(wr)
+    batched = _batched_frechet(mu, cov, mur, covr)
+    fixed = _batched_frechet(mu, cov, *feature_statistics(ref))
+    for i in range(5):
+        own = _weighted_statistics(x, w[i])
+        assert float(batched[i]) == pytest.approx(
+            frechet_distance(*own, *_weighted_statistics(ref, wr[i])), rel=1e-9, abs=1e-12)
+        assert float(fixed[i]) == pytest.approx(
+            frechet_distance(*own, *feature_statistics(ref)), rel=1e-9, abs=1e-12)
+
+
+def test_stratified_resamples_keep_every_label_s_count():
+    """With labels, a resample (and a resample of a resample) draws each label's rows among
+    themselves: every label keeps its count, and a second-level resample only takes rows its
+    first-level resample holds."""
+    from diffusion.metrics import _resample_again, _resample_counts
+
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 5 + [-1] * 2)
+    g = torch.Generator().manual_seed(0)
+    w = _resample_counts(len(labels), 50, g, labels)
+    again = _resample_again(w, g, labels)
+    for counts in (w, again):
+        for v, n in ((0, 7), (1, 3), (2, 5), (-1, 2)):
+            assert (counts[:, labels == v].sum(1) == n).all()
+    assert ((again > 0) <= (w > 0)).all()
+    free = _resample_counts(len(labels), 50, g)
+    assert (free.sum(1) == len(labels)).all() and not (free[:, labels == 1].sum(1) == 3).all()
+    with pytest.raises(ValueError, match="one label per row"):
+        _resample_counts(5, 2, g, labels)
+
+
+def test_class_mix_noise_is_not_counted_where_samples_are_dealt_from_the_labels():
+    """Class-structured features (the class means far apart, as in a classifier's feature
+    space) whose samples are dealt from the reference's labels: resampling rows freely mixes
+    the classes anew in each resample and inflates the paired interval several times over;
+    resampling within label does not."""
+    from diffusion.metrics import paired_frechet_difference
+
+    g = torch.Generator().manual_seed(0)
+    centres = 10 * torch.randn(5, 6, generator=g, dtype=torch.float64)
+    labels, ref_labels = torch.arange(300) % 5, torch.arange(200) % 5
+    a = centres[labels] + torch.randn(300, 6, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(300, 6, generator=g, dtype=torch.float64)
+    ref = centres[ref_labels] + torch.randn(200, 6, generator=g, dtype=torch.float64)
+    free = paired_frechet_difference(a, b, ref, draws=200)
+    strat = paired_frechet_difference(a, b, ref, draws=200, labels=labels,
+                                      reference_labels=ref_labels)
+    assert strat.value == free.value
+    assert (free.high - free.low) > 2 * (strat.high - strat.low)
+    with pytest.raises(ValueError, match="labels of the samples and of the reference"):
+        paired_frechet_difference(a, b, ref, draws=10, labels=labels)
