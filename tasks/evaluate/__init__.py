@@ -15,9 +15,13 @@ on, :func:`evaluate` computes
   in ``evaluate.frontier``; the headline ``fd`` is the distance at the *default* sampler, the
   cheapest setting within ``evaluate.tolerance`` of the best.
 
+"The val split" above is ``evaluate.split``: ``val`` (the default), the selection split that the
+promotion gate, the default sampler and benchmark choices read, or ``test``, the locked split
+that only reports a model (its evaluations cannot be registered).
+
 Two models evaluated with the same settings are judged on the same evaluation set and seeds
-(the ``eval_key``), and a result is stored under the model's weights: re-evaluating an
-unchanged model is a read.
+(the ``eval_key``, which includes the split), and a result is stored under the model's weights:
+re-evaluating an unchanged model is a read.
 
 The modules, in the order an evaluation uses them:
 
