@@ -80,13 +80,34 @@ def with_interval(d: dict, key: str) -> str:
     return text if low is None or high is None else f"{text} [{low:.3f}, {high:.3f}]"
 
 
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _fidelity(m: dict) -> str:
+    """KID, FD∞, precision/recall and class accuracy with their floors, for a result that has
+    them (those stored before them do not: empty)."""
+    if "kid" not in m:
+        return ""
+    kid = "n/a" if m["kid"] is None else with_interval(m, "kid")
+    text = (f"; KID {kid} (floor {_num(m.get('kid_floor'))}), FD∞ {_num(m.get('fd_inf'))} "
+            f"(floor {_num(m.get('fd_inf_floor'))}), precision {_share(m.get('precision'))} / "
+            f"recall {_share(m.get('recall'))} (floor {_share(m.get('precision_floor'))} / "
+            f"{_share(m.get('recall_floor'))})")
+    if m.get("class_accuracy") is not None:
+        text += (f", class accuracy {_share(m['class_accuracy'])} (floor "
+                 f"{_share(m.get('class_accuracy_floor'))})")
+    return text
+
+
 def summary(result: dict, stored_at: str) -> str:
-    """The evaluation in one line: the headline distance, its floor and the best, memorization."""
+    """The evaluation in one line: the headline distance, its floor and the best, memorization,
+    and where recorded the size-free figures (KID, FD∞), precision/recall and class accuracy."""
     m, d = result["metrics"], result["default_sampler"]
     return (f"FD {with_interval(m, 'fd')} at {d['name']}:{d['steps']} (floor "
             f"{_num(m['fd_floor'])}, best "
             f"{m['fd_best']:.3f}); memorization {m['memorization']:.1%} (floor "
-            f"{m['memorization_floor']:.1%}); stored {stored_at}")
+            f"{m['memorization_floor']:.1%}){_fidelity(m)}; stored {stored_at}")
 
 
 def table(result: dict) -> str:
@@ -111,8 +132,22 @@ def table(result: dict) -> str:
         nll = (with_interval(m, "nll_bpd") if "nll_bpd_low" in m
                else f"{m['nll_bpd']:.3f} ± {m['nll_bpd_se']:.3f}")
         lines.append(f"| NLL bits/dim | {nll} | |")
+    lines.append(f"| memorization | {m['memorization']:.1%} | {m['memorization_floor']:.1%} |")
+    if "kid" in m:  # results stored before these figures have none
+        kid = "n/a" if m["kid"] is None else with_interval(m, "kid")
+        rows = (result.get("fidelity") or {}).get("precision_recall_rows", "?")
+        lines += [
+            f"| KID (unbiased, any sample size) | {kid} | {_num(m.get('kid_floor'))} |",
+            f"| FD∞ (extrapolated to infinite N) | {_num(m.get('fd_inf'))} | "
+            f"{_num(m.get('fd_inf_floor'))} |",
+            f"| precision / recall (k-NN, {rows} rows) | {_share(m.get('precision'))} / "
+            f"{_share(m.get('recall'))} | "
+            f"{_share(m.get('precision_floor'))} / {_share(m.get('recall_floor'))} |",
+        ]
+        if m.get("class_accuracy") is not None:
+            lines.append(f"| class accuracy (reference net) | {_share(m['class_accuracy'])} | "
+                         f"{_share(m.get('class_accuracy_floor'))} (val) |")
     lines += [
-        f"| memorization | {m['memorization']:.1%} | {m['memorization_floor']:.1%} |",
         "",
         "| sampler | steps | NFE | distance | images/s | |",
         "|---|---:|---:|---:|---:|---|",

@@ -125,15 +125,72 @@ def generate(loaded: LoadedModel, n: int, name: str, steps: int, cfg: EvalConfig
 
 
 def _floor(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats,
-           train_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray, float | None]:
-    """The floor: held-out train images (:func:`floor_images`) and their Fréchet distance to the
-    val split, what real data scores."""
+           train_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray, Any, float | None]:
+    """The floor: held-out train images (:func:`floor_images`), their features and their
+    Fréchet distance to the val split, what real data scores."""
     from diffusion.metrics import feature_statistics, frechet_distance
 
     floor_x = floor_images(train_x, train_y, inputs.val_y, cfg.num_samples, cfg.seed)
-    fd_floor = (frechet_distance(*feature_statistics(features(floor_x)), *real_stats)
+    floor_feats = features(floor_x) if len(floor_x) else None
+    fd_floor = (frechet_distance(*feature_statistics(floor_feats), *real_stats)
                 if len(floor_x) >= 2 else None)  # None: too few train rows to hold out
-    return floor_x, fd_floor
+    return floor_x, floor_feats, fd_floor
+
+
+# FD∞ fits a line to FDs of subsets from half the rows to all of them; below this many rows
+# those FDs are noise, and the figure is left out (None)
+FD_INF_MIN_ROWS = 20
+
+
+def _fidelity(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, feats,
+              images: np.ndarray, labels: np.ndarray | None, floor_feats) -> tuple[dict, dict]:
+    """The figures comparable across sample sizes (:mod:`diffusion.fidelity`) for the default
+    setting's samples and, beside them, for the floor's real images: KID with its jackknife
+    interval, FD∞, and precision/recall at matched sizes (the first as many samples as the
+    floor holds, against the whole reference: both figures depend on the set sizes); and the
+    class accuracy of the samples under the reference network (labelled, class-conditional
+    models; its floor: the same network's accuracy on the val images). Returns the metrics
+    and what they were measured on. None where a set is too small for a figure."""
+    import torch
+
+    from diffusion.fidelity import fd_infinity, kid, precision_recall
+    from diffusion.metrics import accuracy
+    from diffusion.pixels import uint8_to_unit
+
+    k = 3
+    sets = {"": feats, "_floor": floor_feats}
+    metrics: dict[str, Any] = {}
+    pr_rows = min(len(feats), len(floor_feats)) if floor_feats is not None else len(feats)
+    for suffix, f in sets.items():
+        n = 0 if f is None else len(f)
+        if n >= 3 and len(real_feats) >= 3:
+            e = kid(f, real_feats, level=cfg.interval_level)
+            metrics |= {f"kid{suffix}": e.value, f"kid{suffix}_low": e.low,
+                        f"kid{suffix}_high": e.high, f"kid{suffix}_se": e.se}
+        else:
+            metrics[f"kid{suffix}"] = None
+        metrics[f"fd_inf{suffix}"] = (fd_infinity(f, real_feats, seed=cfg.seed).value
+                                      if n >= FD_INF_MIN_ROWS else None)
+        if min(n, pr_rows) > k and len(real_feats) > k:
+            pr = precision_recall(f[:pr_rows], real_feats, k=k)
+            metrics |= {f"precision{suffix}": pr.precision, f"recall{suffix}": pr.recall}
+        else:
+            metrics |= {f"precision{suffix}": None, f"recall{suffix}": None}
+
+    metrics |= {"class_accuracy": None, "class_accuracy_floor": None}
+    if features.kind == "reference" and labels is not None:  # the reference net classifies
+        device = inputs.device
+
+        def acc(x: np.ndarray, y: np.ndarray) -> float:
+            return accuracy(features.net, uint8_to_unit(torch.from_numpy(x)).to(device),
+                            torch.from_numpy(y).to(device))
+
+        metrics["class_accuracy"] = acc(images, labels)
+        known = inputs.val_y >= 0
+        if known.any():
+            metrics["class_accuracy_floor"] = acc(inputs.val_x[known], inputs.val_y[known])
+    return metrics, {"precision_recall_rows": pr_rows, "precision_recall_k": k,
+                     "kid_interval": "delete-one jackknife, normal"}
 
 
 def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, real_stats,
@@ -235,6 +292,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
 
     ``stored_only``: return the stored result, or None where there is none (nothing is
     computed; the reference network is not trained)."""
+    import torch
+
     from diffusion.metrics import feature_statistics
 
     t_start = time.perf_counter()
@@ -258,11 +317,15 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     real_stats = feature_statistics(real_feats)
     train_x, train_y = read_split(inputs.root, inputs.manifest, "train", cfg.max_real_images)
     labels = sample_labels(inputs.val_y, cfg.num_samples, cfg.seed, inputs.num_classes)
-    floor_x, fd_floor = _floor(inputs, cfg, features, real_stats, train_x, train_y)
+    floor_x, floor_feats, fd_floor = _floor(inputs, cfg, features, real_stats, train_x, train_y)
     frontier, samples_at, features_at = _frontier(inputs, cfg, features, real_feats,
                                                   real_stats, labels, echo)
     best, default = default_setting(frontier, cfg.tolerance)
     default_images = samples_at[f"{default['sampler']}:{default['steps']}"]
+    fidelity, fidelity_on = _fidelity(
+        inputs, cfg, features, real_feats,
+        torch.from_numpy(features_at[f"{default['sampler']}:{default['steps']}"]),
+        default_images, labels, floor_feats)
     threshold = cfg.memorization_threshold
     memorization = copy_share(default_images, train_x, threshold, device)
     memorization_floor = copy_share(val_x, train_x, threshold, device)
@@ -280,7 +343,9 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
             "fd": default["fd"], **{k: default[k] for k in ("fd_low", "fd_high") if k in default},
             "fd_floor": fd_floor, "fd_best": best, **nll,
             "memorization": memorization, "memorization_floor": memorization_floor,
+            **fidelity,
         },
+        "fidelity": fidelity_on,
         "frontier": frontier,
         "default_sampler": {"name": default["sampler"], "steps": default["steps"]},
         "guidance_scale": cfg.guidance_scale,

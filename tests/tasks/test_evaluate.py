@@ -87,6 +87,16 @@ def test_metrics_frontier_default_and_floor(models):
     assert m["fd"] == cheapest["fd"] and m["fd_best"] == best
     assert any("reference network" in s for s in lines)
     json.dumps(res)  # JSON-safe
+    # the figures comparable across sample sizes, with what real data scores (issue 26 item 7)
+    assert {"kid", "kid_low", "kid_high", "kid_se", "kid_floor", "fd_inf", "fd_inf_floor",
+            "precision", "recall", "precision_floor", "recall_floor", "class_accuracy",
+            "class_accuracy_floor"} <= set(m)
+    assert m["kid_low"] < m["kid"] < m["kid_high"] and m["kid_floor"] < m["kid"]
+    assert all(0 <= m[k] <= 1 for k in ("precision", "recall", "precision_floor",
+                                        "recall_floor", "class_accuracy"))
+    assert m["class_accuracy_floor"] > 0.5  # the reference net on real val images
+    assert res["fidelity"]["precision_recall_rows"] == FAST.num_samples  # the floor's 120
+    assert f"KID {m['kid']:.3f} [" in "\n".join(lines)
     # every FD and the NLL carry their bootstrap interval (issue 15)
     for d in (m, *res["frontier"]):
         assert d["fd_low"] < d["fd"] < d["fd_high"], d
@@ -99,7 +109,7 @@ def test_metrics_frontier_default_and_floor(models):
         res["stored_at"].removesuffix(".json") + ".paired.safetensors")
     assert paired["samples/ddim:5"].shape == (FAST.num_samples, 64)
     assert set(paired) == {"samples/ddim:5", "samples/ddim:20", "samples/dpmpp_2m:10",
-                           "reference", "nll"}
+                           "reference", "nll", "labels", "reference_labels"}
     assert paired["reference"].shape[0] == res["dataset"]["val_images"]
     assert paired["nll"].shape == (FAST.nll_images,)
     assert abs(float(paired["nll"].mean()) - m["nll_bpd"]) < 1e-5
