@@ -140,6 +140,30 @@ def test_samples_do_not_depend_on_the_batch_size(models):
                                                              rel=1e-6)
 
 
+def test_results_stored_before_the_size_free_figures_still_read():
+    """A result stored before KID, FD∞, precision/recall and class accuracy (no such keys)
+    still makes its summary line and table; one with them shows them, n/a where None."""
+    from tasks.evaluate import table
+    from tasks.evaluate.result import summary
+
+    old = {"eval_key": "k", "dataset": {"name": "digits", "version": "v", "val_images": 324},
+           "features": {"kind": "reference"}, "config": {"num_samples": 1000},
+           "default_sampler": {"name": "ddim", "steps": 10},
+           "frontier": [{"sampler": "ddim", "steps": 10, "nfe": 10, "fd": 1.0,
+                         "images_per_s": 5.0}],
+           "metrics": {"fd": 1.0, "fd_floor": 0.5, "fd_best": 1.0, "memorization": 0.0,
+                       "memorization_floor": 0.0}}
+    assert "KID" not in summary(old, "there") and "KID" not in table(old)
+    new = old | {"metrics": old["metrics"] | {
+        "kid": 0.25, "kid_low": 0.1, "kid_high": 0.4, "kid_floor": 0.01, "fd_inf": 0.8,
+        "fd_inf_floor": None, "precision": 0.9, "recall": 0.7, "precision_floor": 0.95,
+        "recall_floor": 0.93, "class_accuracy": 0.85, "class_accuracy_floor": 0.97}}
+    line = summary(new, "there")
+    assert "KID 0.250 [0.100, 0.400] (floor 0.010), FD∞ 0.800 (floor n/a)" in line
+    assert "class accuracy 85.0% (floor 97.0%)" in line
+    assert "| KID (unbiased, any sample size) | 0.250 [0.100, 0.400] | 0.010 |" in table(new)
+
+
 def test_memorization_counts_copies_of_training_images():
     train = np.random.default_rng(0).integers(0, 256, (50, 1, 8, 8), dtype=np.uint8)
     copies = train[:10].copy()
