@@ -26,6 +26,7 @@ MODULES = (
     "noise",
     "samplers",
     "metrics",
+    "fidelity",
     "training",
     "unet",
     "ema",
