@@ -44,8 +44,8 @@ def test_the_gate_interval_keeps_its_level_where_the_earlier_ones_did_not():
     - the gate's interval (bias-corrected, double-bootstrap variance) covers the truth about
       as often as it says and promotes neither."""
     setup = Setup(draws=150)
-    equal = simulate("equal", 40, setup, seed=500, workers=2)
-    diverse = simulate("diverse", 40, setup, seed=500, workers=2)
+    equal = simulate("equal", 40, setup, seed=500)
+    diverse = simulate("diverse", 40, setup, seed=500)
 
     assert diverse["recentred"].promoted >= 5, diverse["recentred"]
     for rates in (equal, diverse):
