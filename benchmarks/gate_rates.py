@@ -171,8 +171,10 @@ def _init_worker(arrays: dict) -> None:
 
 def _block(name: str, sl: slice) -> dict:
     a = _ARRAYS[name]
-    return {"setting": SETTING, "arrays": {f"samples/{SETTING}": a[f"samples/{SETTING}"][sl],
-                                           "reference": a["reference"]}}
+    block = {f"samples/{SETTING}": a[f"samples/{SETTING}"][sl], "reference": a["reference"]}
+    if "labels" in a:  # the block's own labels: the gate resamples within them
+        block |= {"labels": a["labels"][sl], "reference_labels": a["reference_labels"]}
+    return {"setting": SETTING, "arrays": block}
 
 
 def _judge(task: tuple) -> dict:
