@@ -238,12 +238,24 @@ def rates(w: World, reps: list[Repetition]) -> dict[str, Rates]:
     return out
 
 
+_WORLDS: dict = {}
+
+
+def _repetition_of(name: str, setup: Setup, world_seed: int, seed: int) -> Repetition:
+    """:func:`repetition` of the world ``(name, setup, world_seed)``, built once per process
+    (workers get the world's recipe, not its tensors)."""
+    key = (name, setup, world_seed)
+    if key not in _WORLDS:
+        _WORLDS[key] = world(name, setup, world_seed)
+    return repetition(_WORLDS[key], seed)
+
+
 def simulate(name: str, reps: int, setup: Setup = Setup(), *, seed: int = 0,
              world_seed: int = 0, workers: int = 1) -> dict[str, Rates]:
     """``reps`` repetitions of scenario ``name`` (seeds ``seed`` … ``seed + reps − 1``), on
     ``workers`` processes; the rates per method (:func:`rates`)."""
     w = world(name, setup, world_seed)
-    seeds = range(seed, seed + reps)
+    seeds = list(range(seed, seed + reps))
     if workers <= 1:
         return rates(w, [repetition(w, s) for s in seeds])
     import concurrent.futures
@@ -253,7 +265,9 @@ def simulate(name: str, reps: int, setup: Setup = Setup(), *, seed: int = 0,
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
                                                 initializer=torch.set_num_threads,
                                                 initargs=(1,)) as pool:
-        out = list(pool.map(repetition, [w] * reps, seeds, chunksize=max(1, reps // (4 * workers))))
+        out = list(pool.map(_repetition_of, [name] * reps, [setup] * reps,
+                            [world_seed] * reps, seeds,
+                            chunksize=max(1, reps // (4 * workers))))
     return rates(w, out)
 
 
