@@ -74,10 +74,17 @@ def _num(x: float | None) -> str:
 
 
 def with_interval(d: dict, key: str) -> str:
-    """``d[key]`` and, where recorded, its interval ``[key_low, key_high]``."""
+    """``d[key]`` and, where recorded, its interval ``[key_low, key_high]``; where the estimate
+    is biased and the interval is for the bias-corrected value (an FD: ``key_corrected``), that
+    value too, which the interval surrounds: ``0.599 (0.000 [0.000, 0.153])``."""
     low, high = d.get(f"{key}_low"), d.get(f"{key}_high")
     text = f"{d[key]:.3f}"
-    return text if low is None or high is None else f"{text} [{low:.3f}, {high:.3f}]"
+    if low is None or high is None:
+        return text
+    corrected = d.get(f"{key}_corrected")
+    if corrected is None:
+        return f"{text} [{low:.3f}, {high:.3f}]"
+    return f"{text} ({corrected:.3f} [{low:.3f}, {high:.3f}])"
 
 
 def _share(x: float | None) -> str:
@@ -117,6 +124,9 @@ def table(result: dict) -> str:
     draws = result["config"].get("bootstrap_draws")
     level = (f" [{result['config'].get('interval_level', 0.95):.0%} interval, {draws} "
              "bootstrap draws]" if draws and "fd_low" in m else "")
+    if "fd_corrected" in m:
+        level = (f" (FD bias-corrected [{result['config'].get('interval_level', 0.95):.0%} "
+                 f"interval, {draws} bootstrap draws])")
     lines = [
         f"Evaluation {result['eval_key']} on {result['dataset']['name']}@"
         f"{result['dataset']['version']} ({result['dataset']['val_images']} "
