@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import PipelineConfig
 from flows.evaluate import evaluate_task
-from tasks.errors import RegistryError
+from tasks.errors import ConfigError, RegistryError
 from tasks.models import fetch_model_dir
 from tasks.registry import (
     RegistryConfig,
@@ -64,6 +64,18 @@ def rollback_task(model_name: str, *, tracking_uri: str, lock_dir: str,
                     cfg=RegistryConfig(**(cfg or {})), lock_options=lock_options)
 
 
+def require_selection_split(cfg: PipelineConfig) -> None:
+    """Registration and promotion judge on the selection split (``val``); the locked test split
+    (``evaluate.split=test``) is for reports that no decision reads, so a flow that decides
+    refuses it before any work."""
+    if cfg.evaluate.split != "val":
+        raise ConfigError(
+            f"evaluate.split={cfg.evaluate.split}: registration and promotion judge models on "
+            "the selection split (val); the test split is locked for reports. Drop the "
+            "override here, and report on test with `diffusion-pipeline evaluate --set "
+            "evaluate.split=test`")
+
+
 def _context(config: PipelineConfig | dict):
     from tasks import tracking
 
@@ -82,6 +94,7 @@ def register_flow(config: PipelineConfig, model: str | None = None) -> dict:
     from tasks.train import finished_run
 
     cfg, _root, uri, name = _context(config)
+    require_selection_split(cfg)
     if model is None:
         run = finished_run(cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.runtime)
     else:
@@ -120,6 +133,7 @@ def promote_flow(config: PipelineConfig, version: str | None = None,
     person replaces a champion whose metric is not a number (``promote
     --replace-broken-champion``), the challenger judged on the absolute gates alone."""
     cfg, root, uri, name = _context(config)
+    require_selection_split(cfg)
 
     def reevaluate(champion_ref: str) -> dict:
         ref = f"models:/{name}/{version}" if version else f"models:/{name}@challenger"

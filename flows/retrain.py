@@ -31,7 +31,7 @@ from flows.config import PipelineConfig, with_overrides
 from flows.evaluate import evaluate_flow
 from flows.generate import generate_flow
 from flows.preprocess import preprocess_flow
-from flows.registry import promote_flow, register_flow
+from flows.registry import promote_flow, register_flow, require_selection_split
 from flows.train import train_flow
 from tasks.evaluate.result import with_interval
 from tasks.retry import transient_retries
@@ -139,6 +139,7 @@ def retrain_flow(
     """
     started = time.time()
     cfg = with_overrides(config, overrides)
+    require_selection_split(cfg)  # it registers and promotes: never on the locked test split
     stages = Stages(len(STAGES) if generate else len(STAGES) - 1)
     out: dict[str, Any] = {"started_at": started}
 

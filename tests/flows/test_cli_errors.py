@@ -107,3 +107,20 @@ def test_a_bad_config_fails_with_2_before_the_stage_runs(stage_raises):
     assert result.output.startswith("error: invalid config: unknown config key 'data.resolutoin';"
                                     " did you mean 'data.resolution'?")
     assert len(result.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flow", ["register_flow", "promote_flow", "retrain_flow"])
+def test_flows_that_decide_refuse_the_locked_test_split(flow, tmp_path):
+    """evaluate.split=test is for reports: registering, promoting or retraining on it is refused
+    before any work (no store is opened, nothing is evaluated), naming the key and the command
+    that reports on test."""
+    from flows import registry, retrain
+    from flows.config import PipelineConfig
+
+    fn = getattr(registry, flow, None) or getattr(retrain, flow)
+    cfg = PipelineConfig.model_validate({"runtime": {"root": str(tmp_path / "root")},
+                                         "evaluate": {"split": "test"}})
+    with pytest.raises(errors.ConfigError, match=r"evaluate.split=test: .*evaluate "
+                                                  r"--set evaluate.split=test"):
+        fn.fn(cfg)
+    assert not (tmp_path / "root").exists()
