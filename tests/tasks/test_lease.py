@@ -59,7 +59,7 @@ def test_staleness_is_the_stores_time_not_the_holders_clock(tmp_path):
     its lock just now: it is live. One whose clock runs ahead, with a lock the store wrote a
     minute ago, is stale."""
     stale_lock(tmp_path, age=0, at=time.time() - 3600)
-    with pytest.raises(LeaseBusy, match="refreshed 0 s ago"), \
+    with pytest.raises(LeaseBusy, match=r"refreshed [0-9] s ago"), \
             Lease(str(tmp_path), "m", stale_s=30, wait_s=0.2):
         pass
     stale_lock(tmp_path, age=60, at=time.time() + 3600)
