@@ -97,11 +97,13 @@ def test_metrics_frontier_default_and_floor(models):
     assert m["class_accuracy_floor"] > 0.5  # the reference net on real val images
     assert res["fidelity"]["precision_recall_rows"] == FAST.num_samples  # the floor's 120
     assert f"KID {m['kid']:.3f} [" in "\n".join(lines)
-    # every FD and the NLL carry their bootstrap interval (issue 15)
+    # every FD and the NLL carry their bootstrap interval (issue 15); an FD's is for the
+    # population FD, around the bias-corrected value, not around the plain FD at N (issue 26)
     for d in (m, *res["frontier"]):
-        assert d["fd_low"] < d["fd"] < d["fd_high"], d
+        assert d["fd_low"] <= d["fd_corrected"] <= d["fd_high"] and d["fd_low"] < d["fd_high"], d
     assert m["nll_bpd_low"] < m["nll_bpd"] < m["nll_bpd_high"]
-    assert f"FD {m['fd']:.3f} [{m['fd_low']:.3f}, {m['fd_high']:.3f}]" in "\n".join(lines)
+    assert (f"FD {m['fd']:.3f} ({m['fd_corrected']:.3f} [{m['fd_low']:.3f}, "
+            f"{m['fd_high']:.3f}])") in "\n".join(lines)
     # and what a paired comparison needs is stored beside the result, before it
     import safetensors.numpy
 
