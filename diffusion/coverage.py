@@ -129,9 +129,10 @@ def world(name: str, setup: Setup = Setup(), seed: int = 0) -> World:
         a, b = _Mixture(means + 0.8 * error, roots), _Mixture(means + error, roots)
     else:  # diverse: a less diverse, b shifted to the same true FD
         a = _Mixture(means + error, roots * math.sqrt(0.8))
-        fd_a = frechet_distance(*_moments(a, proportions), *_moments(ref, proportions))
+        ref_moments = _moments(ref, proportions)
+        fd_a = frechet_distance(*_moments(a, proportions), *ref_moments)
         fd_err = frechet_distance(*_moments(_Mixture(means + error, roots), proportions),
-                                  *_moments(ref, proportions))
+                                  *ref_moments)
         # a common shift t·u of every class mean adds t² to b's FD (its covariance is unchanged)
         u = torch.randn(f, generator=g, dtype=torch.float64)
         mean_err = proportions @ error

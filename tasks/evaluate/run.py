@@ -204,6 +204,11 @@ def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, 
 
     loaded, num_classes = inputs.loaded, inputs.num_classes
     frontier, samples_at, features_at = [], {}, {}
+    # class-conditional samples are dealt from the reference's labels: every setting's interval
+    # resamples both within label (diffusion.metrics), as another draw of samples would vary
+    strata = ({} if labels is None else
+              {"labels": torch.as_tensor(labels),
+               "reference_labels": torch.as_tensor(inputs.val_y)})
     for item in cfg.frontier:
         name, steps = parse_setting(item)
         images, ips = generate(loaded, cfg.num_samples, name, steps, cfg, labels, inputs.device)
@@ -213,11 +218,6 @@ def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, 
         entry = {"sampler": name, "steps": steps, "fd": None, "images_per_s": ips,
                  "nfe": nfe * (2 if guided else 1)}
         if cfg.bootstrap_draws:
-            # class-conditional samples are dealt from the reference's labels: resample both
-            # within label (diffusion.metrics), as another draw of samples would vary
-            strata = ({} if labels is None else
-                      {"labels": torch.as_tensor(labels),
-                       "reference_labels": torch.as_tensor(inputs.val_y)})
             ci = frechet_distance_interval(
                 feats, real_feats, draws=cfg.bootstrap_draws, level=cfg.interval_level,
                 seed=cfg.seed, **strata)
