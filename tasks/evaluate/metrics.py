@@ -35,22 +35,25 @@ def sample_labels(val_labels: np.ndarray, n: int, seed: int, num_classes: int | 
 
 
 def floor_images(train_x: np.ndarray, train_y: np.ndarray, val_y: np.ndarray, n: int,
-                 seed: int) -> np.ndarray:
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to n held-out train images (rows the reference network never saw) with the val
     split's class proportions, the same proportions the samples are drawn with (the class mix
-    alone moves a Fréchet distance in a classifier's feature space)."""
+    alone moves a Fréchet distance in a classifier's feature space), and their labels (−1:
+    unlabelled)."""
     rows = np.flatnonzero(np.arange(len(train_x)) % FLOOR_EVERY == 0)
     rng = np.random.default_rng(seed)
     labels = sample_labels(val_y, min(n, len(rows)), seed, num_classes=1)
     if labels is None:
-        return train_x[rng.permutation(rows)[:n]]
+        picked = rng.permutation(rows)[:n]
+        return train_x[picked], train_y[picked]
     pools = {c: list(rng.permutation(rows[train_y[rows] == c])) for c in np.unique(labels)}
     picked = [pools[c].pop() for c in labels if pools.get(c)]
     if len(picked) < len(labels):  # a class ran out of held-out rows: fill with any others
         taken = set(picked)
         rest = [r for r in rng.permutation(rows) if r not in taken]
         picked += rest[:len(labels) - len(picked)]
-    return train_x[np.array(picked, dtype=np.int64)]
+    picked = np.array(picked, dtype=np.int64)
+    return train_x[picked], train_y[picked]
 
 
 def nearest_rms(queries: np.ndarray, reference: np.ndarray, device, chunk: int = 4096):

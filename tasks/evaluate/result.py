@@ -18,14 +18,19 @@ from tasks.storage import Location
 
 FORMAT = "diffusion-pipeline/evaluation"
 EVALUATIONS_DIR = "evaluations"
+# The estimators' revision, part of every eval key: bump it when a stored figure's method
+# changes, so evaluations stored by the old method are recomputed instead of reused.
+# 2: KID and FD∞ stratified by class where samples are dealt from the reference's labels.
+ESTIMATORS = 2
 
 
 def eval_key(manifest: dict, cfg: EvalConfig, features: Features, n_val: int) -> str:
     """What makes two evaluations comparable: the evaluation set (dataset version, split and its
-    size), seeds, sample counts, sampler settings and the feature network."""
+    size), seeds, sample counts, sampler settings, the feature network and the estimators'
+    revision (:data:`ESTIMATORS`)."""
     payload = {
         "dataset": [manifest["name"], manifest["version"]], "n_val": n_val,
-        "features": [features.kind, features.sha256],
+        "features": [features.kind, features.sha256], "estimators": ESTIMATORS,
         **cfg.model_dump(include={"num_samples", "seed", "guidance_scale", "frontier",
                                   "tolerance", "nll_images", "memorization_threshold",
                                   "max_real_images", "bootstrap_draws", "interval_level",

@@ -130,11 +130,11 @@ def _floor(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats,
     Fréchet distance to the val split, what real data scores."""
     from diffusion.metrics import feature_statistics, frechet_distance
 
-    floor_x = floor_images(train_x, train_y, inputs.val_y, cfg.num_samples, cfg.seed)
+    floor_x, floor_y = floor_images(train_x, train_y, inputs.val_y, cfg.num_samples, cfg.seed)
     floor_feats = features(floor_x) if len(floor_x) else None
     fd_floor = (frechet_distance(*feature_statistics(floor_feats), *real_stats)
                 if len(floor_x) >= 2 else None)  # None: too few train rows to hold out
-    return floor_x, floor_feats, fd_floor
+    return floor_x, floor_y, floor_feats, fd_floor
 
 
 # FD∞ fits a line to FDs of subsets from half the rows to all of them; below this many rows
@@ -142,15 +142,40 @@ def _floor(inputs: _Inputs, cfg: EvalConfig, features: Features, real_stats,
 FD_INF_MIN_ROWS = 20
 
 
+def _class_strata(rows_labels: np.ndarray | None, reference_labels: np.ndarray
+                  ) -> tuple[dict, str]:
+    """The ``labels``/``reference_labels`` arguments that stratify :mod:`diffusion.fidelity`'s
+    figures by class, for a set whose labels were dealt from the reference's (class-conditional
+    samples, the floor's real images), and what was done, in words. Unstratified ({}) where
+    the set has no labels, a label is unknown (−1), or a class holds fewer than 3 rows in
+    either set (the stratified KID's within-class pairs need them)."""
+    import torch
+
+    if rows_labels is None:
+        return {}, "none (the rows are not dealt by class)"
+    if (reference_labels < 0).any() or (rows_labels < 0).any():
+        return {}, "none (some labels are unknown)"
+    classes = np.union1d(rows_labels, reference_labels)
+    least = min(min(int((rows_labels == c).sum()), int((reference_labels == c).sum()))
+                for c in classes)
+    if least < 3:
+        return {}, f"none (a class holds {least} rows; 3 are needed in each set)"
+    return ({"labels": torch.as_tensor(rows_labels),
+             "reference_labels": torch.as_tensor(reference_labels)}, "by class")
+
+
 def _fidelity(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, feats,
-              images: np.ndarray, labels: np.ndarray | None, floor_feats) -> tuple[dict, dict]:
+              images: np.ndarray, labels: np.ndarray | None, floor_feats,
+              floor_labels: np.ndarray | None) -> tuple[dict, dict]:
     """The figures comparable across sample sizes (:mod:`diffusion.fidelity`) for the default
     setting's samples and, beside them, for the floor's real images: KID with its jackknife
     interval, FD∞, and precision/recall at matched sizes (the first as many samples as the
     floor holds, against the whole reference: both figures depend on the set sizes); and the
     class accuracy of the samples under the reference network (labelled, class-conditional
-    models; its floor: the same network's accuracy on the val images). Returns the metrics
-    and what they were measured on. None where a set is too small for a figure."""
+    models; its floor: the same network's accuracy on the val images). KID and FD∞ are
+    stratified by class where a set's labels were dealt from the reference's
+    (:func:`_class_strata`): unstratified, such sets read below 0. Returns the metrics and
+    what they were measured on. None where a set is too small for a figure."""
     import torch
 
     from diffusion.fidelity import fd_infinity, kid, precision_recall
@@ -158,18 +183,21 @@ def _fidelity(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, 
     from diffusion.pixels import uint8_to_unit
 
     k = 3
-    sets = {"": feats, "_floor": floor_feats}
+    sets = {"": (feats, labels), "_floor": (floor_feats, floor_labels)}
     metrics: dict[str, Any] = {}
+    strata_used: dict[str, str] = {}
     pr_rows = min(len(feats), len(floor_feats)) if floor_feats is not None else len(feats)
-    for suffix, f in sets.items():
+    for suffix, (f, set_labels) in sets.items():
         n = 0 if f is None else len(f)
+        strata, strata_used[f"kid{suffix}_strata"] = (
+            _class_strata(set_labels, inputs.val_y) if n else ({}, "none (no rows)"))
         if n >= 3 and len(real_feats) >= 3:
-            e = kid(f, real_feats, level=cfg.interval_level)
+            e = kid(f, real_feats, level=cfg.interval_level, **strata)
             metrics |= {f"kid{suffix}": e.value, f"kid{suffix}_low": e.low,
                         f"kid{suffix}_high": e.high, f"kid{suffix}_se": e.se}
         else:
             metrics[f"kid{suffix}"] = None
-        metrics[f"fd_inf{suffix}"] = (fd_infinity(f, real_feats, seed=cfg.seed).value
+        metrics[f"fd_inf{suffix}"] = (fd_infinity(f, real_feats, seed=cfg.seed, **strata).value
                                       if n >= FD_INF_MIN_ROWS else None)
         if min(n, pr_rows) > k and len(real_feats) > k:
             pr = precision_recall(f[:pr_rows], real_feats, k=k)
@@ -190,7 +218,8 @@ def _fidelity(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, 
         if known.any():
             metrics["class_accuracy_floor"] = acc(inputs.val_x[known], inputs.val_y[known])
     return metrics, {"precision_recall_rows": pr_rows, "precision_recall_k": k,
-                     "kid_interval": "delete-one jackknife, normal"}
+                     "kid_interval": "delete-one jackknife (stratified with the KID), normal",
+                     **strata_used}
 
 
 def _frontier(inputs: _Inputs, cfg: EvalConfig, features: Features, real_feats, real_stats,
@@ -327,7 +356,8 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     real_stats = feature_statistics(real_feats)
     train_x, train_y = read_split(inputs.root, inputs.manifest, "train", cfg.max_real_images)
     labels = sample_labels(inputs.val_y, cfg.num_samples, cfg.seed, inputs.num_classes)
-    floor_x, floor_feats, fd_floor = _floor(inputs, cfg, features, real_stats, train_x, train_y)
+    floor_x, floor_y, floor_feats, fd_floor = _floor(inputs, cfg, features, real_stats,
+                                                     train_x, train_y)
     frontier, samples_at, features_at = _frontier(inputs, cfg, features, real_feats,
                                                   real_stats, labels, echo)
     best, default = default_setting(frontier, cfg.tolerance)
@@ -335,7 +365,7 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     fidelity, fidelity_on = _fidelity(
         inputs, cfg, features, real_feats,
         torch.from_numpy(features_at[f"{default['sampler']}:{default['steps']}"]),
-        default_images, labels, floor_feats)
+        default_images, labels, floor_feats, floor_y)
     threshold = cfg.memorization_threshold
     memorization = copy_share(default_images, train_x, threshold, device)
     memorization_floor = copy_share(val_x, train_x, threshold, device)

@@ -96,6 +96,10 @@ def test_metrics_frontier_default_and_floor(models):
                                         "recall_floor", "class_accuracy"))
     assert m["class_accuracy_floor"] > 0.5  # the reference net on real val images
     assert res["fidelity"]["precision_recall_rows"] == FAST.num_samples  # the floor's 120
+    # samples and floor dealt from the reference's labels: KID and FD∞ stratified by class,
+    # or said why not (120 samples over 10 classes can leave a class under 3 rows)
+    for key in ("kid_strata", "kid_floor_strata"):
+        assert res["fidelity"][key] == "by class" or res["fidelity"][key].startswith("none (")
     assert f"KID {m['kid']:.3f} [" in "\n".join(lines)
     # every FD and the NLL carry their bootstrap interval (issue 15); an FD's is for the
     # population FD, around the bias-corrected value, not around the plain FD at N (issue 26)
