@@ -143,11 +143,14 @@ def samples_to_resolve(d, samples: int) -> int | None:
     """About how many samples per model would make an interval like ``d`` (from ``samples``
     each) exclude 0 at its own difference, where the samples are its only noise (a fixed
     reference): the width of a paired interval then shrinks as 1/sqrt(N), so
-    N' = N · (half-width / |difference|)². None without a difference to resolve."""
+    N' = N · (half-width / |difference|)², the difference being the interval's centre (the
+    bias-corrected estimate where the interval has one). None without a difference to
+    resolve."""
     half = (d.high - d.low) / 2
-    if not samples or d.value == 0 or not math.isfinite(half):
+    centre = d.center
+    if not samples or centre == 0 or not math.isfinite(half):
         return None
-    need = samples * (half / abs(d.value)) ** 2
+    need = samples * (half / abs(centre)) ** 2
     return int(float(f"{need:.2g}"))  # two significant digits: it is an estimate
 
 

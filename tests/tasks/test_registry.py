@@ -586,6 +586,9 @@ def test_the_samples_a_difference_needs_scale_with_the_square_of_the_interval():
     assert samples_to_resolve(d, 500) == 2000  # (1 / 0.5)² × 500
     assert samples_to_resolve(Interval(0.0, -1.0, 1.0, 0.95, 2000), 500) is None
     assert samples_to_resolve(d, None) is None
+    # the difference to resolve is the interval's centre, the bias-corrected estimate
+    corrected = Interval(value=-0.9, low=-1.5, high=0.5, level=0.95, draws=2000, corrected=-0.5)
+    assert samples_to_resolve(corrected, 500) == 2000
     # a fixed (large) reference: more samples is the remedy; a small resampled one: it is not
     more = re.search(r"about (\d+) samples per model to tell from noise \(evaluate.num_samples\)",
                      _resolution_hint(d, 500, 10_000))
