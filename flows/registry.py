@@ -12,6 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import PipelineConfig
 from flows.evaluate import evaluate_task
+from flows.hooks import flow_run_id
+from flows.retry import transient_retries
 from tasks.errors import ConfigError, RegistryError
 from tasks.models import fetch_model_dir
 from tasks.registry import (
@@ -24,7 +26,6 @@ from tasks.registry import (
     resolve,
     rollback,
 )
-from tasks.retry import transient_retries
 from tasks.stages import execute
 from tasks.storage import storage_options
 
@@ -35,7 +36,10 @@ _RETRY = transient_retries() | {"cache_policy": NO_CACHE}
 @task(name="register", task_run_name="register {model_name}", **_RETRY)
 def register_task(model_dir: str, *, tracking_uri: str, run_id: str | None, cfg: dict,
                   model_name: str, evaluation: dict, lineage: dict, defaults: dict) -> dict:
-    """:func:`tasks.registry.register_model` (``cfg``: the ``registry`` section as JSON)."""
+    """:func:`tasks.registry.register_model` (``cfg``: the ``registry`` section as JSON); the
+    version's lineage records the flow run it was registered in (``prefect.flow_run_id``)."""
+    if (run := flow_run_id()) is not None:
+        lineage = {"prefect.flow_run_id": run} | lineage
     return register_model(model_dir, tracking_uri=tracking_uri, run_id=run_id,
                           cfg=RegistryConfig(**cfg), model_name=model_name,
                           evaluation=evaluation, lineage=lineage, defaults=defaults)

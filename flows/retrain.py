@@ -32,9 +32,9 @@ from flows.evaluate import evaluate_flow
 from flows.generate import generate_flow
 from flows.preprocess import preprocess_flow
 from flows.registry import promote_flow, register_flow, require_selection_split
+from flows.retry import transient_retries
 from flows.train import train_flow
 from tasks.evaluate.result import with_interval
-from tasks.retry import transient_retries
 from tasks.storage import redact, redact_all
 
 STAGES = ("preflight", "preprocess", "train", "evaluate", "register", "promote", "generate")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
+import flows.hooks  # noqa: F401 - installs the stop signal and cancellation check of tasks.jobs
 from flows.config import PipelineConfig, with_overrides
 from flows.progress import ProgressArtifact
-from tasks.retry import transient_retries
+from flows.retry import transient_retries
 from tasks.stages import execute
 
 

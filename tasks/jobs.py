@@ -37,7 +37,8 @@ but the log lines it missed.
   clock from when it began to run or follow the stage) is stopped and fails with
   :class:`~tasks.errors.StageTimeout`. Cancelling the Prefect flow run stops the job; any other
   interruption of the driver (Ctrl-C, SIGTERM of an evicted pod) leaves it running and says how
-  to stop it.
+  to stop it. Which exceptions interrupt and whether the run is cancelled is the orchestrator's
+  to say: :class:`RunHooks`, which :mod:`flows.hooks` installs (tasks/ never imports Prefect).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import json
 import queue
 import re
 import shlex
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -167,6 +167,48 @@ _RETRY_LATER = re.compile(r"status code 50[234]\b|try again later", re.IGNORECAS
 def _not_now(e: BaseException) -> bool:
     """Whether ``e`` is an answer of the Jobs API that asks to try again later."""
     return isinstance(e, RuntimeError) and bool(_RETRY_LATER.search(str(e)))
+
+
+# -- what the orchestrator tells the driver ----------------------------------------------------
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What the orchestrator running this process tells the job driver, without tasks/ knowing
+    which orchestrator it is (tasks/ never imports Prefect; :mod:`flows.hooks` installs
+    Prefect's with :func:`set_run_hooks`).
+
+    ``stop_signals``: exceptions, besides KeyboardInterrupt and SystemExit, that mean this
+    process is being stopped (Prefect raises TerminationSignal on SIGTERM). ``cancelled``: True
+    while the run this process works for is being cancelled; then an interrupted driver stops
+    its Ray job, otherwise the job runs on. The defaults are a plain process's: no signals of
+    its own, never cancelled.
+    """
+
+    stop_signals: tuple[type[BaseException], ...] = ()
+    cancelled: Callable[[], bool] = _never
+
+
+HOOKS = RunHooks()
+
+
+def set_run_hooks(hooks: RunHooks) -> None:
+    """Install the orchestrator's hooks for every driver in this process."""
+    global HOOKS
+    HOOKS = hooks
+
+
+def _cancelled() -> bool:
+    """The installed check; one that fails (its API did not answer) counts as not cancelled,
+    so the interruption that asked is what propagates."""
+    try:
+        return bool(HOOKS.cancelled())
+    except Exception:
+        return False
 
 
 @dataclass
@@ -365,7 +407,7 @@ class JobRunner:
                         f"{sid}, stopped); raise runtime.stage_timeouts.{stage} if it needs "
                         "longer, or look at the job's log for where it hangs")
                 self._show(log, time.monotonic() + self.poll_s)
-        except (KeyboardInterrupt, SystemExit, *_prefect_signals()) as e:
+        except (KeyboardInterrupt, SystemExit, *HOOKS.stop_signals) as e:
             log.stop()
             self._interrupted(sid, e)
             raise
@@ -404,7 +446,7 @@ class JobRunner:
                 self.progress(min(done / total, 1.0))
 
     def _interrupted(self, sid: str, e: BaseException) -> None:
-        if _flow_run_cancelling():
+        if _cancelled():
             try:
                 (self._client or self._new_client(self.address)).stop_job(sid)
                 self.echo(f"flow run cancelled: stopped Ray job {sid}")
@@ -582,31 +624,6 @@ def _when(ms: int | None) -> str:
     if not ms:
         return "?"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
-
-
-def _prefect_signals() -> tuple[type[BaseException], ...]:
-    """Prefect's TerminationSignal (SIGTERM in a flow run), if Prefect is loaded: a process
-    that never imported Prefect cannot receive it (and need not pay for the import)."""
-    exceptions = sys.modules.get("prefect.exceptions")
-    return (exceptions.TerminationSignal,) if exceptions is not None else ()
-
-
-def _flow_run_cancelling() -> bool:
-    """True if this process runs a Prefect flow run that is being cancelled."""
-    if "prefect" not in sys.modules:
-        return False
-    try:
-        from prefect import get_client
-        from prefect.runtime import flow_run
-
-        run_id = flow_run.id
-        if not run_id:
-            return False
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run_id).state
-        return state is not None and state.type.value in ("CANCELLING", "CANCELLED")
-    except Exception:
-        return False
 
 
 # -- errors across the job boundary ------------------------------------------------------------

@@ -19,7 +19,7 @@ The modules, in the order a version meets them:
 
     config      the ``registry`` config section; alias, tag and metric names
     session     MLflow clients with bounded HTTP retries; unreachable → RegistryUnavailable
-    lineage     code version, Prefect flow run, lineage tags
+    lineage     code version, lineage tags (the flow run's id passed in by flows/)
     pyfunc      the model logged as code (:mod:`tasks.pyfunc_model`) with its artifacts
     register    register_model: a new version, ``challenger`` last
     refs        parse_ref / resolve / load_version: model references in the registry
@@ -44,7 +44,6 @@ from tasks.registry.lineage import (
     REPO_DIR,
     REQUIRED_LINEAGE,
     code_version,
-    flow_run_id,
     lineage_from,
 )
 from tasks.registry.promotion import promote, rollback
@@ -66,7 +65,6 @@ __all__ = [
     "RegistryConfig",
     "code_version",
     "default_lock_dir",
-    "flow_run_id",
     "improvement",
     "lineage_from",
     "load_version",

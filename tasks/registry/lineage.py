@@ -1,10 +1,12 @@
 """Lineage: where a registered version came from (dataset version, config fingerprint,
-checkpoint, training run, code version, Prefect flow run), recorded as tags on the version."""
+checkpoint, training run, code version, Prefect flow run), recorded as tags on the version.
+
+The flow run's id is the caller's to pass (``prefect.flow_run_id`` in ``lineage``:
+:func:`flows.registry.register_task` does); tasks/ never asks Prefect."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from tasks.errors import RegistryError
@@ -32,22 +34,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def flow_run_id() -> str | None:
-    """The Prefect flow run this process is working for, if any.
-
-    Only looked up when Prefect is already imported: a process that never imported Prefect is not
-    inside a flow run, and importing it just to find out would cost seconds.
-    """
-    if "prefect" not in sys.modules:
-        return None
-    try:
-        from prefect.runtime import flow_run
-
-        return str(flow_run.id) if flow_run.id else None
-    except Exception:
-        return None
-
-
 def lineage_from(train_summary: dict, config_sha256: str) -> dict[str, str]:
     """Lineage tags from ``TrainResult.summary()`` and the pipeline config's fingerprint."""
     ds = train_summary.get("dataset") or {}
@@ -59,11 +45,10 @@ def lineage_from(train_summary: dict, config_sha256: str) -> dict[str, str]:
 
 
 def lineage_tags(evaluation: dict, lineage: dict[str, str]) -> dict[str, str]:
-    """A new version's lineage tags: the code version, the flow run, the evaluated dataset, then
-    ``lineage`` (which wins); refused unless it holds every tag of ``REQUIRED_LINEAGE``."""
+    """A new version's lineage tags: the code version, the evaluated dataset, then ``lineage``
+    (which wins; inside a flow run it holds ``prefect.flow_run_id``); refused unless it holds
+    every tag of ``REQUIRED_LINEAGE``."""
     tags: dict[str, str] = {"code.version": code_version()}
-    if (fr := flow_run_id()) is not None:
-        tags["prefect.flow_run_id"] = fr
     ds = evaluation.get("dataset") or {}
     if ds.get("version"):
         tags["dataset.version"] = str(ds["version"])

@@ -19,6 +19,7 @@ from tasks.jobs import (
     REQUEST,
     RESULT,
     JobRunner,
+    RunHooks,
     StageJob,
     error_from_record,
     error_record,
@@ -353,7 +354,7 @@ def test_an_interrupted_driver_stops_the_job_only_when_the_flow_run_is_cancelled
         return real_info(self, sid)
 
     monkeypatch.setattr(FakeClient, "get_job_info", interrupt)
-    monkeypatch.setattr(tasks.jobs, "_flow_run_cancelling", lambda: cancelled)
+    monkeypatch.setattr(tasks.jobs, "HOOKS", RunHooks(cancelled=lambda: cancelled))
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         runner(cluster, lines).run(JOB)
@@ -364,6 +365,67 @@ def test_an_interrupted_driver_stops_the_job_only_when_the_flow_run_is_cancelled
         assert cluster.stopped == []
         assert any("keeps running on the cluster" in m
                    and f"ray job stop {SID}" in m for m in lines)
+
+
+class Terminated(BaseException):
+    """An orchestrator's own stop signal (Prefect's TerminationSignal on SIGTERM)."""
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_the_orchestrators_stop_signal_interrupts_the_driver_like_ctrl_c(
+        root, monkeypatch, cancelled):
+    """tasks/ knows no orchestrator: the stop signals and the cancellation check are what
+    flows/ installs (flows/hooks.py), and they act as Prefect's did."""
+    import tasks.jobs
+
+    cluster = FakeCluster(root)
+    found(cluster, SID, FakeJob(status="RUNNING"))
+    real_info = FakeClient.get_job_info
+
+    def terminate(self, sid):
+        if self.c.calls > 2:
+            raise Terminated
+        return real_info(self, sid)
+
+    monkeypatch.setattr(FakeClient, "get_job_info", terminate)
+    monkeypatch.setattr(tasks.jobs, "HOOKS",
+                        RunHooks(stop_signals=(Terminated,), cancelled=lambda: cancelled))
+    lines: list[str] = []
+    with pytest.raises(Terminated):
+        runner(cluster, lines).run(JOB)
+    assert cluster.stopped == ([SID] if cancelled else [])
+    said = "flow run cancelled: stopped Ray job" if cancelled else "interrupted (Terminated)"
+    assert any(said in m for m in lines), lines
+
+
+def test_a_failing_cancellation_check_counts_as_not_cancelled(root, monkeypatch):
+    """The check asks the orchestrator's API, which may not answer: the job keeps running and
+    the driver says how to stop it, and the interruption itself is what propagates."""
+    import tasks.jobs
+
+    def unreachable() -> bool:
+        raise ConnectionError("the Prefect API did not answer")
+
+    cluster = FakeCluster(root)
+    found(cluster, SID, FakeJob(status="RUNNING"))
+    real_info = FakeClient.get_job_info
+
+    def interrupt(self, sid):
+        if self.c.calls > 2:
+            raise KeyboardInterrupt
+        return real_info(self, sid)
+
+    monkeypatch.setattr(FakeClient, "get_job_info", interrupt)
+    monkeypatch.setattr(tasks.jobs, "HOOKS", RunHooks(cancelled=unreachable))
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        runner(cluster, lines).run(JOB)
+    assert cluster.stopped == []
+    assert any("keeps running on the cluster" in m for m in lines), lines
+
+
+def test_a_plain_process_has_no_stop_signals_and_is_never_cancelled():
+    assert RunHooks().stop_signals == () and RunHooks().cancelled() is False
 
 
 def test_a_refused_token_is_explained(root):
@@ -766,7 +828,7 @@ def test_no_message_carries_the_addresss_credentials(root, monkeypatch, secret):
         with monkeypatch.context() as m:
             m.setattr(FakeClient, "get_job_info", interrupt)
             m.setattr(FakeClient, "stop_job", refuse_stop)
-            m.setattr(tasks.jobs, "_flow_run_cancelling", lambda c=cancelled: c)
+            m.setattr(tasks.jobs, "HOOKS", RunHooks(cancelled=lambda c=cancelled: c))
             run(cluster)
 
     class AuthenticationError(Exception):

@@ -830,6 +830,21 @@ def test_inside_a_flow_run_the_version_records_it(store, models, monkeypatch):
     assert tags["prefect.flow_run_id"] == "0b5e1d2c-flow-run"
 
 
+def test_the_flow_run_reaches_the_lineage_from_flows_not_from_a_lookup_in_tasks(monkeypatch):
+    """tasks/ never asks Prefect (tests/test_layers.py): inside a flow run, register_task passes
+    the flow run's id in the lineage; lineage_tags records what it is given, nothing more."""
+    import prefect.runtime  # noqa: F401 - loaded, as in a flow run's process
+
+    from tasks.registry.lineage import lineage_tags
+
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b5e1d2c-flow-run")
+    given = {"config.sha256": "c" * 64, "checkpoint.uri": "s3://b/ckpt",
+             "dataset.version": "d" * 16}
+    assert "prefect.flow_run_id" not in lineage_tags({}, given)
+    tags = lineage_tags({}, given | {"prefect.flow_run_id": "0b5e1d2c-flow-run"})
+    assert tags["prefect.flow_run_id"] == "0b5e1d2c-flow-run"
+
+
 def test_missing_lineage_is_refused(models, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(RegistryError, match=r"lineage lacks config\.sha256, checkpoint\.uri"):

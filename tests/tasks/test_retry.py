@@ -11,6 +11,7 @@ from flows.evaluate import evaluate_task
 from flows.generate import generate_task
 from flows.preprocess import preprocess_task
 from flows.registry import promote_task, register_task, rollback_task
+from flows.retry import retry_transient, transient_retries
 from flows.train import train_task
 from tasks import retry
 from tasks.errors import (
@@ -37,7 +38,7 @@ def test_transient_failures_are_retried(exc):
     from prefect.states import Failed
 
     assert retry.is_transient(exc)
-    assert retry.retry_transient(None, None, Failed(data=exc))
+    assert retry_transient(None, None, Failed(data=exc))
 
 
 @pytest.mark.parametrize("exc", [
@@ -51,7 +52,7 @@ def test_deterministic_failures_are_not(exc):
 
     assert not retry.is_transient(exc)
     if exc is not None:
-        assert not retry.retry_transient(None, None, Failed(data=exc))
+        assert not retry_transient(None, None, Failed(data=exc))
 
 
 def test_an_unreachable_endpoint_is_transient_but_a_missing_bucket_is_not():
@@ -68,7 +69,7 @@ def test_an_unreachable_endpoint_is_transient_but_a_missing_bucket_is_not():
                                   register_task, promote_task, rollback_task])
 def test_every_stage_task_retries_transient_failures_with_backoff(task):
     assert task.retries >= 2
-    assert task.retry_condition_fn is retry.retry_transient
+    assert task.retry_condition_fn is retry_transient
     delays = task.retry_delay_seconds
     assert isinstance(delays, list) and len(delays) == task.retries
     assert delays == sorted(delays) and delays[0] > 0  # exponential backoff
@@ -80,7 +81,7 @@ def test_a_flow_retries_a_transient_failure_and_not_a_deterministic_one(prefect_
     from prefect import flow, task
 
     calls = {"transient": 0, "bad": 0}
-    opts = retry.transient_retries(retries=3) | {"retry_delay_seconds": 0}
+    opts = transient_retries(retries=3) | {"retry_delay_seconds": 0}
 
     @task(**opts)
     def flaky() -> str:
