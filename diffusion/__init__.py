@@ -47,7 +47,7 @@ from diffusion.samplers import (
 )
 from diffusion.schedules import NoiseSchedule, ScheduleConfig
 from diffusion.serialization import WeightsIntegrityError, load_model, save_model
-from diffusion.training import OptimConfig, train_step
+from diffusion.training import OptimConfig, train_loop, train_step
 from diffusion.unet import UNet, UNetConfig
 
 __all__ = [
@@ -81,6 +81,7 @@ __all__ = [
     "save_model",
     "target",
     "to_x0_eps",
+    "train_loop",
     "train_step",
     "training_loss",
     "v_from",

@@ -1,19 +1,24 @@
-"""One optimisation step of a diffusion model, shared by every training loop (the demo, the
-benchmark, the Ray Train workers): AdamW, linear warmup then cosine decay, gradient clipping,
-label dropout for classifier-free guidance, EMA.
+"""Training a diffusion model: :func:`train_step`, one optimisation step (AdamW, linear warmup
+then cosine decay, gradient clipping, label dropout for classifier-free guidance, EMA), and
+:func:`train_loop`, the single-process loop around it on an in-memory dataset.
 
-A loop is then a few readable lines (nanoGPT style)::
+The demo and the benchmarks train with :func:`train_loop`; the Ray Train workers
+(``tasks/train/worker.py``) call :func:`train_step` on their own batches, because they shard the
+data, resume from checkpoints and stop together under DDP. The loop yields after every step, so
+the caller's loop body logs, times or stops early (nanoGPT style)::
 
-    opt = make_optimizer(model, cfg)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    for step in range(cfg.steps):
-        stats = train_step(model, opt, lr_sched, x0, labels, schedule, cfg, ema=ema, generator=g)
+    ema = EMA(model, decay=cfg.ema_decay)
+    g = torch.Generator().manual_seed(0)
+    for out in train_loop(model, x, labels, schedule, cfg, batch_size=128, generator=g, ema=ema):
+        if out["step"] % 100 == 0:
+            print(out["step"], out["loss"])
+    ema.copy_to(model)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,7 @@ from torch import Tensor, nn
 
 from diffusion.ema import EMA
 from diffusion.losses import LossConfig, training_loss
+from diffusion.pixels import uint8_to_unit
 from diffusion.schedules import NoiseSchedule
 
 # Each scalar setting's valid range, checked one key at a time; the pipeline's ``train`` config
@@ -153,3 +159,79 @@ def train_step(
         "per_sample": per_sample.detach(),
         "t": t,
     }
+
+
+DRAWS = ("uniform", "epochs")
+
+
+def train_loop(
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor | None,
+    schedule: NoiseSchedule,
+    cfg: OptimConfig,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    ema: EMA | None = None,
+    null_class: int | None = None,
+    draw: str = "uniform",
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> Iterator[dict[str, float | int | Tensor]]:
+    """Train ``model`` for ``cfg.steps`` steps of :func:`train_step` on batches drawn from the
+    in-memory images ``x`` [N, C, H, W] (float in [-1, 1], or uint8 pixels scaled batch by
+    batch, as the pipeline's workers do) and their ``labels`` [N] (None: unconditional).
+
+    Owns the optimizer (:func:`make_optimizer`) and the LR schedule (:func:`make_lr_scheduler`);
+    updates ``ema`` after every step (the caller keeps it, e.g. for ``ema.copy_to(model)``).
+    ``generator`` is the one source of randomness: each step first draws its batch's row
+    indices, then :func:`train_step` draws label dropout, t and ε from it. The draw:
+
+    - ``"uniform"``: ``batch_size`` rows uniformly with replacement (``torch.randint``);
+    - ``"epochs"``: a permutation of the rows (``torch.randperm``) dealt in consecutive batches,
+      a fresh one when fewer than ``batch_size`` rows are left (those are skipped), as the
+      pipeline's training stage deals its epochs.
+
+    Yields after each step :func:`train_step`'s stats with ``step`` (steps done, from 1); the
+    caller may stop early by leaving its loop. ``channels_last`` converts each batch to that
+    memory format (for a model converted to it).
+    """
+    n = len(x)
+    if n == 0:
+        raise ValueError("x holds no images: the loop needs at least one training image")
+    if x.ndim != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} rows, x has {n}: one label per image")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
+    if draw == "epochs" and batch_size > n:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} images: an epochs draw "
+                         "deals whole batches from one permutation (use draw='uniform')")
+    optimizer = make_optimizer(model, cfg)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg)
+    device = generator.device
+    order, pos = None, 0
+    if draw == "epochs":
+        order = torch.randperm(n, generator=generator, device=device)
+    for step in range(cfg.steps):
+        if order is None:
+            idx = torch.randint(0, n, (batch_size,), generator=generator, device=device)
+        else:
+            if pos + batch_size > n:  # a new epoch
+                order, pos = torch.randperm(n, generator=generator, device=device), 0
+            idx = order[pos:pos + batch_size]
+            pos += batch_size
+        idx = idx.to(x.device)
+        x0 = x[idx]
+        if x0.dtype == torch.uint8:
+            x0 = uint8_to_unit(x0)
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        out = train_step(model, optimizer, lr_scheduler, x0,
+                         None if labels is None else labels[idx], schedule, cfg, ema=ema,
+                         null_class=null_class, generator=generator, autocast_dtype=autocast_dtype)
+        yield {"step": step + 1, **out}

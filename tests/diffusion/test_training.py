@@ -1,4 +1,5 @@
-"""One training step: the LR schedule, label dropout, a loss that goes down, a NaN guard."""
+"""One training step: the LR schedule, label dropout, a loss that goes down, a NaN guard; and the
+single-process loop around it: its documented batch draw, determinism, a loss that goes down."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from diffusion.training import (
     lr_factor,
     make_lr_scheduler,
     make_optimizer,
+    train_loop,
     train_step,
 )
 from diffusion.unet import UNet, UNetConfig
@@ -237,3 +239,97 @@ def test_optimiser_values_must_be_finite(name, bad):
     optimiser value is a finite number."""
     with pytest.raises(ValueError, match=name):
         OptimConfig(**{name: bad})
+
+
+# --- the single-process loop ------------------------------------------------------------------
+
+
+def loop_weights(x, labels, **kw) -> tuple[list[float], list[torch.Tensor]]:
+    model = tiny_unet(num_classes=None if labels is None else 4)
+    cfg = OptimConfig(steps=3, warmup_steps=1)
+    g = torch.Generator().manual_seed(5)
+    ema = EMA(model, decay=0.9)
+    losses = [out["loss"] for out in train_loop(model, x, labels, NoiseSchedule.linear(50), cfg,
+                                                generator=g, ema=ema, **kw)]
+    ema.copy_to(model)
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_train_loop_is_its_documented_draw_then_train_step():
+    """The uniform draw is ``randint`` from the loop's generator, then :func:`train_step` on
+    those rows with the same generator: a hand-written loop gives the same weights, bit for bit
+    (the demo's and the benchmarks' numbers from before the loop was shared stay valid)."""
+    x, labels = toy_images(), torch.arange(16) % 4
+    losses, weights = loop_weights(x, labels, batch_size=4, null_class=4)
+    assert losses == loop_weights(x, labels, batch_size=4, null_class=4)[0]  # deterministic
+    model, cfg = tiny_unet(num_classes=4), OptimConfig(steps=3, warmup_steps=1)
+    opt = make_optimizer(model, cfg)
+    sched = make_lr_scheduler(opt, cfg)
+    ema, g = EMA(model, decay=0.9), torch.Generator().manual_seed(5)
+    by_hand = []
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, 16, (4,), generator=g)
+        by_hand.append(train_step(model, opt, sched, x[idx], labels[idx], NoiseSchedule.linear(50),
+                                  cfg, ema=ema, null_class=4, generator=g)["loss"])
+    ema.copy_to(model)
+    assert losses == by_hand
+    for p, q in zip(weights, model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_train_loop_scales_uint8_pixels_as_the_unit_images():
+    u8 = ((toy_images() + 1) * 127.5).round().to(torch.uint8)
+    as_float = loop_weights(u8.float() / 127.5 - 1.0, None, batch_size=4)
+    as_u8 = loop_weights(u8, None, batch_size=4)
+    assert as_float[0] == as_u8[0]
+    assert all(torch.equal(p, q) for p, q in zip(as_float[1], as_u8[1], strict=True))
+
+
+def test_train_loop_epochs_deal_each_row_once_per_epoch(monkeypatch):
+    import diffusion.training as dtr
+
+    seen: list[torch.Tensor] = []
+    real = dtr.train_step
+    monkeypatch.setattr(dtr, "train_step",
+                        lambda m, o, s, x0, *a, **k: seen.append(x0[:, 0, 0, 0]) or real(
+                            m, o, s, x0, *a, **k))
+    x = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 1, 8, 8).contiguous()
+    model = tiny_unet()
+    cfg = OptimConfig(steps=6, warmup_steps=0)
+    outs = list(train_loop(model, x, None, NoiseSchedule.linear(50), cfg, batch_size=3,
+                           generator=torch.Generator().manual_seed(0), draw="epochs"))
+    assert [o["step"] for o in outs] == [1, 2, 3, 4, 5, 6]
+    for epoch in (seen[:3], seen[3:]):  # 3 batches of 3 from each permutation of 10 rows
+        rows = torch.cat(epoch)
+        assert len(set(rows.tolist())) == 9
+
+
+def test_train_loop_reduces_the_loss_and_stops_at_cfg_steps():
+    schedule = NoiseSchedule.linear(100)
+    model = tiny_unet(num_classes=4)
+    x0, labels = toy_images(), torch.arange(16) % 4
+    cfg = OptimConfig(steps=30, lr=2e-3, warmup_steps=3, label_dropout=0.2)
+    before = eval_loss(model, x0, schedule)
+    outs = list(train_loop(model, x0, labels, schedule, cfg, batch_size=16, null_class=4,
+                           generator=torch.Generator().manual_seed(0)))
+    assert len(outs) == cfg.steps and outs[-1]["step"] == cfg.steps
+    assert eval_loss(model, x0, schedule) < 0.6 * before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"draw": "shuffle"}, "draw must be one of uniform, epochs"),
+        ({"draw": "epochs", "batch_size": 17}, "batch_size 17 exceeds the 16 images"),
+        ({"labels": torch.zeros(3, dtype=torch.long)}, "labels has 3 rows, x has 16"),
+        ({"x": torch.zeros(0, 1, 8, 8)}, "x holds no images"),
+        ({"x": torch.zeros(16, 8, 8)}, r"x must be \[N, C, H, W\]"),
+    ],
+)
+def test_train_loop_rejects_bad_arguments(kwargs, message):
+    args = {"x": toy_images(), "labels": None, "batch_size": 4} | kwargs
+    x, labels = args.pop("x"), args.pop("labels")
+    with pytest.raises(ValueError, match=message):
+        next(train_loop(tiny_unet(), x, labels, NoiseSchedule.linear(10), OptimConfig(steps=2,
+             warmup_steps=0), generator=torch.Generator(), **args))
