@@ -87,7 +87,7 @@ def digits_model(root: Path, steps: int, threads: int | None) -> tuple[str, dict
 
     from diffusion.pipeline import DiffusionConfig
     from diffusion.serialization import save_model
-    from diffusion.training import make_lr_scheduler, make_optimizer, train_step
+    from diffusion.training import train_loop
     from diffusion.unet import UNet
     from tasks.digits import CLASS_NAMES, DIGITS_UNET, digits_splits
     from tasks.train import TrainConfig, optim_config
@@ -103,17 +103,13 @@ def digits_model(root: Path, steps: int, threads: int | None) -> tuple[str, dict
     optim = optim_config(train, diff)
     torch.manual_seed(0)
     model = UNet(DIGITS_UNET)
-    opt, schedule = make_optimizer(model, optim), diff.build_schedule()
-    sched = make_lr_scheduler(opt, optim)
     x_np, y_np = digits_splits()["train"]
-    x = torch.from_numpy(x_np).float().div_(127.5).sub_(1.0)
-    y = torch.from_numpy(y_np)
-    gen = torch.Generator().manual_seed(1)
     loss = float("nan")
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (train.batch_size,), generator=gen)
-        loss = train_step(model, opt, sched, x[idx], y[idx], schedule, optim,
-                          null_class=DIGITS_UNET.num_classes, generator=gen)["loss"]
+    for out in train_loop(model, torch.from_numpy(x_np), torch.from_numpy(y_np),
+                          diff.build_schedule(), optim, batch_size=train.batch_size,
+                          generator=torch.Generator().manual_seed(1),
+                          null_class=DIGITS_UNET.num_classes):
+        loss = out["loss"]
     save_model(path / "model", model.state_dict(),
                {"unet": DIGITS_UNET.to_dict(), "diffusion": diff.to_dict(),
                 "class_names": CLASS_NAMES})

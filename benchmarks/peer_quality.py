@@ -78,31 +78,23 @@ class DiffusersConditional(torch.nn.Module):
 def train_in_process(model, train_x, train_y, cfg, seed: int) -> tuple[torch.nn.Module, dict]:
     """``cfg.train.steps`` steps of the default recipe; the EMA weights loaded into ``model``."""
     from diffusion.ema import EMA
-    from diffusion.training import make_lr_scheduler, make_optimizer, train_step
+    from diffusion.training import train_loop
     from tasks.train.config import optim_config
 
-    optim = optim_config(cfg.train, cfg.diffusion)
-    schedule = cfg.diffusion.build_schedule()
-    opt = make_optimizer(model, optim)
-    sched = make_lr_scheduler(opt, optim)
     ema = EMA(model, decay=cfg.train.ema_decay)
-    gen = torch.Generator().manual_seed(seed * 7919)
-    x_all = torch.from_numpy(train_x).float().div_(127.5).sub_(1.0)
     null = cfg.model.num_classes
     y_all = torch.from_numpy(train_y).long()
     y_all = torch.where(y_all < 0, torch.full_like(y_all, null), y_all) if null else None
-    order, pos, losses = torch.randperm(len(x_all), generator=gen), 0, []
+    losses = []
     t0 = time.perf_counter()
-    for step in range(cfg.train.steps):
-        if pos + cfg.train.batch_size > len(order):  # a new epoch
-            order, pos = torch.randperm(len(x_all), generator=gen), 0
-        idx = order[pos:pos + cfg.train.batch_size]
-        pos += cfg.train.batch_size
-        out = train_step(model, opt, sched, x_all[idx], None if y_all is None else y_all[idx],
-                         schedule, optim, ema=ema, null_class=null, generator=gen)
+    for out in train_loop(model, torch.from_numpy(train_x), y_all,
+                          cfg.diffusion.build_schedule(), optim_config(cfg.train, cfg.diffusion),
+                          batch_size=cfg.train.batch_size,
+                          generator=torch.Generator().manual_seed(seed * 7919), ema=ema,
+                          null_class=null, draw="epochs"):
         losses.append(out["loss"])
-        if (step + 1) % 200 == 0:
-            log(f"  step {step + 1}/{cfg.train.steps} loss "
+        if out["step"] % 200 == 0:
+            log(f"  step {out['step']}/{cfg.train.steps} loss "
                 f"{statistics.mean(losses[-50:]):.4f}")
     ema.copy_to(model)
     model.eval()

@@ -56,7 +56,7 @@ def calibrate(steps: int = 100, warmup: int = 20) -> float:
 
     from diffusion import EMA, OptimConfig, ScheduleConfig, UNet
     from diffusion.pixels import uint8_to_unit
-    from diffusion.training import make_lr_scheduler, make_optimizer, train_step
+    from diffusion.training import train_loop
     from tasks.digits import DIGITS_UNET, digits_splits
 
     torch.set_num_threads(2)
@@ -65,17 +65,15 @@ def calibrate(steps: int = 100, warmup: int = 20) -> float:
     torch.manual_seed(0)
     model = UNet(DIGITS_UNET)
     oc = OptimConfig(steps=1000, warmup_steps=50)
-    opt, sched = make_optimizer(model, oc), None
-    sched = make_lr_scheduler(opt, oc)
     ema, schedule = EMA(model, 0.999), ScheduleConfig().build()
     g = torch.Generator().manual_seed(0)
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
+    t0 = time.perf_counter()
+    for out in train_loop(model, x, y, schedule, oc, batch_size=BATCH, generator=g, ema=ema,
+                          null_class=10):
+        if out["step"] == warmup:
             t0 = time.perf_counter()
-        idx = torch.randint(0, len(x), (BATCH,), generator=g)
-        train_step(model, opt, sched, x[idx], y[idx], schedule, oc, ema=ema, null_class=10,
-                   generator=g)
+        if out["step"] == warmup + steps:
+            break
     return steps * BATCH / (time.perf_counter() - t0)
 
 

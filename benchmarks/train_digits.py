@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/train_digits.py --budget 300 --out benchmarks/results
 
 In one process, same data, batch size, optimiser, EMA and wall-clock budget:
-  (a) our UNet (``diffusion.unet``) trained with ``diffusion.training.train_step``;
+  (a) our UNet (``diffusion.unet``) trained with ``diffusion.training.train_loop``;
   (b) diffusers' UNet2DModel of similar parameter count with DDPMScheduler.add_noise and the same
       optimiser / EMA (skipped with a note when diffusers is not installed).
 Then for each model: steady-state training images/s (first 20 steps excluded), final loss, val
@@ -60,7 +60,7 @@ from diffusion.metrics import (
     train_feature_net,
 )
 from diffusion.pixels import uint8_to_unit
-from diffusion.training import make_lr_scheduler, make_optimizer, train_step
+from diffusion.training import train_loop
 from tasks.digits import DIGITS_UNET, digits_splits
 
 OUR_SAMPLERS = [
@@ -81,6 +81,17 @@ PEER_SAMPLERS = [
     ("DPMSolverMultistepScheduler", 20),
     ("DPMSolverMultistepScheduler+sde-dpmsolver++", 20),
 ]
+
+
+def make_step_fn(model: torch.nn.Module, train_x, schedule, optim: OptimConfig, *, batch: int,
+                 seed: int, autocast_dtype=None):
+    """``step_fn(step) -> loss``, one step of ``diffusion.training.train_loop`` per call (batch
+    draw, loss, backward, AdamW, EMA; unconditional), and the EMA."""
+    ema = EMA(model, decay=0.999)
+    steps = train_loop(model, train_x, None, schedule, optim, batch_size=batch,
+                       generator=torch.Generator().manual_seed(seed), ema=ema,
+                       autocast_dtype=autocast_dtype)
+    return (lambda step: next(steps)["loss"]), ema
 
 
 def train_for_budget(step_fn, budget_s: float, warmup_steps: int = 20):
@@ -216,33 +227,10 @@ def main() -> None:
         "models": {},
     }
 
-    def make_step_fn(model: torch.nn.Module, autocast_dtype=None):
-        """One full training step (batch draw, loss, backward, AdamW, EMA) → loss; and the EMA."""
-        opt = make_optimizer(model, optim)
-        lr_sched = make_lr_scheduler(opt, optim)
-        ema = EMA(model, decay=0.999)
-        gen = torch.Generator().manual_seed(args.seed)
-
-        def step_fn(step: int) -> float:
-            idx = torch.randint(0, len(train_x), (args.batch,), generator=gen)
-            return train_step(
-                model,
-                opt,
-                lr_sched,
-                train_x[idx],
-                None,
-                schedule,
-                optim,
-                ema=ema,
-                generator=gen,
-                autocast_dtype=autocast_dtype,
-            )["loss"]
-
-        return step_fn, ema
-
     def run_model(name: str, model: torch.nn.Module, samplers, autocast_dtype=None):
         torch.manual_seed(args.seed)
-        step_fn, ema = make_step_fn(model, autocast_dtype)
+        step_fn, ema = make_step_fn(model, train_x, schedule, optim, batch=args.batch,
+                                    seed=args.seed, autocast_dtype=autocast_dtype)
 
         n_params = sum(p.numel() for p in model.parameters())
         saved = args.models / name if args.models else None
@@ -316,7 +304,9 @@ def main() -> None:
     if peer_ok:
         contenders["diffusers"] = (DiffusersEps(args.seed), None)
     results["throughput"] = interleaved_throughput(
-        {n: make_step_fn(m, dt)[0] for n, (m, dt) in contenders.items()}, args.batch, log
+        {n: make_step_fn(m, train_x, schedule, optim, batch=args.batch, seed=args.seed,
+                         autocast_dtype=dt)[0] for n, (m, dt) in contenders.items()},
+        args.batch, log,
     )
 
     torch.manual_seed(args.seed)

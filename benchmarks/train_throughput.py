@@ -373,12 +373,14 @@ def logged_rate(windows: list[dict], batch: int) -> float | None:
 
 def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
               autocast=None, channels_last: bool = False, max_seconds: float = 1e9) -> dict:
-    """``train.steps`` steps of ``train_step`` on random in-memory batches (fewer if they take
-    longer than ``max_seconds``: then the run is marked ``truncated``)."""
+    """``train.steps`` steps of ``diffusion.training.train_loop`` on the in-memory images (fewer
+    if they take longer than ``max_seconds``: then the run is marked ``truncated``). Its
+    ``train_step`` is timed by a wrapper, as in the stage (:func:`_timed_loop`): the batch draw
+    is the time from the step's start to the call."""
     import torch
 
+    import diffusion.training as dtr
     from diffusion.ema import EMA
-    from diffusion.training import make_lr_scheduler, make_optimizer, train_step
     from diffusion.unet import UNet
     from tasks.train import optim_config
 
@@ -394,32 +396,35 @@ def plain_run(cfg, x_u8, labels, threads: int | None, *, device: str = "cpu",
     optim = optim_config(t, cfg.diffusion)
     schedule = cfg.diffusion.build_schedule()
     ema = EMA(model, decay=t.ema_decay)
-    opt = make_optimizer(model, optim)
-    sched = make_lr_scheduler(opt, optim)
     gen = torch.Generator(device=device).manual_seed(t.seed * 7919)
-    null_class = cfg.model.num_classes
     rec: dict = {"step_start": [], "data_s": [], "train_step_s": [], "report": []}
+    real_step, start = dtr.train_step, [0.0]  # start[0]: the running step's start
+
+    def timed_step(*a, **k):  # the batch is drawn: train_step begins
+        t2 = time.perf_counter()
+        rec["step_start"].append(start[0])
+        rec["data_s"].append(t2 - start[0])
+        try:
+            return real_step(*a, **k)
+        finally:
+            rec["train_step_s"].append(time.perf_counter() - t2)
+
     sync()
     t_ready = time.perf_counter()
     truncated = False
-    for step in range(t.steps):
-        if time.perf_counter() - t_ready > max_seconds:
-            truncated = True
-            break
-        if step in (t.log_every, t.steps - 1):
-            rec.setdefault("cpu_snapshots", []).append(cpu_snapshot())
-        t1 = time.perf_counter()
-        idx = torch.randint(0, len(x_u8), (batch,), generator=gen, device=device)
-        x = x_u8[idx].float().div_(127.5).sub_(1.0)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = labels[idx]
-        t2 = time.perf_counter()
-        out = train_step(model, opt, sched, x, y, schedule, optim, ema=ema,
-                         null_class=null_class, generator=gen, autocast_dtype=autocast)
-        rec["step_start"].append(t1)
-        rec["data_s"].append(t2 - t1)
-        rec["train_step_s"].append(time.perf_counter() - t2)
+    dtr.train_step, start[0] = timed_step, time.perf_counter()
+    try:
+        for out in dtr.train_loop(model, x_u8, labels, schedule, optim, batch_size=batch,
+                                  generator=gen, ema=ema, null_class=cfg.model.num_classes,
+                                  autocast_dtype=autocast, channels_last=channels_last):
+            if out["step"] < t.steps and time.perf_counter() - t_ready > max_seconds:
+                truncated = True
+                break
+            if out["step"] in (t.log_every, t.steps - 1):
+                rec.setdefault("cpu_snapshots", []).append(cpu_snapshot())
+            start[0] = time.perf_counter()
+    finally:
+        dtr.train_step = real_step
     sync()
     total = time.perf_counter() - t0
     n = len(rec["step_start"])

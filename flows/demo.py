@@ -6,9 +6,10 @@ the ``diffusion`` package alone, then write a PNG grid of samples (one row per c
 
 It is the pipeline's train → evaluate → generate path in one process, without Ray, Prefect or
 MLflow; the full orchestrated pipeline reuses the same pieces (``diffusion.training.train_step``,
-``diffusion.pipeline.sample_images``, ``diffusion.serialization``). The model is saved in the
-pipeline's own layout (``config.json`` with ``unet``, ``diffusion`` and ``class_names``), so
-``diffusion-pipeline evaluate`` and ``register`` accept ``OUT/model`` like a training checkpoint.
+which the demo's ``train_loop`` calls, ``diffusion.pipeline.sample_images``,
+``diffusion.serialization``). The model is saved in the pipeline's own layout (``config.json``
+with ``unet``, ``diffusion`` and ``class_names``), so ``diffusion-pipeline evaluate`` and
+``register`` accept ``OUT/model`` like a training checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from diffusion import (
 )
 from diffusion.pipeline import DiffusionConfig, sample_images
 from diffusion.pixels import uint8_to_unit
-from diffusion.training import make_lr_scheduler, make_optimizer, train_step
+from diffusion.training import train_loop
 from tasks.digits import CLASS_NAMES, DIGITS_DIFFUSION, DIGITS_UNET, digits_splits
 from tasks.images import save_grid_png
 
@@ -105,16 +106,15 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
 
 
 def _train(model: UNet, schedule, train_x, train_y, config: DemoConfig, log) -> dict:
-    """``config.steps`` optimiser steps on random batches (nanoGPT style), then the EMA weights
-    are copied into ``model``. Returns the training part of the summary."""
+    """``config.steps`` optimiser steps on uniformly drawn batches (``diffusion.training.
+    train_loop``, one generator seeded by ``config.seed``), then the EMA weights are copied into
+    ``model``. Returns the training part of the summary."""
     optim = replace(
         config.optim,
         steps=config.steps,
         warmup_steps=min(config.optim.warmup_steps, config.steps),
         loss=config.diffusion.loss_config(),
     )
-    opt = make_optimizer(model, optim)
-    lr_sched = make_lr_scheduler(opt, optim)
     ema = EMA(model, decay=optim.ema_decay)
     g = torch.Generator().manual_seed(config.seed)
     log(
@@ -123,16 +123,14 @@ def _train(model: UNet, schedule, train_x, train_y, config: DemoConfig, log) -> 
     )
     t0, seen, last = time.perf_counter(), 0, 0.0
     every = max(1, config.steps // 10)
-    for step in range(config.steps):
-        idx = torch.randint(0, len(train_x), (config.batch_size,), generator=g)
-        stats = train_step(model, opt, lr_sched, train_x[idx], train_y[idx], schedule, optim,
-                           ema=ema, null_class=config.unet.num_classes, generator=g)
+    for out in train_loop(model, train_x, train_y, schedule, optim, batch_size=config.batch_size,
+                          generator=g, ema=ema, null_class=config.unet.num_classes):
         seen += config.batch_size
-        last = stats["loss"]
-        if (step + 1) % every == 0 or step + 1 == config.steps:
+        last = out["loss"]
+        if out["step"] % every == 0 or out["step"] == config.steps:
             elapsed = time.perf_counter() - t0
             log(
-                f"  step {step + 1:>5}/{config.steps}  loss {last:.4f}  "
+                f"  step {out['step']:>5}/{config.steps}  loss {last:.4f}  "
                 f"{seen / elapsed:,.0f} img/s  {elapsed:,.0f}s"
             )
     seconds = time.perf_counter() - t0

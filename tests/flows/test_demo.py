@@ -46,6 +46,28 @@ def test_demo_trains_samples_and_writes_grid_and_weights(tmp_path):
     assert set(loaded.config) >= {"unet", "diffusion", "class_names"}
     assert loaded.config["diffusion"] == cfg.diffusion.to_dict()
 
+def test_demo_trains_with_the_shared_loop(monkeypatch):
+    """The demo's training is ``diffusion.training.train_loop`` (the one single-process loop),
+    with its steps, batch, seed and the EMA's weights copied into the model at the end."""
+    import flows.demo as demo
+    from diffusion.training import train_loop
+
+    calls = []
+
+    def spy(model, x, labels, schedule, cfg, **kw):
+        calls.append((cfg.steps, kw["batch_size"], kw["null_class"]))
+        yield from train_loop(model, x, labels, schedule, cfg, **kw)
+
+    monkeypatch.setattr(demo, "train_loop", spy)
+    cfg = replace(DemoConfig(steps=3, batch_size=8), unet=TINY_UNET,
+                  diffusion=DiffusionConfig(T=100))
+    x, y = torch.rand(20, 1, 8, 8) * 2 - 1, torch.arange(20) % 10
+    torch.manual_seed(0)
+    model = demo.UNet(TINY_UNET)
+    lines = []
+    out = demo._train(model, cfg.diffusion.build_schedule(), x, y, cfg, lines.append)
+    assert calls == [(3, 8, 10)]
+    assert out["train_steps"] == 3 and any("step     3/3" in line for line in lines)
 
 
 def test_cli_help_lists_demo():
