@@ -22,6 +22,7 @@ from typing import Any
 
 from diffusion.pipeline import DiffusionConfig
 from diffusion.training import OptimConfig
+from tasks.faults import training_faults
 from tasks.train.config import TrainConfig, optim_config
 from tasks.train.data import _batches
 from tasks.train.grid import log_sample_grid
@@ -209,14 +210,11 @@ def _train(w: _Worker, s: _State, net, batches, start: int, nodes: int, tracker,
     train = w.train
     window = Window(w.schedule.T)
     last_good = start
+    fault_at = training_faults(w.cfg, w.rank, marker_dir)  # the tests' faults; else identity
     for step in range(start, train.steps):
         seed_step(s.gen, train.seed, w.rank, step)  # step's noise: from (seed, rank, step) alone
         x, labels = _inputs(w, next(batches), s.gen)
-        fault = _fault(w.cfg.get("fault"), step + 1, w.rank, marker_dir)
-        if fault == "nan":
-            x = x * float("nan")
-        elif fault == "lease":
-            _take_lease_elsewhere(w)
+        x = fault_at(step + 1, x)
         try:
             out = train_step(net, s.opt, s.sched, x, labels, w.schedule, w.optim, ema=s.ema,
                              null_class=w.model_cfg.num_classes, generator=s.gen,
@@ -333,40 +331,4 @@ def _report(w: _Worker, s: _State, metrics: dict, done: int, *, checkpoint: bool
         if lost := _lease_lost(w):
             return lost
         ray.train.report(metrics, checkpoint=ckpt)
-    return None
-
-
-def _take_lease_elsewhere(w: _Worker) -> None:
-    """The 'lease@N' test hook: the training lease's lock replaced by another driver's, as if it
-    had broken this driver's lease."""
-    import json
-
-    from tasks.storage import Location, atomic_write_bytes
-
-    lease = w.cfg["lease"]
-    lock = Location.of(lease["dir"], w.cfg["storage_options"]).child(f"{lease['name']}.lock")
-    atomic_write_bytes(lock, json.dumps({"token": "another-driver", "host": "elsewhere",
-                                         "pid": 1}).encode())
-
-
-def _fault(spec: str | None, step: int, rank: int, marker_dir: str) -> str | None:
-    """Test hook: 'kill@N' SIGKILLs rank 0 once at step N; 'nan@N' poisons the loss at step N;
-    'lease@N' has another driver take the run's training lease at step N."""
-    if not spec:
-        return None
-    kind, at = spec.split("@")
-    if int(at) != step:
-        return None
-    if kind == "nan":
-        return "nan"
-    if kind == "lease" and rank == 0:
-        return "lease"
-    if kind == "kill" and rank == 0:
-        marker = os.path.join(marker_dir, f".fault-kill-{at}")
-        if not os.path.exists(marker):
-            os.makedirs(marker_dir, exist_ok=True)
-            open(marker, "w").close()
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
     return None
