@@ -112,12 +112,21 @@ def _fidelity(m: dict) -> str:
     return text
 
 
+def _matched(result: dict) -> str:
+    """", the model's at the same size", where the floor holds fewer images than samples."""
+    m = result["metrics"]
+    n = result["dataset"].get("floor_images")
+    if m.get("fd_matched") is None or not n or n >= result["config"]["num_samples"]:
+        return ""
+    return f" at {n} images against the model's {m['fd_matched']:.3f} at {n} samples"
+
+
 def summary(result: dict, stored_at: str) -> str:
     """The evaluation in one line: the headline distance, its floor and the best, memorization,
     and where recorded the size-free figures (KID, FD∞), precision/recall and class accuracy."""
     m, d = result["metrics"], result["default_sampler"]
     return (f"FD {with_interval(m, 'fd')} at {d['name']}:{d['steps']} (floor "
-            f"{_num(m['fd_floor'])}, best "
+            f"{_num(m['fd_floor'])}{_matched(result)}, best "
             f"{m['fd_best']:.3f}); memorization {m['memorization']:.1%} (floor "
             f"{m['memorization_floor']:.1%}){_fidelity(m)}; stored {stored_at}")
 
@@ -143,6 +152,10 @@ def table(result: dict) -> str:
         f"{with_interval(m, 'fd')} | {_num(m['fd_floor'])} "
         f"({result['dataset'].get('floor_images', '?')} held-out real) |",
     ]
+    if m.get("fd_matched") is not None and m["fd_matched"] != m["fd"]:
+        n = result["dataset"].get("floor_images")
+        lines.append(f"| {kind} at the floor's size ({n} samples) | {m['fd_matched']:.3f} | "
+                     f"{_num(m['fd_floor'])} |")
     if "nll_bpd" in m:
         nll = (with_interval(m, "nll_bpd") if "nll_bpd_low" in m
                else f"{m['nll_bpd']:.3f} ± {m['nll_bpd_se']:.3f}")

@@ -96,6 +96,8 @@ def test_metrics_frontier_default_and_floor(models):
                                         "recall_floor", "class_accuracy"))
     assert m["class_accuracy_floor"] > 0.5  # the reference net on real val images
     assert res["fidelity"]["precision_recall_rows"] == FAST.num_samples  # the floor's 120
+    # the floor holds as many real images as there are samples here: FD at its size is fd
+    assert res["dataset"]["floor_images"] == FAST.num_samples and m["fd_matched"] == m["fd"]
     # samples and floor dealt from the reference's labels: KID and FD∞ stratified by class,
     # or said why not (120 samples over 10 classes can leave a class under 3 rows)
     for key in ("kid_strata", "kid_floor_strata"):

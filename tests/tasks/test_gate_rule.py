@@ -156,6 +156,20 @@ def test_the_first_champion_must_be_within_the_default_factor_of_the_floor():
         f"<= {factor:g} × fd_floor 0.5" in reason
 
 
+def test_the_floor_rule_compares_the_fd_at_the_floors_size_where_recorded():
+    """fd at 1000 samples against a floor of a few hundred real images flatters the model (an
+    FD's small-sample bias grows as the count shrinks): where the evaluation recorded the
+    model's FD at the floor's size (eval.fd_matched), the rule compares that."""
+    factor = CFG.max_fd_over_floor
+    flattered = version("1", 0.5 * factor, floor=1.0, **{"eval.fd_matched": repr(3.0 * factor)})
+    ok, reason = _gate(flattered, CFG)
+    assert not ok and f"v1 fd_matched {3.0 * factor:g} exceeds {factor:g} × eval.fd_floor 1" \
+        in reason
+    fine = version("2", 0.5, floor=1.0, **{"eval.fd_matched": "1.5"})
+    ok, reason = _gate(fine, CFG)
+    assert ok and f"fd_matched 1.5 <= {factor:g} × fd_floor 1" in reason
+
+
 def test_a_candidate_without_a_floor_is_refused():
     ok, reason, _ = judge(version("1", 1.0, floor=None), None)
     assert not ok and "v1 has no eval.fd_floor" in reason
