@@ -20,8 +20,9 @@ FORMAT = "diffusion-pipeline/evaluation"
 EVALUATIONS_DIR = "evaluations"
 # The estimators' revision, part of every eval key: bump it when a stored figure's method
 # changes, so evaluations stored by the old method are recomputed instead of reused.
-# 2: KID and FD∞ stratified by class where samples are dealt from the reference's labels.
-ESTIMATORS = 2
+# 2: KID and FD∞ stratified by class where samples are dealt from the reference's labels;
+# 3: fd_matched (the model's FD at the floor's size), FD∞ only from 4 × the feature width rows.
+ESTIMATORS = 3
 
 
 def eval_key(manifest: dict, cfg: EvalConfig, features: Features, n_val: int) -> str:
