@@ -22,7 +22,8 @@ LOWER_IS_BETTER: dict[str, bool] = {"fd": True, "nll_bpd": True, "memorization":
 # (tasks.registry.gate.paired_difference): registry.metric must be one.
 PAIRED_METRICS = ("fd", "nll_bpd")
 # registry.max_fd_over_floor's default: on the digits (benchmarks/gate_floor.py) the default
-# recipe's fd is 0.25 × its floor, a 50-step model's 3.7 ×, an untrained one's 21 ×
+# recipe's fd at the floor's size is 0.32-0.41 × its floor, a 50-step model's 4.5 ×, an
+# untrained one's 21 ×
 MAX_FD_OVER_FLOOR = 2.0
 
 
@@ -55,11 +56,11 @@ class RegistryConfig(BaseModel):
         "registry.max_fd_over_floor; with it they alone decide the first promotion.")
     max_fd_over_floor: float | None = Field(
         MAX_FD_OVER_FLOOR, gt=0, description="Every candidate, the first champion included, "
-        "must have fd <= this × its evaluation's fd_floor (held-out real images, as many as "
-        "the samples where the data has them, against the same val split: what real data "
-        "scores); a version without eval.fd_floor is refused. Digits, default evaluation "
-        "(benchmarks/gate_floor.py): the default recipe 0.25, a 50-step model 3.7, an "
-        "untrained one 21. null: off (then only registry.thresholds gate the first "
+        "must have fd_matched (its FD on as many samples as the floor holds real images) <= "
+        "this × its evaluation's fd_floor (held-out real images against the same val split: "
+        "what real data scores); a version without eval.fd_floor is refused. Digits, default "
+        "evaluation (benchmarks/gate_floor.py): the default recipe 0.32-0.41, a 50-step model "
+        "4.5, an untrained one 21. null: off (then only registry.thresholds gate the first "
         "champion).")
     retries: int = Field(3, ge=0, le=10, description="MLflow HTTP retries per request.")
     timeout_s: float = Field(10, gt=0, le=600, description="MLflow HTTP timeout per request.")
