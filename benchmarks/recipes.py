@@ -24,7 +24,8 @@ Reported per recipe:
 - the mean ± sd over disjoint 500-sample draws and the FD of all samples, per seed (issue 15's
   measure);
 - per seed, FD(all) of the recipe minus FD(all) of the default recipe with the same training
-  seed (same data order), with its paired 95 % bootstrap interval (samples and reference);
+  seed (same data order): the gate's paired interval (samples and reference resampled, within
+  label for class-conditional samples) and its centre, the bias-corrected difference;
 - over the seeds, the mean of those differences and a t-interval of it (95 %, n − 1 degrees of
   freedom): the training seed's noise, which the per-seed intervals do not hold. A change is
   kept only where that interval excludes 0.
@@ -138,11 +139,14 @@ def main() -> None:
     ev_cfg = EvalConfig(**(base.evaluate.model_dump() | {
         "num_samples": args.samples, "frontier": [args.setting], "nll_images": 0,
         "bootstrap_draws": 0}))
-    feats, reference = {}, None
+    feats, reference, strata = {}, None, {}
     for (recipe, s), m in models.items():
         res = evaluate(m["checkpoint_uri"], judged_on, ev_cfg, base.runtime, echo=lambda s: None)
         arrays = load_paired(res)["arrays"]
         reference = torch.from_numpy(arrays["reference"]).double()
+        if "labels" in arrays:  # class-conditional: resample within label, as the gate does
+            strata = {"labels": torch.from_numpy(arrays["labels"]),
+                      "reference_labels": torch.from_numpy(arrays["reference_labels"])}
         feats[recipe, s] = torch.from_numpy(arrays[f"samples/{args.setting}"]).double()
         m["eval_seconds"] = res["seconds"]
         log(f"evaluated {recipe} seed {s}: FD of all {res['metrics']['fd']:.3f}")
@@ -158,8 +162,10 @@ def main() -> None:
             entry["train_seconds"] = models[recipe, s]["seconds"]
             if recipe != "default":
                 d = paired_frechet_difference(feats[recipe, s], feats["default", s], reference,
-                                              draws=args.draws)
-                entry |= {"difference": d.value, "low": d.low, "high": d.high}
+                                              draws=args.draws, **strata)
+                # the interval's centre: the bias-corrected difference (diffusion.metrics)
+                entry |= {"difference": d.center, "plain_difference": d.value, "low": d.low,
+                          "high": d.high}
             per_seed[s] = entry
         row = {"recipe": recipe, "sets": recipes[recipe], "seeds": per_seed,
                "block_mean": statistics.mean(e["block_mean"] for e in per_seed.values()),
@@ -172,7 +178,8 @@ def main() -> None:
         log(f"{recipe}: mean FD over {args.block}-sample draws {row['block_mean']:.3f}, "
             f"of all {row['all_mean']:.3f}")
     result = {"command": "benchmarks/recipes.py " + " ".join(sys.argv[1:]), "git": git_revision(),
-              "setting": args.setting, "samples": args.samples, "rows": rows,
+              "setting": args.setting, "split": base.evaluate.split, "samples": args.samples,
+              "rows": rows,
               "seconds": round(time.perf_counter() - t_start, 1)}
     write_result(args.out, args.tag, result, markdown(result, seeds, args))
 
@@ -186,11 +193,12 @@ def markdown(result: dict, seeds: list[int], args) -> str:
         f"{result['seconds']:.0f} s.",
         f"Each (recipe, training seed) trained by the pipeline, evaluated on the same "
         f"{result['samples']} unguided samples' noise and labels at {result['setting']}; FD in "
-        "the reference network's features against the held-out split. *Draws*: mean ± sd over "
+        f"the reference network's features against the {result.get('split', 'val')} split. "
+        "*Draws*: mean ± sd over "
         f"disjoint {args.block}-sample draws; *all*: FD of all samples; *vs default*: FD(all) "
-        "minus the default recipe's with the same training seed, paired 95 % bootstrap "
-        "interval (samples and reference); *over seeds*: the mean of those differences and its "
-        "95 % t-interval over the seeds (training noise).",
+        "minus the default recipe's with the same training seed, bias-corrected, with the "
+        "gate's paired 95 % interval (samples and reference); *over seeds*: the mean of those "
+        "differences and its 95 % t-interval over the seeds (training noise).",
         "",
         "| recipe | overrides | draw mean (vs default) | FD of all | over seeds: Δ FD(all) "
         "[95 %] | over seeds: Δ draw mean [95 %] | " + " | ".join(
