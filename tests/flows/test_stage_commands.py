@@ -72,7 +72,7 @@ def test_train_evaluate_register_promote_rollback_and_load_the_champion(
     # a 4-step model is noise: far above the real-vs-real floor, it is not the first champion
     refused = invoke(["promote", *root, *weak])
     assert refused.exit_code == 0, refused.output
-    assert "v1 not promoted: v1 fd " in refused.output and " × eval.fd_floor " in \
+    assert "v1 not promoted: v1 fd_matched " in refused.output and " × eval.fd_floor " in \
         refused.output and "champion: none" in refused.output
     # an operator's looser floor rule is another policy: v1 is judged again, and promoted
     loose = sets("registry.max_fd_over_floor=1000")
