@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._machine import git_revision, log, write_result
 from benchmarks.recipes import t_interval
 
-FIGURES = ("fd", "fd_corrected", "fd_floor", "kid", "kid_floor", "fd_inf", "fd_inf_floor",
+FIGURES = ("fd", "fd_corrected", "fd_matched", "fd_floor", "kid", "kid_floor", "fd_inf",
+           "fd_inf_floor",
            "precision", "precision_floor", "recall", "recall_floor", "class_accuracy",
            "class_accuracy_floor", "memorization", "memorization_floor")
 
@@ -108,13 +109,16 @@ def markdown(result: dict) -> str:
     ]
     for k, label in (("fd", "FD at N (plain, size-biased)"),
                      ("fd_corrected", "FD, bias-corrected (the gate's centre)"),
+                     ("fd_matched", "FD at the floor's size (as many samples as real images)"),
                      ("kid", "KID (stratified by class)"), ("fd_inf", "FD∞ (stratified)"),
                      ("precision", "precision"), ("recall", "recall"),
                      ("class_accuracy", "class accuracy"), ("memorization", "memorization")):
         if k not in s:
             continue
         x = s[k]
-        floor = s.get(f"{k}_floor" if k != "fd_corrected" else "fd_floor")
+        # the FD floor compares only at its own size (fd_matched); the others have none
+        floor = (s.get("fd_floor") if k == "fd_matched"
+                 else None if k.startswith("fd") and k != "fd_inf" else s.get(f"{k}_floor"))
         floor_text = "" if floor is None else f"{floor['mean']:.4f}"
         lines.append(f"| {label} | {x['mean']:.4f} [{x['low']:.4f}, {x['high']:.4f}] | "
                      f"{x['sd']:.4f} | {floor_text} |")
