@@ -65,17 +65,28 @@ def _rows(x: Tensor) -> Tensor:
     return x.double().reshape(x.shape[0], -1)
 
 
-def _kernel_class_sums(x: Tensor, y: Tensor, onehot_y: Tensor, *, same: bool,
-                       chunk: int = 2048) -> Tensor:
-    """[len(x), C]: for each row of ``x``, the sum of k(xᵢ, yⱼ) over the rows j of ``y`` in
-    each class (``onehot_y`` [len(y), C]), computed ``chunk`` rows at a time (never the whole
-    kernel matrix at once). With ``same`` (``y`` is ``x``) each row's k(xᵢ, xᵢ) is left out."""
-    out = torch.empty(len(x), onehot_y.shape[1], dtype=torch.float64)
+def _within_class_sums(x: Tensor, onehot: Tensor, chunk: int = 2048) -> Tensor:
+    """[len(x), C]: for each row of ``x``, the sum of k(xᵢ, xⱼ) over the other rows j of ``x``
+    in each class (``onehot`` [len(x), C]), ``chunk`` rows at a time (never the whole kernel
+    matrix at once)."""
+    out = torch.empty(len(x), onehot.shape[1], dtype=torch.float64)
     for i in range(0, len(x), chunk):
-        out[i:i + chunk] = polynomial_kernel(x[i:i + chunk], y) @ onehot_y
-    if same:
-        out -= polynomial_kernel_diag(x)[:, None] * onehot_y
-    return out
+        out[i:i + chunk] = polynomial_kernel(x[i:i + chunk], x) @ onehot
+    return out - polynomial_kernel_diag(x)[:, None] * onehot
+
+
+def _cross_class_sums(x: Tensor, onehot_x: Tensor, y: Tensor, onehot_y: Tensor,
+                      chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """Both ways of summing k(x, y) by class, from one pass over the kernel (``chunk`` rows of
+    ``x`` at a time): [len(x), C], row i's sums over the rows of ``y`` in each class, and
+    [len(y), C], row j's sums over the rows of ``x`` in each class."""
+    by_y = torch.empty(len(x), onehot_y.shape[1], dtype=torch.float64)
+    by_x = torch.zeros(len(y), onehot_x.shape[1], dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        k = polynomial_kernel(x[i:i + chunk], y)
+        by_y[i:i + chunk] = k @ onehot_y
+        by_x += k.T @ onehot_x[i:i + chunk]
+    return by_y, by_x
 
 
 def _onehot(labels: Tensor, classes: Tensor) -> Tensor:
@@ -94,14 +105,15 @@ class _Side:
     @classmethod
     def of(cls, x: Tensor, labels: Tensor, classes: Tensor) -> _Side:
         onehot = _onehot(labels, classes)
-        return cls(_kernel_class_sums(x, x, onehot, same=True), onehot, onehot.sum(0))
+        return cls(_within_class_sums(x, onehot), onehot, onehot.sum(0))
 
-    def block_means(self, within: Tensor, counts: Tensor) -> Tensor:
-        """[..., C, C]: mean kernel per class pair, from block sums and class counts (a class
-        pair with itself has n_c(n_c − 1) ordered pairs, another n_c·n_d)."""
-        pairs = counts[..., :, None] * counts[..., None, :]
-        pairs = pairs - torch.diag_embed(counts)
-        return within / pairs
+
+def _block_means(within: Tensor, counts: Tensor) -> Tensor:
+    """[..., C, C]: a set's mean kernel per class pair, from its block sums and class counts (a
+    class pair with itself has n_c(n_c − 1) ordered pairs, another n_c·n_d)."""
+    pairs = counts[..., :, None] * counts[..., None, :]
+    pairs = pairs - torch.diag_embed(counts)
+    return within / pairs
 
 
 class _Stratified:
@@ -122,8 +134,8 @@ class _Stratified:
 
     def _value(self, bxx, nx, byy, ny, bxy) -> Tensor:
         ww = self.w[:, None] * self.w[None, :]
-        kxx = self.x.block_means(bxx, nx)
-        kyy = self.y.block_means(byy, ny)
+        kxx = _block_means(bxx, nx)
+        kyy = _block_means(byy, ny)
         kxy = bxy / (nx[..., :, None] * ny[..., None, :])
         return ((kxx + kyy - 2 * kxy) * ww).sum((-2, -1))
 
@@ -157,14 +169,26 @@ class _Stratified:
         return self._value(bxx, self.x.counts, byy_j, self.y.counts - e, bxy_j)
 
 
-def _labels_of(labels, n: int, what: str) -> Tensor:
+def _checked_labels(labels, n: int, what: str) -> Tensor | None:
+    """``labels`` as a flat tensor, checked to give one per row (None stays None)."""
     if labels is None:
-        return torch.zeros(n, dtype=torch.long)
+        return None
     labels = torch.as_tensor(labels).reshape(-1)
     if labels.numel() != n:
         raise ValueError(f"{what} must give one label per row: {labels.numel()} labels for "
                          f"{n} rows")
-    return labels.long()
+    return labels
+
+
+def _labels_of(labels, n: int, what: str) -> Tensor:
+    """:func:`_checked_labels` as int64, and one class for all rows where there are none."""
+    labels = _checked_labels(labels, n, what)
+    return torch.zeros(n, dtype=torch.long) if labels is None else labels.long()
+
+
+# A stratified KID's within-class pairs and their delete-one values need this many rows of
+# every class in each set.
+MIN_CLASS_ROWS = 3
 
 
 def _classes(labels: Tensor, reference_labels: Tensor, least: int) -> Tensor:
@@ -220,7 +244,7 @@ def _prepared(sets: list[Tensor], reference: Tensor, labels, reference_labels):
         raise ValueError(f"feature widths differ: {xs[0].shape[1]} and {r.shape[1]}")
     lx = _labels_of(labels, n, "labels")
     ly = _labels_of(reference_labels, m, "reference_labels")
-    classes = _classes(lx, ly, 3)
+    classes = _classes(lx, ly, MIN_CLASS_ROWS)
     ref = _Side.of(r, ly, classes)
     return xs, r, lx, ly, classes, ref, ref.counts / m
 
@@ -229,8 +253,7 @@ def _one(x: Tensor, lx: Tensor, r: Tensor, ref: _Side, classes: Tensor, weights:
     """The stratified statistic of ``x`` against the reference, and the reference rows' kernel
     sums over ``x`` per class (for the reference's delete-one values)."""
     side = _Side.of(x, lx, classes)
-    cross = _kernel_class_sums(x, r, ref.onehot, same=False)
-    cross_y = _kernel_class_sums(r, x, side.onehot, same=False)
+    cross, cross_y = _cross_class_sums(x, side.onehot, r, ref.onehot)
     return _Stratified(side, ref, cross, weights), cross_y
 
 
@@ -347,16 +370,8 @@ def fd_infinity(samples: Tensor, reference: Tensor, *, points: int = 15,
     if len(sizes) < 3 or sizes[0] < 2 or (scale_reference and min_fraction * len(r) < 2):
         raise ValueError(f"FD∞ needs at least 3 distinct subset sizes of 2 or more rows; "
                          f"{len(x)} samples at min_fraction {min_fraction} give {sizes}")
-    if labels is not None:
-        labels = torch.as_tensor(labels).reshape(-1)
-        if labels.numel() != len(x):
-            raise ValueError(f"labels must give one label per row: {labels.numel()} labels "
-                             f"for {len(x)} rows")
-    if reference_labels is not None:
-        reference_labels = torch.as_tensor(reference_labels).reshape(-1)
-        if reference_labels.numel() != len(r):
-            raise ValueError(f"reference_labels must give one label per row: "
-                             f"{reference_labels.numel()} labels for {len(r)} rows")
+    labels = _checked_labels(labels, len(x), "labels")
+    reference_labels = _checked_labels(reference_labels, len(r), "reference_labels")
     g = torch.Generator().manual_seed(seed)
     ref_stats = feature_statistics(r)
     fds, used = [], []

@@ -173,6 +173,8 @@ def _class_strata(rows_labels: np.ndarray | None, reference_labels: np.ndarray
     either set (the stratified KID's within-class pairs need them)."""
     import torch
 
+    from diffusion.fidelity import MIN_CLASS_ROWS
+
     if rows_labels is None:
         return {}, "none (the rows are not dealt by class)"
     if (reference_labels < 0).any() or (rows_labels < 0).any():
@@ -180,8 +182,9 @@ def _class_strata(rows_labels: np.ndarray | None, reference_labels: np.ndarray
     classes = np.union1d(rows_labels, reference_labels)
     least = min(min(int((rows_labels == c).sum()), int((reference_labels == c).sum()))
                 for c in classes)
-    if least < 3:
-        return {}, f"none (a class holds {least} rows; 3 are needed in each set)"
+    if least < MIN_CLASS_ROWS:
+        return {}, (f"none (a class holds {least} rows; {MIN_CLASS_ROWS} are needed in each "
+                    "set)")
     return ({"labels": torch.as_tensor(rows_labels),
              "reference_labels": torch.as_tensor(reference_labels)}, "by class")
 
@@ -384,10 +387,11 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
     frontier, samples_at, features_at = _frontier(inputs, cfg, features, real_feats,
                                                   real_stats, labels, echo)
     best, default = default_setting(frontier, cfg.tolerance)
-    default_images = samples_at[f"{default['sampler']}:{default['steps']}"]
+    setting = f"{default['sampler']}:{default['steps']}"
+    default_images, default_feats = samples_at[setting], features_at[setting]
     fidelity, fidelity_on = _fidelity(
         inputs, cfg, features, real_feats,
-        torch.from_numpy(features_at[f"{default['sampler']}:{default['steps']}"]),
+        torch.from_numpy(default_feats),
         default_images, labels, floor_feats, floor_y)
     threshold = cfg.memorization_threshold
     memorization = copy_share(default_images, train_x, threshold, device)
@@ -406,8 +410,7 @@ def evaluate(model_ref: str, data: DataConfig, cfg: EvalConfig, runtime: Runtime
             "fd": default["fd"],
             **{k: default[k] for k in ("fd_low", "fd_high", "fd_corrected") if k in default},
             "fd_floor": fd_floor,
-            "fd_matched": _matched_fd(features_at[f"{default['sampler']}:{default['steps']}"],
-                                      len(floor_x), real_stats, default["fd"]),
+            "fd_matched": _matched_fd(default_feats, len(floor_x), real_stats, default["fd"]),
             "fd_best": best, **nll,
             "memorization": memorization, "memorization_floor": memorization_floor,
             **fidelity,
