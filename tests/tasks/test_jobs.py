@@ -339,21 +339,29 @@ def test_the_timeout_is_counted_on_the_drivers_clock_not_the_heads(root):
     assert cluster.stopped == []
 
 
+def interrupted_cluster(root, monkeypatch, exc) -> FakeCluster:
+    """A cluster running job SID whose follower is interrupted by ``exc`` (Ctrl-C, SIGTERM or an
+    orchestrator's stop signal) on its third look at the job."""
+    cluster = FakeCluster(root)
+    found(cluster, SID, FakeJob(status="RUNNING"))
+    real_info = FakeClient.get_job_info
+
+    def interrupt(self, sid):
+        if self.c.calls > 2:
+            raise exc
+        return real_info(self, sid)
+
+    monkeypatch.setattr(FakeClient, "get_job_info", interrupt)
+    return cluster
+
+
 @pytest.mark.parametrize("cancelled", [False, True])
 def test_an_interrupted_driver_stops_the_job_only_when_the_flow_run_is_cancelled(
         root, monkeypatch, cancelled):
     import tasks.jobs
 
-    cluster = FakeCluster(root)
-    found(cluster, SID, FakeJob(status="RUNNING"))
-    real_info = FakeClient.get_job_info
-
-    def interrupt(self, sid):  # Ctrl-C (or SIGTERM) while following the job
-        if self.c.calls > 2:
-            raise KeyboardInterrupt
-        return real_info(self, sid)
-
-    monkeypatch.setattr(FakeClient, "get_job_info", interrupt)
+    # Ctrl-C (or SIGTERM) while following the job
+    cluster = interrupted_cluster(root, monkeypatch, KeyboardInterrupt)
     monkeypatch.setattr(tasks.jobs, "HOOKS", RunHooks(cancelled=lambda: cancelled))
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
@@ -378,16 +386,7 @@ def test_the_orchestrators_stop_signal_interrupts_the_driver_like_ctrl_c(
     flows/ installs (flows/hooks.py), and they act as Prefect's did."""
     import tasks.jobs
 
-    cluster = FakeCluster(root)
-    found(cluster, SID, FakeJob(status="RUNNING"))
-    real_info = FakeClient.get_job_info
-
-    def terminate(self, sid):
-        if self.c.calls > 2:
-            raise Terminated
-        return real_info(self, sid)
-
-    monkeypatch.setattr(FakeClient, "get_job_info", terminate)
+    cluster = interrupted_cluster(root, monkeypatch, Terminated)
     monkeypatch.setattr(tasks.jobs, "HOOKS",
                         RunHooks(stop_signals=(Terminated,), cancelled=lambda: cancelled))
     lines: list[str] = []
@@ -406,16 +405,7 @@ def test_a_failing_cancellation_check_counts_as_not_cancelled(root, monkeypatch)
     def unreachable() -> bool:
         raise ConnectionError("the Prefect API did not answer")
 
-    cluster = FakeCluster(root)
-    found(cluster, SID, FakeJob(status="RUNNING"))
-    real_info = FakeClient.get_job_info
-
-    def interrupt(self, sid):
-        if self.c.calls > 2:
-            raise KeyboardInterrupt
-        return real_info(self, sid)
-
-    monkeypatch.setattr(FakeClient, "get_job_info", interrupt)
+    cluster = interrupted_cluster(root, monkeypatch, KeyboardInterrupt)
     monkeypatch.setattr(tasks.jobs, "HOOKS", RunHooks(cancelled=unreachable))
     lines: list[str] = []
     with pytest.raises(KeyboardInterrupt):
