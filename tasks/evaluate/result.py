@@ -114,7 +114,8 @@ def _fidelity(m: dict) -> str:
 
 
 def _matched(result: dict) -> str:
-    """", the model's at the same size", where the floor holds fewer images than samples."""
+    """The summary's note on the floor where it holds fewer images than there are samples: the
+    floor's size and the model's FD at that size (``fd_matched``), the pair to compare."""
     m = result["metrics"]
     n = result["dataset"].get("floor_images")
     if m.get("fd_matched") is None or not n or n >= result["config"]["num_samples"]:
